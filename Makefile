@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make repro` and `make test`.
+# The virtual environment is (re)installed only when requirements.lock or pyproject.toml change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline machines read the corpora from a mirror folder (checked against the same sha256).
+# ../shared/corpora is used when it exists beside the clone; set LM_DATA_MIRROR= to force downloads.
+LM_DATA_MIRROR ?= $(if $(wildcard ../shared/corpora/names.txt),$(abspath ../shared/corpora),)
+export LM_DATA_MIRROR
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export HF_DATASETS_CACHE := $(CURDIR)/.cache/huggingface/datasets
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install repro test ui check-params clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -q
+
+check-params: install
+	$(BIN)/lm check-params params.yaml
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+
+clean-venv:
+	rm -rf $(VENV)

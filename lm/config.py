@@ -1,0 +1,465 @@
+"""Typed, validated study parameters: ``params.yaml`` → frozen pydantic models.
+
+Every stage loads the whole file through :func:`load_params` before doing any work, so a
+typo anywhere fails every stage fast, with one line per problem::
+
+    params.yaml: 2 problems
+      runs.names-mlp.model.n_embd: got -5; must be >= 1
+      runs.names-mlp.trian: unknown key 'trian'; allowed: model, tokenizer, train
+
+The library never reads ``params.yaml`` by itself: stages pass the path in.
+Model configurations live here too (not next to the models) so that validating params never
+imports torch: ``lm check-params`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+"""Corpus, tokenizer and run names: they become DVC stage keys, file names and MLflow run names."""
+
+
+class ParamsError(ValueError):
+    """Raised when a params file is unreadable or invalid; ``problems`` has one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        n = len(problems)
+        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, instances are immutable, docstrings describe fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# corpora
+
+
+class SplitConfig(Strict):
+    """Fractions of the corpus per split; they must sum to 1."""
+
+    train: float = Field(gt=0, lt=1)
+    """Fraction used for training (names: of the names; text: the first part of the text)."""
+    val: float = Field(gt=0, lt=1)
+    """Fraction used for validation (text: the part right after train)."""
+    test: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction held out for the final test (0 for the text corpora, as nanoGPT)."""
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class CleanConfig(Strict):
+    """Text cleaning applied after download; everything not named here is kept byte for byte."""
+
+    strip_bom: bool = True
+    """Remove a leading UTF-8 byte-order mark."""
+    normalize_newlines: bool = True
+    """Turn CRLF (and lone CR) line ends into LF."""
+    strip_gutenberg: bool = True
+    """Drop a Project Gutenberg header (up to its '*** START OF' line) and footer (from '*** END OF'), where present."""
+    strip: bool = False
+    """Strip leading and trailing whitespace of the whole text after the above."""
+
+
+class CorpusConfig(Strict):
+    """One corpus: where it comes from, how it is cleaned and split."""
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    """Pinned download URL (http or https). A mirror folder (env LM_DATA_MIRROR) is tried first."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Expected sha256 (64 lowercase hex digits) of the downloaded bytes, before cleaning."""
+    filename: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    """File name of the raw download, also the name looked up in the mirror folder."""
+    format: Literal["lines", "text"]
+    """'lines': one example per line (names: split by line, shuffled with the seed); 'text': continuous text, split contiguously."""
+    split: SplitConfig
+    """Split fractions."""
+    clean: CleanConfig = CleanConfig()
+    """Cleaning options."""
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers
+
+
+class TokenizerConfig(Strict):
+    """A Hugging Face `tokenizers` tokenizer trained on one corpus's training split."""
+
+    corpus: str
+    """Name of the corpus (a key of `corpora`) the tokenizer is trained on."""
+    kind: Literal["char", "bpe"]
+    """'char': one token per character of the training split (plus '.' boundary for 'lines' corpora); 'bpe': byte-level BPE."""
+    vocab_size: int | None = Field(default=None, ge=257, le=65536)
+    """BPE only: target vocabulary size, at least 257 (the 256-byte alphabet plus one merge)."""
+    oov: Literal["error", "unk"] = "error"
+    """Char only: a val/test character missing from the training characters is an error ('error') or becomes an [UNK] token ('unk', counted in stats)."""
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> TokenizerConfig:
+        if self.kind == "bpe" and self.vocab_size is None:
+            raise ValueError("kind 'bpe' needs vocab_size (an integer >= 257)")
+        if self.kind == "char" and self.vocab_size is not None:
+            raise ValueError("kind 'char' takes no vocab_size (the vocabulary is the training characters)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# models: one config per family, discriminated by `family`
+
+
+class BigramCountsConfig(Strict):
+    """Count next-token frequencies and normalise (no gradient steps)."""
+
+    family: Literal["bigram_counts"]
+    smoothing: float = Field(default=1.0, ge=0)
+    """Add-k smoothing added to every count before normalising (1.0 = Laplace, as makemore)."""
+
+
+class BigramNNConfig(Strict):
+    """The bigram table learned by gradient descent: logits = one_hot(idx) @ W."""
+
+    family: Literal["bigram_nn"]
+
+
+class MLPConfig(Strict):
+    """Bengio et al. 2003: concatenated embeddings of the previous `block_size` tokens → tanh hidden layer → logits."""
+
+    family: Literal["mlp"]
+    block_size: int = Field(default=3, ge=1, le=1024)
+    """Context length: how many previous tokens feed each prediction."""
+    n_embd: int = Field(default=10, ge=1)
+    """Embedding dimension per token."""
+    n_hidden: int = Field(default=200, ge=1)
+    """Width of the tanh hidden layer."""
+    batchnorm: bool = False
+    """BatchNorm before tanh (Ioffe & Szegedy 2015); the Linear before it then has no bias."""
+
+
+class WaveNetConfig(Strict):
+    """Hierarchical fusion of neighbour pairs (van den Oord et al. 2016), as Linear+BatchNorm+tanh levels."""
+
+    family: Literal["wavenet"]
+    block_size: int = Field(default=8, ge=2, le=1024)
+    """Context length; a power of two (one fusion level per halving)."""
+    n_embd: int = Field(default=24, ge=1)
+    """Embedding dimension per token."""
+    n_hidden: int = Field(default=128, ge=1)
+    """Width of every fusion level."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (2, 4, 8, 16, ...), got {v}")
+        return v
+
+
+class SingleHeadConfig(Strict):
+    """Token + position embeddings → one causal self-attention head → logits."""
+
+    family: Literal["single_head"]
+    block_size: int = Field(default=32, ge=1, le=8192)
+    """Context length (attention window)."""
+    n_embd: int = Field(default=64, ge=1)
+    """Embedding dimension; also the head size."""
+
+
+class MultiHeadConfig(Strict):
+    """Several causal heads concatenated + output projection."""
+
+    family: Literal["multi_head"]
+    block_size: int = Field(default=32, ge=1, le=8192)
+    """Context length (attention window)."""
+    n_embd: int = Field(default=64, ge=1)
+    """Embedding dimension; split evenly across heads."""
+    n_head: int = Field(default=4, ge=1)
+    """Number of heads; must divide n_embd."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class BlockConfig(MultiHeadConfig):
+    """One transformer block: attention + feed-forward, residuals, LayerNorm."""
+
+    family: Literal["block"]  # type: ignore[assignment]
+    norm: Literal["pre", "post"] = "pre"
+    """'pre': LayerNorm before each sublayer (GPT-2); 'post': after the residual add (Vaswani et al. 2017)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on attention weights and residual branches during training."""
+
+
+class GPTConfig(BlockConfig):
+    """Decoder-only transformer: a stack of blocks, a final LayerNorm, an LM head (GPT-2 style)."""
+
+    family: Literal["gpt"]  # type: ignore[assignment]
+    n_layer: int = Field(default=4, ge=1)
+    """Number of transformer blocks."""
+    bias: bool = True
+    """Biases in the attention output projection, feed-forward Linears and LayerNorms."""
+    qkv_bias: bool = False
+    """Biases in the query/key/value projection (GPT-2: true; Raschka's config and seed 000: false)."""
+    head_bias: bool = False
+    """A bias in the LM head (seed 000's 10,788,929-param model has one; GPT-2 does not)."""
+    tie_weights: bool = False
+    """Share the LM head weight with the token embedding (Press & Wolf 2017)."""
+    pos: Literal["learned", "sinusoidal"] = "learned"
+    """Position embeddings: learned table (GPT-2) or fixed sinusoids (Vaswani et al. 2017)."""
+
+
+ModelConfig = Annotated[
+    Union[
+        BigramCountsConfig,
+        BigramNNConfig,
+        MLPConfig,
+        WaveNetConfig,
+        SingleHeadConfig,
+        MultiHeadConfig,
+        BlockConfig,
+        GPTConfig,
+    ],
+    Field(discriminator="family"),
+]
+FAMILIES = ("bigram_counts", "bigram_nn", "mlp", "wavenet", "single_head", "multi_head", "block", "gpt")
+
+
+# ----------------------------------------------------------------------------------------------
+# training and runs
+
+
+class TrainConfig(Strict):
+    """Optimisation settings of one run (ignored by bigram_counts, which is fitted by counting)."""
+
+    seed: int = Field(default=1337, ge=0)
+    """Seeds model init and batch sampling."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """'auto' picks cuda, then mps, then cpu."""
+    max_steps: int = Field(default=1000, ge=0)
+    """Number of optimizer steps."""
+    batch_size: int = Field(default=32, ge=1)
+    """Sequences (names: names; text: windows of block_size tokens) per step."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW (Loshchilov & Hutter 2019) or plain SGD (as the makemore lectures)."""
+    lr: float = Field(default=1e-3, gt=0, le=100)
+    """Peak learning rate."""
+    min_lr: float = Field(default=0.0, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """After warmup: cosine decay to min_lr, step decay by step_gamma at step_at, or constant."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup steps from 0 to lr."""
+    step_at: list[float] = [0.75]
+    """'step' schedule: fractions of max_steps at which lr is multiplied by step_gamma."""
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
+    """'step' schedule: multiplier at each step_at."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay on 2-D weights (not biases, norms or embeddings' gains)."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1 (or SGD momentum)."""
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    """AdamW beta2."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    eval_interval: int = Field(default=100, ge=1)
+    """Steps between evaluations on the fixed val subset (and the last step)."""
+    eval_batches: int = Field(default=8, ge=1)
+    """Batches in the fixed val subset used during training (the evaluate stage uses the whole split)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Autocast dtype for the forward pass (weights stay float32)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g})")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        if any(not 0 < f < 1 for f in self.step_at):
+            raise ValueError(f"step_at fractions must lie in (0, 1), got {self.step_at}")
+        return self
+
+
+class RunConfig(Strict):
+    """One experiment: a model family trained on one tokenized corpus."""
+
+    tokenizer: str
+    """Name of the tokenizer (a key of `tokenizers`); it also fixes the corpus."""
+    model: ModelConfig
+    """Model family and its shape; `family` picks the config type."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation settings."""
+
+    @model_validator(mode="after")
+    def _counts_take_no_steps(self) -> RunConfig:
+        if self.model.family == "bigram_counts" and "max_steps" in self.train.model_fields_set and self.train.max_steps:
+            raise ValueError("bigram_counts is fitted by counting: train.max_steps must be 0 or left out")
+        if self.model.family != "bigram_counts" and self.train.max_steps == 0:
+            raise ValueError(f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1")
+        return self
+
+
+class EvaluateConfig(Strict):
+    """Settings of the evaluate stage (shared by every run)."""
+
+    batch_size: int = Field(default=64, ge=1)
+    """Sequences per forward pass when scoring a whole split."""
+    seed: int = Field(default=1337, ge=0)
+    """Seed for sampling."""
+    num_names: int = Field(default=20, ge=0)
+    """Samples drawn for 'lines' corpora."""
+    num_passages: int = Field(default=3, ge=0)
+    """Passages drawn for 'text' corpora."""
+    passage_chars: int = Field(default=500, ge=1)
+    """Length of each text passage, in characters."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Softmax temperature for sampling."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Sample only from the k most likely tokens (None: all)."""
+
+
+class ReportConfig(Strict):
+    """Settings of the report stage."""
+
+    title: str = "From a bigram table to a GPT"
+    """Title of reports/README.md."""
+    samples_per_run: int = Field(default=5, ge=0)
+    """Samples shown per run in the report."""
+
+
+class StudyConfig(Strict):
+    """The whole of params.yaml."""
+
+    seed: int = Field(default=1337, ge=0)
+    """Study seed: shuffles the names split."""
+    corpora: dict[str, CorpusConfig]
+    """Corpora by name."""
+    tokenizers: dict[str, TokenizerConfig]
+    """Tokenizers by name."""
+    runs: dict[str, RunConfig] = {}
+    """Experiments by name: one train and one evaluate stage each."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Evaluate-stage settings."""
+    report: ReportConfig = ReportConfig()
+    """Report-stage settings."""
+
+    @field_validator("corpora", "tokenizers", "runs")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if not NAME_RE.match(k)]
+        if bad:
+            raise ValueError(f"names {bad} must match {NAME_RE.pattern} (lowercase letters, digits, '-', '_')")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> StudyConfig:
+        problems = []
+        for name, tok in self.tokenizers.items():
+            if tok.corpus not in self.corpora:
+                problems.append(f"tokenizers.{name}.corpus: got {tok.corpus!r}; must be one of {sorted(self.corpora)}")
+        for name, run in self.runs.items():
+            if run.tokenizer not in self.tokenizers:
+                problems.append(f"runs.{name}.tokenizer: got {run.tokenizer!r}; must be one of {sorted(self.tokenizers)}")
+        if problems:
+            raise ParamsError("params", problems)
+        return self
+
+    def corpus_of(self, run: str) -> CorpusConfig:
+        return self.corpora[self.tokenizers[self.runs[run].tokenizer].corpus]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    raw = err["loc"]
+    # pydantic puts the union tag (the family name) into the location: model.mlp.n_embd → model.n_embd
+    loc = [str(p) for i, p in enumerate(raw) if not (i and raw[i - 1] == "model" and p in FAMILIES)]
+    path = ".".join(loc) or "<top level>"
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key {loc[-1]!r}; check the spelling against the documented keys (lm/config.py)"
+    if kind == "missing":
+        return f"{path}: missing; this key is required"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{path}.family: got {value.get('family') if isinstance(value, dict) else value!r}; must be one of {', '.join(FAMILIES)}"
+    msg = msg.removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:]
+    if isinstance(value, (dict, list)):  # a whole section: the message names the values
+        return f"{path}: {msg}"
+    return f"{path}: got {value!r}; {msg}"
+
+
+def parse_params(data: Any, source: str = "params") -> StudyConfig:
+    """Validate an already-parsed params mapping; raise ParamsError listing every problem."""
+    if not isinstance(data, dict):
+        raise ParamsError(source, [f"<top level>: got {type(data).__name__}; must be a mapping of sections (corpora, tokenizers, runs, ...)"])
+    try:
+        return StudyConfig.model_validate(data)
+    except ParamsError as e:
+        raise ParamsError(source, e.problems) from None
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            # A ParamsError raised inside a validator arrives wrapped in a value_error.
+            ctx_err = err.get("ctx", {}).get("error")
+            if isinstance(ctx_err, ParamsError):
+                problems.extend(ctx_err.problems)
+            else:
+                problems.append(_format_error(err))
+        raise ParamsError(source, problems) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> StudyConfig:
+    """Read and validate a params file; raise ParamsError (one line per problem) if anything is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(str(path), [f"file not found; pass an existing params file (cwd: {Path.cwd()})"]) from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ParamsError(str(path), [f"invalid YAML: {' '.join(str(e).split())}"]) from None
+    return parse_params(data, str(path))

@@ -1,0 +1,1 @@
+"""Pipeline stages: thin command-line verbs that parse arguments, load params and call `lm`."""
