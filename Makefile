@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # ../shared/corpora is used when it exists beside the clone; set LM_DATA_MIRROR= to force downloads.
 LM_DATA_MIRROR ?= $(if $(wildcard ../shared/corpora/names.txt),$(abspath ../shared/corpora),)
 export LM_DATA_MIRROR
+# dvc.yaml runs `python -m stages...`: make it the venv's python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export HF_HOME := $(CURDIR)/.cache/huggingface

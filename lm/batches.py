@@ -1,0 +1,143 @@
+"""Batches of (inputs, targets) drawn from the memory-mapped token files, for every family.
+
+Two layouts, one interface:
+
+* ``text`` corpora are one token stream. A window is ``x = ids[i : i+T]``, ``y = ids[i+1 : i+T+1]``
+  (nanoGPT). Families with a fixed receptive field of ``k`` tokens (bigrams, MLP, WaveNet) pad the
+  window's left edge themselves, so the first ``k-1`` targets of a window that does not start the
+  stream would be scored with a made-up context: those targets are masked (-1) and consecutive
+  evaluation windows overlap by ``k-1`` tokens, so every token is scored exactly once, with its true
+  context. Attention families see only their window (``overlap = 0``), as nanoGPT evaluates.
+* ``lines`` corpora (names) are stored as ``.emma.olivia.`` with the boundary ``.`` = id 0. Each name
+  is one row ``x = .emma``, ``y = emma.``, right-padded (x with the boundary, y with -1) to the longest
+  name of the split. Every position of ``.name.`` is a prediction and no context crosses names;
+  fixed-context families pad the left edge with id 0 = ``.``, which is exactly makemore's ``...``.
+
+Targets equal to -1 are ignored by every loss (``ignore_index=-1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -1
+
+
+class BatchError(ValueError):
+    """A split cannot be batched with the requested shape (too short, names too long, ...)."""
+
+
+@dataclass
+class Batches:
+    """Batches from one split.
+
+    ids: the split's token ids (a read-only memmap is fine).
+    fmt: 'lines' or 'text' (the corpus format).
+    seq_len: window length T for 'text' (ignored for 'lines', whose rows are as long as the longest name).
+    overlap: for 'text', targets masked at the start of a window that is not the stream's start
+        (the model's receptive field minus one for fixed-context families, 0 for attention).
+    boundary_id: the boundary token of 'lines' corpora.
+    max_len: refuse 'lines' rows longer than this (an attention model's block_size).
+    """
+
+    ids: np.ndarray
+    fmt: str
+    seq_len: int
+    overlap: int = 0
+    boundary_id: int | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt == "lines":
+            self._rows_x, self._rows_y = self._name_rows()
+            if self.max_len is not None and self._rows_x.shape[1] > self.max_len:
+                raise BatchError(
+                    f"the longest name needs {self._rows_x.shape[1]} positions ('.' + name) but the model's "
+                    f"block_size is {self.max_len}: set model.block_size >= {self._rows_x.shape[1]}"
+                )
+        elif self.fmt == "text":
+            if self.overlap >= self.seq_len:
+                raise BatchError(f"window of {self.seq_len} tokens cannot overlap by {self.overlap}")
+            if len(self.ids) < self.seq_len + 1:
+                raise BatchError(
+                    f"the split has {len(self.ids)} tokens, fewer than one window of {self.seq_len}+1: "
+                    f"use a smaller block_size or a larger split"
+                )
+        else:
+            raise ValueError(f"unknown corpus format {self.fmt!r}")
+
+    # -- lines ------------------------------------------------------------------------------------
+
+    def _name_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self.ids, dtype=np.int64)
+        if self.boundary_id is None:
+            raise ValueError("'lines' batches need the boundary token id")
+        bounds = np.flatnonzero(ids == self.boundary_id)
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != len(ids) - 1:
+            raise BatchError("a 'lines' split must look like .name.name. (boundary first and last)")
+        starts, ends = bounds[:-1], bounds[1:]  # name i is ids[starts[i] : ends[i] + 1] = ".name."
+        width = int((ends - starts).max())
+        n = len(starts)
+        x = np.full((n, width), self.boundary_id, dtype=np.int64)
+        y = np.full((n, width), IGNORE, dtype=np.int64)
+        for i, (s, e) in enumerate(zip(starts, ends)):
+            x[i, : e - s] = ids[s:e]  # .emma
+            y[i, : e - s] = ids[s + 1 : e + 1]  # emma.
+        return x, y
+
+    # -- common -----------------------------------------------------------------------------------
+
+    @property
+    def num_targets(self) -> int:
+        """Targets scored by one pass of `iterate` (every token but the split's first)."""
+        if self.fmt == "lines":
+            return int((self._rows_y != IGNORE).sum())
+        return len(self.ids) - 1
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch (names: random rows; text: random windows), drawn from `rng`."""
+        if self.fmt == "lines":
+            rows = rng.integers(0, len(self._rows_x), size=batch_size)
+            return torch.from_numpy(self._rows_x[rows]), torch.from_numpy(self._rows_y[rows])
+        starts = rng.integers(0, len(self.ids) - self.seq_len, size=batch_size)
+        return self._windows(starts)
+
+    def iterate(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole split in a fixed order, each target scored exactly once."""
+        if self.fmt == "lines":
+            for i in range(0, len(self._rows_x), batch_size):
+                yield torch.from_numpy(self._rows_x[i : i + batch_size]), torch.from_numpy(self._rows_y[i : i + batch_size])
+            return
+        T, stride, n = self.seq_len, self.seq_len - self.overlap, len(self.ids)
+        starts = np.arange(0, n - 1 - self.overlap, stride)  # windows whose targets reach ids[n-1]
+        full = starts[starts + T + 1 <= n]
+        for i in range(0, len(full), batch_size):
+            yield self._windows(full[i : i + batch_size])
+        if len(full) < len(starts):  # the tail: one shorter window
+            yield self._windows(starts[len(full) :][:1], length=n - 1 - int(starts[len(full)]))
+
+    def _windows(self, starts: np.ndarray, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        T = length or self.seq_len
+        chunks = np.stack([np.asarray(self.ids[s : s + T + 1], dtype=np.int64) for s in starts])
+        x, y = chunks[:, :-1].copy(), chunks[:, 1:].copy()  # (B, T) each
+        if self.overlap:
+            y[starts > 0, : self.overlap] = IGNORE  # their context starts before the window
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+FIXED_CONTEXT_FAMILIES = ("bigram_counts", "bigram_nn", "mlp", "wavenet")
+TEXT_WINDOW = 128
+"""Window length for fixed-context families on text: long windows amortise the k-1 masked targets."""
+
+
+def for_model(model_cfg, ids: np.ndarray, fmt: str, boundary_id: int | None) -> Batches:
+    """Batches shaped for a model family: attention families get windows of their block_size;
+    fixed-context families (receptive field k) get long windows overlapping by k-1."""
+    if model_cfg.family in FIXED_CONTEXT_FAMILIES:
+        k = getattr(model_cfg, "block_size", 1)
+        return Batches(ids, fmt, seq_len=max(TEXT_WINDOW, 2 * k), overlap=k - 1, boundary_id=boundary_id)
+    return Batches(ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size)

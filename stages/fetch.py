@@ -1,0 +1,43 @@
+"""Fetch, clean and split one corpus into data/CORPUS (a HF dataset + stats.json).
+
+    python -m stages.fetch CORPUS --out data/CORPUS [--params params.yaml]
+
+The raw file comes from the folder named by env LM_DATA_MIRROR when it holds the corpus's file
+(empty or unset: download from the pinned URL); either way its sha256 must match params.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lm.data import DataError, prepare_corpus
+from stages.common import fail, parser, study
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("corpus", help="corpus name (a key of `corpora` in params)")
+    p.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/names")
+    args = p.parse_args(argv)
+    params = study(args.params)
+    if args.corpus not in params.corpora:
+        fail(f"unknown corpus {args.corpus!r}; {args.params} defines: {', '.join(sorted(params.corpora))}", 2)
+    cfg = params.corpora[args.corpus]
+    mirror = Path(m) if (m := os.environ.get("LM_DATA_MIRROR", "").strip()) else None
+    origin = "mirror" if mirror and (mirror / cfg.filename).is_file() else "download"
+    try:
+        stats = prepare_corpus(args.corpus, cfg, params.seed, args.out, mirror, progress=sys.stderr.isatty())
+    except DataError as e:
+        fail(f"{args.corpus}: {e}")
+    sizes = " / ".join(f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items())
+    unit = "examples" if cfg.format == "lines" else "chars"
+    print(
+        f"{args.corpus}: {cfg.filename} ({origin}, sha256 {cfg.sha256[:12]}…) → {sizes} {unit}, "
+        f"{stats['splits']['train']['distinct_characters']} distinct chars in train → {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

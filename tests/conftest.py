@@ -1,0 +1,111 @@
+"""Shared fixtures: the repo root, the read-only corpora mirror, and a loopback HTTP server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# As the Makefile: Hugging Face caches stay inside the project, never ~/.cache, and never the network,
+# also when pytest is run directly rather than through `make test`.
+os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "huggingface"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(ROOT / ".cache" / "huggingface" / "datasets"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The project root (where params.yaml and dvc.yaml live)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The read-only corpora mirror ../shared/corpora beside the clone (skips the test where absent)."""
+    path = ROOT.parent / "shared" / "corpora"
+    if not (path / "names.txt").is_file():
+        pytest.skip(f"corpora mirror {path} not found (it holds names.txt, tinyshakespeare.txt, ...)")
+    return path
+
+
+@dataclass
+class Response:
+    """One canned HTTP response; ``content_length`` overrides the header (a larger one truncates the body)."""
+
+    body: bytes = b""
+    status: int = 200
+    content_length: int | None = None
+
+
+@dataclass
+class LoopbackServer:
+    """An http.server on 127.0.0.1 serving canned responses; unknown paths get 404.
+
+    ``serve(path, r1, r2, ...)`` makes successive requests to ``path`` get r1, r2, ... (the last one
+    repeats), which lets a test script "503, then 200". ``requests`` lists the paths asked for.
+    """
+
+    port: int = 0
+    routes: dict[str, list[Response]] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, path: str, *responses: Response | bytes) -> str:
+        self.routes[path] = [r if isinstance(r, Response) else Response(r) for r in responses]
+        return self.url(path)
+
+    def next_response(self, path: str) -> Response:
+        queue = self.routes.get(path)
+        if not queue:
+            return Response(b"not found", status=404)
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+@pytest.fixture
+def http_server() -> Iterator[LoopbackServer]:
+    """A real HTTP server in a thread on a free loopback port (HTTP/1.0: one request per connection)."""
+    state = LoopbackServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(self.path)
+            r = state.next_response(self.path)
+            self.send_response(r.status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(r.body) if r.content_length is None else r.content_length))
+            self.end_headers()
+            self.wfile.write(r.body)  # then the connection closes, short of a larger Content-Length
+
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port with nothing listening (bound then released: connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
