@@ -1,0 +1,353 @@
+"""Self-attention models: one head, several heads, one transformer block, and the shared pieces.
+
+References: A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (scaled dot-product
+attention, multi-head attention, the post-norm block, sinusoidal positions); A. Radford et al.,
+"Language Models are Unsupervised Multitask Learners", 2019 (GPT-2: decoder-only, pre-norm,
+final LayerNorm, init N(0, 0.02) with residual projections scaled by 1/sqrt(2*n_layer));
+J. L. Ba, J. R. Kiros, G. E. Hinton, "Layer Normalization", 2016.
+
+Module names follow nanoGPT (``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}``,
+``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_1``, ``ln_2``,
+``transformer.ln_f``, ``lm_head``) in *every* attention family, so checkpoints read alike and
+:func:`lm.models.component_of` classifies every parameter the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lm.config import BlockConfig, MultiHeadConfig, SingleHeadConfig
+from lm.models.common import check_idx, lm_loss
+
+INIT_STD = 0.02
+"""GPT-2's init: every Linear and Embedding weight ~ N(0, 0.02²), biases 0 (Radford et al. 2019)."""
+
+HEAD_LOGIT_STD = 0.3
+"""Cap on the initial std of an untied LM head's logits (see :meth:`CausalLM._init_weights`)."""
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sin/cos position encodings (Vaswani et al. 2017, §3.5): a buffer, no parameters.
+
+    PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)). The buffer is not
+    persistent (not in the state dict): it is a pure function of (block_size, n_embd).
+    """
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        pos = torch.arange(block_size, dtype=torch.float32).unsqueeze(1)  # (block_size, 1)
+        freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))  # (ceil(d/2),)
+        table = torch.zeros(block_size, n_embd)
+        table[:, 0::2] = torch.sin(pos * freq)  # even channels
+        table[:, 1::2] = torch.cos(pos * freq[: n_embd // 2])  # odd channels (one fewer if d is odd)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.table[pos]  # (T,) -> (T, n_embd)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017, §3.2) with nanoGPT's layout.
+
+    ``c_attn`` is the query, key and value projections stacked into one Linear(n_embd,
+    3*n_embd) (same numbers as three separate bias-free Linears, one matmul instead of three);
+    ``c_proj`` the output projection (left out for the bare single/multi-head models of the
+    lecture when ``proj=False``). Heads have size n_embd / n_head. The attention itself is
+    ``F.scaled_dot_product_attention(is_causal=True)``: softmax(q kᵀ / sqrt(hs)) v with the
+    upper triangle masked, so position t only sees positions <= t; dropout on the attention
+    weights only while training.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        *,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        proj: bool = True,
+        proj_bias: bool = True,
+    ):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=proj_bias) if proj else None
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        # Split channels into heads and move heads next to batch so each head attends alone.
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        # Concatenate the heads' outputs side by side again.
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        if self.c_proj is not None:
+            y = self.resid_dropout(self.c_proj(y))
+        return y
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3; GELU as GPT-2)."""
+
+    def __init__(self, n_embd: int, *, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Transformer block: attention and feed-forward sublayers, each with a residual and a LayerNorm.
+
+    ``norm='pre'`` (GPT-2): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
+    never normalised, so the model needs a final LayerNorm (``ln_f``) before the head.
+    ``norm='post'`` (Vaswani et al. 2017, seed 002): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
+    The output is already normalised, so no ``ln_f``.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        qkv_bias: bool = False,
+        norm: str = "pre",
+    ):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        self.norm = norm
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, qkv_bias=qkv_bias, proj=True, proj_bias=bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.norm == "pre":
+            x = x + self.attn(self.ln_1(x))
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            x = self.ln_1(x + self.attn(x))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class CausalLM(nn.Module):
+    """Shared frame of the attention families: token + position embeddings → body → LM head.
+
+    Subclasses add their body modules to ``self.transformer`` and implement :meth:`body`.
+    The input may be any length T <= ``block_size`` (the position table has ``block_size``
+    rows); longer inputs raise ValueError, so callers crop the context when sampling.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        vocab_size: int,
+        *,
+        n_embd: int,
+        block_size: int,
+        pos: str = "learned",
+        dropout: float = 0.0,
+        head_bias: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_embd = n_embd
+        if pos == "learned":
+            wpe: nn.Module = nn.Embedding(block_size, n_embd)
+        elif pos == "sinusoidal":
+            wpe = SinusoidalPositions(block_size, n_embd)
+        else:
+            raise ValueError(f"pos must be 'learned' or 'sinusoidal', got {pos!r}")
+        # wte is registered first so that, when tied, named_parameters() reports the shared
+        # matrix once, as transformer.wte.weight (a token embedding).
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab_size, n_embd), wpe=wpe, drop=nn.Dropout(dropout)))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=head_bias)
+        self.tied = False
+
+    def tie_weights(self) -> None:
+        """Share the LM head weight with the token embedding (Press & Wolf 2017), as nanoGPT."""
+        self.transformer.wte.weight = self.lm_head.weight
+        self.tied = True
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _init_weights(self, n_layer: int) -> None:
+        """GPT-2 init (Radford et al. 2019; nanoGPT), deterministic given the torch seed.
+
+        Linear and Embedding weights ~ N(0, 0.02²), biases 0, LayerNorm gain 1 / shift 0.
+        Residual output projections (``c_proj`` inside blocks) ~ N(0, (0.02/sqrt(2*n_layer))²),
+        because each block adds two of them to the residual stream and its variance would
+        otherwise grow with depth.
+
+        An *untied* LM head gets std min(0.02, 0.3/sqrt(n_embd)): its input is LayerNorm'd
+        (unit variance per channel), so each initial logit has std 0.02*sqrt(n_embd) (0.39 at
+        384, 0.55 at 768). Random logits of std s cost about s²/2 nats above ln V at init
+        (0.15 at 768); capping s at 0.3 keeps the initial loss within ~0.05 of ln V at any
+        width, and equals GPT-2's 0.02 for n_embd <= 225. A tied head is the token embedding,
+        which keeps GPT-2's 0.02.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if "h" in self.transformer:
+            for block in self.transformer.h:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * n_layer))
+        if not self.tied:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=min(INIT_STD, HEAD_LOGIT_STD / math.sqrt(self.n_embd)))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = check_idx(idx)
+        if T > self.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {self.block_size}; "
+                f"crop the context to its last {self.block_size} tokens"
+            )
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        x = self.body(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        return logits, lm_loss(logits, targets)
+
+    def get_num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once); ``non_embedding`` drops the learned position table, as nanoGPT."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and isinstance(self.transformer.wpe, nn.Embedding):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+
+class SingleHead(CausalLM):
+    """Token + position embeddings → one causal self-attention head of size n_embd → LM head.
+
+    The lecture's ``Head``: key, query and value Linear(n_embd, n_embd) without bias (here
+    stacked as ``transformer.attn.c_attn``), no output projection, no residual, no norm.
+    Parameters: V*C + block_size*C + 3*C² + C*V + V.
+    """
+
+    def __init__(self, cfg: SingleHeadConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size, n_embd=cfg.n_embd, block_size=cfg.block_size, head_bias=True)
+        self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, 1, qkv_bias=False, proj=False)
+        self._init_weights(n_layer=1)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.attn(x)  # (B, T, C)
+
+
+class MultiHead(CausalLM):
+    """Token + position embeddings → n_head causal heads of size n_embd/n_head, concatenated →
+    output projection Linear(n_embd, n_embd) → LM head (no residual, no norm yet)."""
+
+    def __init__(self, cfg: MultiHeadConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size, n_embd=cfg.n_embd, block_size=cfg.block_size, head_bias=True)
+        self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, cfg.n_head, qkv_bias=False, proj=True, proj_bias=True)
+        self._init_weights(n_layer=1)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.attn(x)  # (B, T, C)
+
+
+class TransformerLM(CausalLM):
+    """A stack of :class:`Block` s (the body shared by ``block`` and ``gpt``).
+
+    Pre-norm adds a final LayerNorm ``transformer.ln_f`` before the head; post-norm does not
+    (its blocks already end in a LayerNorm).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        vocab_size: int,
+        *,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        block_size: int,
+        dropout: float = 0.0,
+        norm: str = "pre",
+        bias: bool = True,
+        qkv_bias: bool = False,
+        head_bias: bool = True,
+        tie_weights: bool = False,
+        pos: str = "learned",
+    ):
+        super().__init__(
+            cfg, vocab_size, n_embd=n_embd, block_size=block_size, pos=pos, dropout=dropout, head_bias=head_bias
+        )
+        self.n_layer = n_layer
+        self.norm = norm
+        self.transformer["h"] = nn.ModuleList(
+            Block(n_embd, n_head, dropout=dropout, bias=bias, qkv_bias=qkv_bias, norm=norm) for _ in range(n_layer)
+        )
+        self.final_norm = norm == "pre"  # a plain bool, so forward has no dict lookups to trace
+        if self.final_norm:
+            self.transformer["ln_f"] = nn.LayerNorm(n_embd, bias=bias)
+        if tie_weights:
+            self.tie_weights()
+        self._init_weights(n_layer=n_layer)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C)
+        if self.final_norm:
+            x = self.transformer.ln_f(x)  # (B, T, C)
+        return x
+
+
+class BlockLM(TransformerLM):
+    """Embeddings → one transformer :class:`Block` (attention + 4x GELU feed-forward, residuals,
+    LayerNorm, ``norm`` pre or post) → [final LayerNorm if pre] → LM head.
+
+    As the lecture's block: bias-free query/key/value, biases in the projections, the
+    feed-forward, the LayerNorms and the LM head; learned positions; untied head.
+    """
+
+    def __init__(self, cfg: BlockConfig, vocab_size: int):
+        super().__init__(
+            cfg,
+            vocab_size,
+            n_layer=1,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            block_size=cfg.block_size,
+            dropout=cfg.dropout,
+            norm=cfg.norm,
+            bias=True,
+            qkv_bias=False,
+            head_bias=True,
+        )
