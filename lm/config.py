@@ -256,7 +256,7 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """'auto' picks cuda, then mps, then cpu."""
     max_steps: int = Field(default=1000, ge=0)
-    """Number of optimizer steps."""
+    """Number of optimizer steps (bigram_counts ignores it: one counting pass over the training split)."""
     batch_size: int = Field(default=32, ge=1)
     """Sequences (names: names; text: windows of block_size tokens) per step."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -312,9 +312,7 @@ class RunConfig(Strict):
     """Optimisation settings."""
 
     @model_validator(mode="after")
-    def _counts_take_no_steps(self) -> RunConfig:
-        if self.model.family == "bigram_counts" and "max_steps" in self.train.model_fields_set and self.train.max_steps:
-            raise ValueError("bigram_counts is fitted by counting: train.max_steps must be 0 or left out")
+    def _gradient_families_take_steps(self) -> RunConfig:
         if self.model.family != "bigram_counts" and self.train.max_steps == 0:
             raise ValueError(f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1")
         return self

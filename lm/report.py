@@ -1,0 +1,251 @@
+"""The study's report: a pandas run table and matplotlib figures, written as reports/README.md + PNGs
+that read offline on a repository page (no JavaScript, no internet)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI or servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from lm.config import StudyConfig  # noqa: E402
+from lm.io import atomic_write_text  # noqa: E402
+
+COMPONENTS = ["token_embedding", "position_embedding", "attention", "feed_forward", "norm", "head", "other"]
+FIGURES = {
+    "loss_curves": "Loss curves per corpus",
+    "bigram_heatmaps": "Names bigram table: counted vs learned",
+    "embedding_similarity": "Character-embedding cosine similarity",
+    "param_shares": "Where the parameters are",
+    "bpc_vs_params": "Bits per character against parameter count",
+}
+
+
+def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
+    """One row per run, in params.yaml order; the numbers are those of metrics/<run>.json."""
+    rows = []
+    for name, run in study.runs.items():
+        m = json.loads((metrics_dir / f"{name}.json").read_text())
+        tok = study.tokenizers[run.tokenizer]
+        rows.append({
+            "run": name,
+            "corpus": tok.corpus,
+            "tokenizer": run.tokenizer,
+            "family": run.model.family,
+            "params": m["params"],
+            "val loss": m["val/loss"],
+            "val bpc": m["val/bpc"],
+            "val ppl": m["val/ppl"],
+            "test loss": m.get("test/loss", math.nan),
+            "train s": m.get("train/seconds", math.nan),
+            "tokens/s": m.get("train/tokens_per_s", math.nan),
+            "params_by_component": m["params_by_component"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    shown = df.drop(columns=["params_by_component"]).copy()
+    shown["params"] = shown["params"].map("{:,}".format)
+    for col, fmt in [("val loss", "{:.4f}"), ("val bpc", "{:.4f}"), ("val ppl", "{:.2f}"), ("test loss", "{:.4f}"),
+                     ("train s", "{:.1f}"), ("tokens/s", "{:,.0f}")]:
+        shown[col] = shown[col].map(lambda v, f=fmt: "" if pd.isna(v) else f.format(v))
+    return shown.to_markdown(index=False)
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})  # no timestamps: reproducible bytes
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_loss_curves(study: StudyConfig, curves_dir: Path, out: Path) -> None:
+    corpora = list(dict.fromkeys(study.tokenizers[r.tokenizer].corpus for r in study.runs.values()))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for i, (name, run) in enumerate(study.runs.items()):
+            if study.tokenizers[run.tokenizer].corpus != corpus:
+                continue
+            c = pd.read_csv(curves_dir / f"{name}.csv")
+            color = f"C{i % 10}"
+            if len(c) == 1:  # fitted by counting: one point, drawn as a level
+                ax.axhline(c["val_loss"].iloc[0], color=color, ls=":", label=f"{name} (counted)")
+                continue
+            ax.plot(c["step"], c["val_loss"], color=color, label=name)
+            ax.plot(c["step"], c["train_loss"], color=color, ls="--", alpha=0.5)
+        ax.set(title=f"{corpus}: val (solid), train (dashed)", xlabel="step", ylabel="loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, out)
+
+
+def _char_labels(tokenizer, vocab_size: int) -> list[str]:
+    return [repr(tokenizer.decode([i]))[1:-1] or "·" for i in range(vocab_size)]
+
+
+def plot_bigram_heatmaps(counted: torch.Tensor, learned: torch.Tensor, labels: list[str], out: Path) -> None:
+    """Seed 000 figs. 1-2: P(next | current) from counts and from gradient descent, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(16, 7.6))
+    for ax, probs, title in [(axes[0], counted, "counted (+k smoothing)"), (axes[1], learned, "learned by gradient descent")]:
+        im = ax.imshow(probs.numpy(), cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set(title=f"P(next | current): {title}", xlabel="next", ylabel="current")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, out)
+
+
+def plot_embedding_similarity(embeddings: dict[str, torch.Tensor], labels: list[str], out: Path) -> None:
+    """Seed 000 figs. 3 and 5: cosine similarity between learned character embeddings."""
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(7.5 * len(embeddings), 6.6), squeeze=False)
+    for ax, (name, emb) in zip(axes[0], embeddings.items()):
+        e = torch.nn.functional.normalize(emb.float(), dim=1)
+        im = ax.imshow((e @ e.T).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"{name}: cosine similarity of embeddings")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, out)
+
+
+def plot_param_shares(shares: dict[str, dict[str, int]], out: Path) -> None:
+    """Stacked bars: the share of each component in every model's parameters."""
+    names = list(shares)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    left = np.zeros(len(names))
+    for j, comp in enumerate(COMPONENTS):
+        frac = np.array([shares[n].get(comp, 0) / max(1, sum(shares[n].values())) for n in names])
+        if frac.any():
+            ax.barh(names, frac, left=left, color=f"C{j}", label=comp.replace("_", " "))
+            left += frac
+    ax.invert_yaxis()
+    ax.set(xlabel="share of parameters", xlim=(0, 1))
+    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    _save(fig, out)
+
+
+def plot_bpc_vs_params(table: pd.DataFrame, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (corpus, g) in enumerate(table.groupby("corpus", sort=False)):
+        ax.scatter(g["params"], g["val bpc"], color=f"C{i}", label=corpus, s=36)
+        for _, r in g.iterrows():
+            ax.annotate(r["run"].removeprefix(f"{corpus}-"), (r["params"], r["val bpc"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="parameters", ylabel="val bits per character", title="The ladder: bpc against size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save(fig, out)
+
+
+def write_report(study: StudyConfig, metrics_dir: Path, curves_dir: Path, models_dir: Path, tokenizers_dir: Path,
+                 samples_dir: Path, out_dir: Path) -> pd.DataFrame:
+    """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table."""
+    from lm import checkpoint
+    from lm.tokenizer import load_tokenizer
+
+    fig_dir = out_dir / "figures"
+    table = run_table(study, metrics_dir)
+    plot_loss_curves(study, curves_dir, fig_dir / "loss_curves.png")
+    plot_bpc_vs_params(table, fig_dir / "bpc_vs_params.png")
+    shares = dict(zip(table["run"], table["params_by_component"]))
+    shares.update(reference_shares())
+    plot_param_shares(shares, fig_dir / "param_shares.png")
+    made = ["loss_curves", "bpc_vs_params", "param_shares"]
+
+    # Figures that need trained weights: the names bigram tables and character embeddings.
+    by_family = {}
+    for name, run in study.runs.items():
+        by_family.setdefault((run.tokenizer, run.model.family), name)
+    labels_cache = {}
+
+    def weights(name):
+        model, run, v = checkpoint.load(models_dir / name)
+        if run.tokenizer not in labels_cache:
+            labels_cache[run.tokenizer] = _char_labels(load_tokenizer(tokenizers_dir / run.tokenizer), v)
+        return model, labels_cache[run.tokenizer]
+
+    pair = next(((tok, by_family[(tok, "bigram_counts")], by_family[(tok, "bigram_nn")]) for tok, fam in by_family
+                 if fam == "bigram_counts" and (tok, "bigram_nn") in by_family
+                 and study.tokenizers[tok].kind == "char"), None)
+    if pair:
+        tok, counted_run, learned_run = pair
+        counted, labels = weights(counted_run)
+        learned, _ = weights(learned_run)
+        probs = [torch.softmax(m(torch.arange(len(labels))[:, None])[0][:, 0].float(), dim=-1).detach() for m in (counted, learned)]
+        plot_bigram_heatmaps(probs[0], probs[1], labels, fig_dir / "bigram_heatmaps.png")
+        made.append("bigram_heatmaps")
+    emb_runs = [n for n, r in study.runs.items() if r.model.family in ("mlp", "wavenet") and study.tokenizers[r.tokenizer].kind == "char"]
+    if emb_runs:
+        embeddings, labels = {}, None
+        for n in emb_runs:
+            model, labels = weights(n)
+            embeddings[n] = token_embedding(model)
+        plot_embedding_similarity(embeddings, labels, fig_dir / "embedding_similarity.png")
+        made.append("embedding_similarity")
+
+    table.drop(columns=["params_by_component"]).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
+    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, samples_dir))
+    return table
+
+
+def token_embedding(model: torch.nn.Module) -> torch.Tensor:
+    from lm.models import component_of
+
+    for name, p in model.named_parameters():
+        if component_of(name) == "token_embedding":
+            return p.detach()
+    raise ValueError("model has no token embedding")
+
+
+def reference_shares() -> dict[str, dict[str, int]]:
+    """GPT-2 small (seed 003's configuration), counted on the meta device."""
+    from lm.config import GPTConfig
+    from lm.evaluate import parameter_distribution
+    from lm.models import build_model
+
+    cfg = GPTConfig(family="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, qkv_bias=False)
+    with torch.device("meta"):
+        model = build_model(cfg, 50257)
+    return {"gpt2-small (reference)": parameter_distribution(model)}
+
+
+def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], samples_dir: Path) -> str:
+    lines = [
+        f"# {study.report.title}",
+        "",
+        "Generated by `dvc repro` (stage `report`) from `metrics/*.json`, `curves/*.csv` and the checkpoints; "
+        "do not edit by hand. Metric definitions: loss = mean NLL in nats per token over the whole split "
+        "in fixed order; ppl = exp(loss) (per token, not comparable across tokenizers); "
+        "bpc = total nats / (ln 2 × characters), comparable across tokenizers.",
+        "",
+        "## Runs",
+        "",
+        _markdown_table(table),
+        "",
+    ]
+    for key in made:
+        lines += [f"## {FIGURES[key]}", "", f"![{FIGURES[key]}](figures/{key}.png)", ""]
+    if study.report.samples_per_run:
+        lines += ["## Samples", ""]
+        for name in study.runs:
+            path = samples_dir / f"{name}.txt"
+            if not path.exists():
+                continue
+            text = path.read_text()
+            fmt = study.corpora[study.tokenizers[study.runs[name].tokenizer].corpus].format
+            if fmt == "lines":
+                shown = ", ".join(text.split()[: study.report.samples_per_run])
+                lines += [f"**{name}**: {shown}", ""]
+            else:
+                first = text.split("\n\n" + "-" * 72 + "\n\n")[0]
+                lines += [f"**{name}**", "", "```text", first.rstrip(), "```", ""]
+    return "\n".join(lines)

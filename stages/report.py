@@ -1,0 +1,29 @@
+"""report: the run table and figures of the whole ladder → reports/README.md, reports/figures/*.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common import fail, parser, study
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser("Write the study report (markdown table, figures, samples) from every run's metrics and checkpoint.")
+    for arg, what in [("metrics", "metrics JSON"), ("curves", "curve CSV"), ("models", "checkpoint"),
+                      ("tokenizers", "tokenizer"), ("samples", "samples")]:
+        p.add_argument(f"--{arg}", required=True, type=Path, help=f"directory of the runs' {what} files")
+    p.add_argument("--out", required=True, type=Path, help="report directory (README.md, runs.csv, figures/)")
+    args = p.parse_args(argv)
+    cfg = study(args.params)
+    missing = [n for n in cfg.runs if not (args.metrics / f"{n}.json").exists()]
+    if missing:
+        fail(f"report: no metrics for runs {missing}: run `dvc repro` (their evaluate stages) first")
+
+    from lm.report import write_report
+
+    table = write_report(cfg, args.metrics, args.curves, args.models, args.tokenizers, args.samples, args.out)
+    print(f"report: {len(table)} runs → {args.out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""train@<run>: build the run's model, fit it on the tokenized corpus, write the checkpoint and curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common import fail, parser, study
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser("Train one run of params.yaml `runs` and write its checkpoint, train.json and curve CSV.")
+    p.add_argument("run", help="run name (a key of `runs`)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (tokenize stage output)")
+    p.add_argument("--out", required=True, type=Path, help="output directory for the checkpoint")
+    p.add_argument("--curve", required=True, type=Path, help="training curve CSV to write (for dvc plots)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    cfg = study(args.params)
+    if args.run not in cfg.runs:
+        fail(f"unknown run {args.run!r}; available: {', '.join(sorted(cfg.runs)) or '(none)'}", 2)
+
+    from lm.pipeline import train_run
+
+    try:
+        summary = train_run(args.run, cfg.runs[args.run], args.tokenizer, args.out, args.curve, progress=not args.no_progress)
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(f"train@{args.run}: {e}")
+    print(f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
+          f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
