@@ -95,8 +95,9 @@ def _char_labels(tokenizer, vocab_size: int) -> list[str]:
 def plot_bigram_heatmaps(counted: torch.Tensor, learned: torch.Tensor, labels: list[str], out: Path) -> None:
     """Seed 000 figs. 1-2: P(next | current) from counts and from gradient descent, side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.6))
+    vmax = float(max(counted.max(), learned.max()))  # one colour scale, so the two tables compare
     for ax, probs, title in [(axes[0], counted, "counted (+k smoothing)"), (axes[1], learned, "learned by gradient descent")]:
-        im = ax.imshow(probs.numpy(), cmap="Blues", vmin=0)
+        im = ax.imshow(probs.numpy(), cmap="Blues", vmin=0, vmax=vmax)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set(title=f"P(next | current): {title}", xlabel="next", ylabel="current")
