@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 import urllib.error
@@ -38,6 +37,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
+from lm.io import atomic_dir, fsync_dir
 
 CHUNK = 1 << 20  # bytes per read when streaming downloads and mirror copies
 SPLITS = ("train", "val", "test")
@@ -210,17 +210,7 @@ def _write_verified(dest: Path, chunks: Iterable[bytes], sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(dest.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -380,35 +370,13 @@ def write_dataset(splits: Mapping[str, list[str]], out_dir: Path, *, meta: Mappi
 
     out_dir = Path(out_dir)
     stats: dict[str, Any] = {**(meta or {}), "splits": {k: split_stats(v) for k, v in splits.items()}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         # from_dict + save_to_disk touches no cache (HF_HOME stays empty); load_dataset would.
         dd = DatasetDict({k: Dataset.from_dict({"text": list(v)}) for k, v in splits.items()})
         with _quiet_datasets():
             dd.save_to_disk(str(tmp / "dataset"))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for p in tmp.rglob("*"):  # durable before the rename publishes it
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, replacing an existing ``dst`` (os.replace cannot replace a non-empty dir)."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-        os.replace(dst, old)  # dst → the empty placeholder (allowed: the target is an empty dir)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_splits(data_dir: Path) -> dict[str, list[str]]:

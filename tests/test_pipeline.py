@@ -1,0 +1,111 @@
+"""End to end: the real `dvc repro` of the whole pipeline on presets/tiny.yaml, in a temporary copy
+of the repository (a git repo of its own, as a user's clone), reading the corpora from the mirror."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root: Path, mirror: Path) -> Path:
+    """A fresh copy of the tracked files with the tiny preset as params.yaml, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = repo_root / f.decode()
+        if src.is_file():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f.decode())
+    for generated in ["dvc.lock", "metrics", "curves", "samples", "reports"]:  # the copy starts from nothing
+        p = dst / generated
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.copy(repo_root / "presets" / "tiny.yaml", dst / "params.yaml")
+    os.environ["LM_DATA_MIRROR"] = str(mirror)
+    sh(dst, "git", "init", "-q")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+    sh(dst, "dvc", "repro")
+    return dst
+
+
+def test_every_output_exists_and_every_metric_is_finite(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for corpus in params["corpora"]:
+        assert (project / "data" / corpus / "dataset" / "dataset_dict.json").is_file()
+    for tok in params["tokenizers"]:
+        assert {"tokenizer.json", "train.bin", "val.bin", "stats.json"} <= {p.name for p in (project / "tokenizers" / tok).iterdir()}
+    for run in params["runs"]:
+        assert (project / "models" / run / "model.safetensors").is_file()
+        assert (project / "curves" / f"{run}.csv").is_file()
+        m = json.loads((project / "metrics" / f"{run}.json").read_text())
+        for key in ["val/loss", "val/ppl", "val/bpc", "params"]:
+            assert math.isfinite(m[key]), (run, key, m[key])
+        assert (project / "samples" / f"{run}.txt").read_text().strip()
+    report = (project / "reports" / "README.md").read_text()
+    for run in params["runs"]:
+        assert f"| {run} " in report
+    for fig in ["loss_curves", "bpc_vs_params", "param_shares", "bigram_heatmaps", "embedding_similarity"]:
+        assert (project / "reports" / "figures" / f"{fig}.png").stat().st_size > 1000
+        assert f"figures/{fig}.png" in report
+
+
+def test_report_numbers_are_the_metrics(project: Path):
+    import pandas as pd
+
+    table = pd.read_csv(project / "reports" / "runs.csv")
+    for _, row in table.iterrows():
+        m = json.loads((project / "metrics" / f"{row['run']}.json").read_text())
+        assert row["val loss"] == pytest.approx(m["val/loss"], rel=1e-5)
+        assert row["params"] == m["params"]
+
+
+def test_second_repro_is_a_no_op(project: Path):
+    out = sh(project, "dvc", "repro").stdout
+    assert "Data and pipelines are up to date" in out
+    assert "Running stage" not in out
+
+
+def test_changing_one_runs_lr_reruns_only_that_run_and_the_report(project: Path):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["runs"]["names-mlp"]["train"]["lr"] = 0.02
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = sh(project, "dvc", "repro", "--dry").stdout
+        ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+        assert ran == ["evaluate@names-mlp", "report", "train@names-mlp"], out
+    finally:
+        params_path.write_text(original)
+
+
+def test_broken_params_fail_before_any_work(project: Path):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params_path.write_text(original.replace("format: lines", "format: verse"))
+        r = sh(project, sys.executable, "-m", "stages.fetch", "names", "--out", "data/names", check=False)
+        assert r.returncode == 2
+        assert "corpora.names.format: got 'verse'" in r.stderr
+    finally:
+        params_path.write_text(original)
