@@ -92,7 +92,7 @@ def test_changing_one_runs_lr_reruns_only_that_run_and_the_report(project: Path)
         params = yaml.safe_load(original)
         params["runs"]["names-mlp"]["train"]["lr"] = 0.02
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        out = sh(project, "dvc", "repro", "--dry").stdout
+        out = sh(project, "dvc", "repro").stdout
         ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
         assert ran == ["evaluate@names-mlp", "report", "train@names-mlp"], out
     finally:
