@@ -1,10 +1,77 @@
-"""The `lm` command. Heavy libraries (torch, mlflow, datasets) are imported inside the commands,
-so `lm --help` answers at once."""
+"""The `lm` command: check params, count parameters, sample from a trained run, export it.
+
+Heavy libraries (torch, mlflow, datasets) are imported inside the commands, never at module level,
+so `lm --help` and `lm check-params` answer at once (tests/test_params.py checks that importing
+this module does not import torch).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+REFERENCE_NAMES = (
+    "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (seed 003's settings), seed-gpt-10.7m, seed-gpt-cpu, "
+    "seed-wavenet-176k, seed-wavenet-76k, seed-mlp, seed-mlp-bn, seed-bigram"
+)
+"""Kept in step with lm.params.REFERENCES (a test checks), so --help needs no torch import."""
+
+
+def _error(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------
+# argument types: bad values fail in argparse, before anything heavy is imported
+
+
+def _number(text: str, kind: type) -> float | int:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def _temperature(text: str) -> float:
+    v = _number(text, float)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text} (for greedy decoding use --top-k 1)")
+    return v
+
+
+def _top_k(text: str) -> int:
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (1 is greedy decoding), got {text}")
+    return v
+
+
+def _top_p(text: str) -> float:
+    v = _number(text, float)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (1 keeps every token), got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
 
 
 def _check_params(args: argparse.Namespace) -> int:
@@ -21,6 +88,159 @@ def _check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(args: argparse.Namespace) -> int:
+    import json
+
+    from lm.params import format_report, report_for
+
+    try:
+        report = report_for(args.name, params=args.params, tokenizers_dir=args.tokenizers_dir, vocab_size=args.vocab_size)
+    except ValueError as e:
+        return _error(str(e), 2)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _find_checkpoint(args: argparse.Namespace) -> Path | None:
+    """models/<RUN> (or --model-dir); None after printing an error that lists the trained runs."""
+    if args.model_dir is not None:
+        if not (args.model_dir / "config.json").is_file():
+            _error(f"{args.model_dir} is not a checkpoint directory (no config.json): pass a train stage output")
+            return None
+        return args.model_dir
+    path = args.models_dir / args.run
+    if (path / "config.json").is_file():
+        return path
+    trained = sorted(p.name for p in args.models_dir.glob("*") if (p / "config.json").is_file())
+    hint = ""
+    try:
+        from lm.config import load_params
+
+        if args.run in load_params(args.params).runs:
+            hint = f" (it is a run of {args.params}: train it first with `dvc repro train@{args.run}`)"
+    except (ValueError, OSError):
+        pass
+    available = ", ".join(trained) if trained else f"none ({args.models_dir}/ holds no checkpoints: run `dvc repro` first)"
+    _error(f"unknown run {args.run!r}: no checkpoint {path}/config.json{hint}; available runs: {available}; "
+           f"or pass --model-dir DIR", 2)
+    return None
+
+
+def _sample(args: argparse.Namespace) -> int:
+    model_dir = _find_checkpoint(args)
+    if model_dir is None:
+        return 2
+
+    import torch
+
+    from lm import checkpoint
+    from lm.evaluate import TextStream, stream, supports_cache
+    from lm.tokenizer import BOUNDARY, load_stats, load_tokenizer, oov_chars, unk_id
+    from lm.train import pick_device
+
+    try:
+        device = pick_device(args.device)
+        model, run, vocab_size = checkpoint.load(model_dir, device)
+    except (checkpoint.CheckpointError, RuntimeError) as e:
+        return _error(str(e))
+    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
+    if not (tok_dir / "tokenizer.json").is_file():
+        return _error(f"no tokenizer at {tok_dir} (run {run.tokenizer!r} of the checkpoint): run "
+                      f"`dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
+    tokenizer, stats = load_tokenizer(tok_dir), load_stats(tok_dir)
+    if tokenizer.get_vocab_size() != vocab_size:
+        return _error(f"{tok_dir} has {tokenizer.get_vocab_size()} tokens but the model expects {vocab_size}: "
+                      "pass the tokenizer the run was trained with (--tokenizer-dir)")
+    if args.overflow == "refill" and not supports_cache(model):
+        print(f"note: {run.model.family} has no KV cache; --overflow refill does not apply", file=sys.stderr)
+
+    prompt, lines = args.prompt, stats["format"] == "lines"
+    missing = oov_chars(tokenizer, [prompt])
+    if missing or (unk_id(tokenizer) is not None and "[UNK]" in prompt):
+        chars = ", ".join(repr(c) for c in sorted(missing)) or "'[UNK]'"
+        return _error(f"the prompt has characters outside the {run.tokenizer} vocabulary: {chars}; "
+                      "remove or replace them", 2)
+    if lines and BOUNDARY in prompt:
+        return _error(f"the prompt contains the boundary {BOUNDARY!r}, which ends a name: leave it out", 2)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    boundary = stats.get("boundary_id")
+    if lines:  # a name starts after the boundary and ends at the next one
+        context = [boundary] + prompt_ids
+    elif prompt_ids:
+        context = prompt_ids
+    else:  # an empty prompt: start after a newline, as a fresh paragraph (id 0 if there is no newline)
+        context = tokenizer.encode("\n", add_special_tokens=False).ids or [0]
+
+    g = torch.Generator().manual_seed(args.seed)
+    out = sys.stdout
+    total, t0 = 0, time.perf_counter()
+    for i in range(args.num_samples):
+        if i and not lines:
+            out.write("\n" + "-" * 72 + "\n")
+        out.write(prompt)
+        out.flush()
+        text = TextStream(tokenizer, context)
+        idx = torch.tensor([context], device=device)
+        for nxt in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, generator=g, use_cache=not args.no_cache and supports_cache(model),
+                          overflow=args.overflow):
+            token = int(nxt)
+            total += 1
+            if lines and token == boundary:
+                break
+            out.write(text.push(token))
+            out.flush()
+        out.write(text.flush() + "\n")
+        out.flush()
+    seconds = time.perf_counter() - t0
+    cache = "KV cache" if supports_cache(model) and not args.no_cache else "no cache"
+    print(f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
+          file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model_dir = _find_checkpoint(args)
+    if model_dir is None:
+        return 2
+    from lm.checkpoint import CheckpointError, load
+    from lm.export import ExportError, export_hf, gpt2_problems
+
+    try:
+        _, run, _ = load(model_dir)
+    except CheckpointError as e:
+        return _error(str(e))
+    if problems := gpt2_problems(run):
+        return _error(f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2)
+    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
+    if not (tok_dir / "tokenizer.json").is_file():
+        return _error(f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
+    try:
+        out = export_hf(model_dir, tok_dir, args.out)
+    except (ExportError, CheckpointError, OSError) as e:
+        return _error(str(e))
+    print(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json); "
+          f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained(...)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the parser
+
+
+def _checkpoint_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("run", metavar="RUN", help="run name: its checkpoint is models/RUN (a train stage output)")
+    c.add_argument("--models-dir", type=Path, default=Path("models"), help="folder of the checkpoints (default: models)")
+    c.add_argument("--model-dir", type=Path, default=None,
+                   help="checkpoint directory to use instead of MODELS_DIR/RUN (model.safetensors + config.json)")
+    c.add_argument("--tokenizers-dir", type=Path, default=Path("tokenizers"),
+                   help="folder of the tokenizers (default: tokenizers); the run's own is TOKENIZERS_DIR/<its tokenizer>")
+    c.add_argument("--tokenizer-dir", type=Path, default=None,
+                   help="tokenizer directory to use instead (tokenizer.json + stats.json of a tokenize stage)")
+    c.add_argument("--params", default="params.yaml",
+                   help="params file, only read to tell an untrained run from an unknown one (default: params.yaml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lm",
@@ -28,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`dvc repro` runs the pipeline; this command inspects and uses what it produced.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     c = sub.add_parser(
         "check-params",
         help="validate a params file and print one line per problem",
@@ -36,6 +257,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("file", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
     c.set_defaults(func=_check_params)
+
+    c = sub.add_parser(
+        "params",
+        help="parameter counts and shares by component, sizes and training FLOPs of a run or reference model",
+        description="Count the parameters of a run of the params file or of a reference configuration, built on "
+        "the meta device (no memory, so gpt2-xl is instant): counts and shares by component (token embedding, "
+        "position embedding, attention, feed-forward, norm, head, other), per transformer block and in total; "
+        "for gpt both with the LM head untied and tied to the token embedding; sizes in MB (2**20 bytes) in fp32 "
+        "and bf16; training FLOPs per token = 6N + 12*n_layer*n_embd*ctx (PaLM appendix B) with N = every "
+        "parameter except the token and position embedding lookups (the LM head's matrix counts, tied or not).",
+        epilog=f"reference configurations: {REFERENCE_NAMES}.",
+    )
+    c.add_argument("name", metavar="RUN", help="a run of the params file, or a reference configuration (listed below)")
+    c.add_argument("--params", default="params.yaml", help="params file to look runs up in (default: params.yaml)")
+    c.add_argument("--tokenizers-dir", default="tokenizers",
+                   help="where the run's vocabulary size is read: TOKENIZERS_DIR/<tokenizer>/stats.json (default: tokenizers)")
+    c.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="vocabulary size to count with; needed for a run whose tokenizer is not built yet, and "
+                   "overrides stats.json (and a reference's vocabulary) when given")
+    c.add_argument("--json", action="store_true", help="print JSON (every view, per block, sizes, FLOPs) instead of the table")
+    c.set_defaults(func=_params)
+
+    c = sub.add_parser(
+        "sample",
+        help="stream text sampled from a trained run",
+        description="Load models/RUN and its tokenizer and stream sampled text to stdout as it is produced (a "
+        "summary with tokens/s goes to stderr). Names corpora: each sample is one name, stopped at the boundary. "
+        "The attention families (single_head, multi_head, block, gpt) sample with a KV cache: the prompt is "
+        "prefilled once, then each step feeds one token. Every prediction uses at most the model's block_size "
+        "tokens; see --overflow for what happens beyond it.",
+    )
+    _checkpoint_options(c)
+    c.add_argument("--prompt", default="", help="text to continue (default: empty: a fresh paragraph, or a new name); "
+                   "characters outside a char vocabulary are an error")
+    c.add_argument("--max-new-tokens", type=_non_negative_int, default=500,
+                   help="tokens to sample per sample (default: 500; names stop earlier at the boundary)")
+    c.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="softmax temperature, > 0: below 1 sharper, above 1 flatter (default: 1.0)")
+    c.add_argument("--top-k", type=_top_k, default=None,
+                   help="sample only among the K most likely tokens, K >= 1 (1 = greedy; default: all)")
+    c.add_argument("--top-p", type=_top_p, default=None,
+                   help="nucleus sampling: only the most likely tokens whose probabilities sum to P, 0 < P <= 1 (default: all)")
+    c.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator: same seed, same text (default: 1337)")
+    c.add_argument("--num-samples", type=_positive_int, default=1, help="independent samples to draw (default: 1)")
+    c.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"], default="cpu",
+                   help="where the model runs (default: cpu; 'auto' picks cuda, then mps, then cpu); the draws use a "
+                   "CPU generator, so a seed gives the same text everywhere up to float rounding")
+    c.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole window every step instead of using the KV cache (same tokens, slower)")
+    c.add_argument("--overflow", choices=["slide", "refill"], default="slide",
+                   help="past block_size tokens: 'slide' (default) predicts from exactly the last block_size tokens, "
+                   "recomputing the window every step (learned positions make a rolling cache wrong); 'refill' "
+                   "restarts the window from the last block_size/2 tokens and refills the cache once, then "
+                   "grows it again (fast with the cache; context between block_size/2 and block_size)")
+    c.set_defaults(func=_sample)
+
+    c = sub.add_parser(
+        "export",
+        help="export a gpt run as a Hugging Face GPT-2 directory",
+        description="Write a directory that transformers.GPT2LMHeadModel.from_pretrained(DIR) and "
+        "AutoTokenizer.from_pretrained(DIR) load offline: config.json, model.safetensors (GPT-2 names, Conv1D "
+        "weights transposed, zero biases where the run has none), generation_config.json, tokenizer.json, "
+        "tokenizer_config.json. Only gpt runs with pre-norm blocks, learned positions and an LM head without "
+        "bias have GPT-2's shape; others are refused with the reason. transformers is not needed to export.",
+    )
+    _checkpoint_options(c)
+    c.add_argument("--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face GPT-2; the only one)")
+    c.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically if it exists)")
+    c.set_defaults(func=_export)
     return p
 
 

@@ -6,6 +6,10 @@ attention, multi-head attention, the post-norm block, sinusoidal positions); A. 
 final LayerNorm, init N(0, 0.02) with residual projections scaled by 1/sqrt(2*n_layer));
 J. L. Ba, J. R. Kiros, G. E. Hinton, "Layer Normalization", 2016.
 
+Inference can carry a :class:`KVCache` (``model(idx, cache=cache)``): each attention layer then
+computes keys and values for the new tokens only and attends over the cached ones, so sampling
+costs one token's work per step instead of a whole window's (see :func:`lm.evaluate.stream`).
+
 Module names follow nanoGPT (``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}``,
 ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_1``, ``ln_2``,
 ``transformer.ln_f``, ``lm_head``) in *every* attention family, so checkpoints read alike and
@@ -50,6 +54,60 @@ class SinusoidalPositions(nn.Module):
         return self.table[pos]  # (T,) -> (T, n_embd)
 
 
+class KVCache:
+    """Keys and values of every attention layer for the positions processed so far (inference).
+
+    Preallocated as two (n_layer, B, n_head, max_len, head_size) tensors, of which the first
+    ``length`` positions are filled. A forward pass with a cache feeds only the new tokens: each
+    layer writes their keys/values at positions ``length .. length+T-1`` (:meth:`update`) and
+    their queries attend over everything cached so far; the model then calls :meth:`advance`.
+
+    Positions are absolute: the token at cache position p got position embedding p. So
+    ``max_len`` is the model's ``block_size`` (a learned position table has no row beyond it),
+    and a cache cannot roll: shifting the window would change every cached token's position,
+    hence its keys and values in every layer above the first. A caller whose sequence outgrows
+    the window calls :meth:`reset` and refills the cache from a cropped window instead.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        """Positions filled (the same for every layer between forward passes)."""
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are reused, not reallocated)."""
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's keys/values of T new positions; return that layer's keys/values so far.
+
+        ``k``, ``v``: (B, n_head, T, head_size) → both returned as (B, n_head, length+T, head_size).
+        """
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {start} of {self.max_len} positions; {k.size(2)} more do not fit")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions as filled (called once per forward pass, after every layer)."""
+        self.length += n
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (Vaswani et al. 2017, §3.2) with nanoGPT's layout.
 
@@ -60,6 +118,10 @@ class CausalSelfAttention(nn.Module):
     ``F.scaled_dot_product_attention(is_causal=True)``: softmax(q kᵀ / sqrt(hs)) v with the
     upper triangle masked, so position t only sees positions <= t; dropout on the attention
     weights only while training.
+
+    With a :class:`KVCache` (inference), ``x`` holds only the new positions: their keys/values
+    are appended to the cache's layer ``layer`` and their queries attend over every cached
+    position plus the new ones up to themselves.
     """
 
     def __init__(
@@ -80,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=proj_bias) if proj else None
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
@@ -88,9 +150,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.update(layer, k, v)  # a prefill: the new tokens are the whole window
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        else:
+            start = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, start+T, hs): cached positions, then the new ones
+            # New query i sits at position start+i and sees keys 0 .. start+i. A single new token sees
+            # them all (no mask); is_causal would align the triangle top-left, so build it explicitly.
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         # Concatenate the heads' outputs side by side again.
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh*hs)
         if self.c_proj is not None:
@@ -140,12 +211,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         if self.norm == "pre":
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), cache, layer)
             x = x + self.mlp(self.ln_2(x))
         else:
-            x = self.ln_1(x + self.attn(x))
+            x = self.ln_1(x + self.attn(x, cache, layer))
             x = self.ln_2(x + self.mlp(x))
         return x
 
@@ -156,6 +227,10 @@ class CausalLM(nn.Module):
     Subclasses add their body modules to ``self.transformer`` and implement :meth:`body`.
     The input may be any length T <= ``block_size`` (the position table has ``block_size``
     rows); longer inputs raise ValueError, so callers crop the context when sampling.
+
+    ``forward(idx, targets, cache=...)`` with a :class:`KVCache` from :meth:`new_cache` is the
+    incremental path for sampling: ``idx`` holds only the tokens not yet cached, they get
+    positions ``cache.length ..``, and the cache grows by T (cache.length + T <= block_size).
     """
 
     def __init__(
@@ -191,8 +266,15 @@ class CausalLM(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.tied = True
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         raise NotImplementedError
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty :class:`KVCache` for this model (one layer per attention module), on its device and dtype."""
+        attns = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+        n_head = attns[0].n_head
+        w = self.lm_head.weight
+        return KVCache(len(attns), batch_size, n_head, self.n_embd // n_head, self.block_size, device=w.device, dtype=w.dtype)
 
     @torch.no_grad()
     def _init_weights(self, n_layer: int) -> None:
@@ -229,18 +311,26 @@ class CausalLM(nn.Module):
         if not self.tied:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=min(INIT_STD, HEAD_LOGIT_STD / math.sqrt(self.n_embd)))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None):
         B, T = check_idx(idx)
-        if T > self.block_size:
+        start = 0 if cache is None else cache.length
+        if start + T > self.block_size:
+            if cache is None:
+                raise ValueError(
+                    f"sequence length {T} exceeds block_size {self.block_size}; "
+                    f"crop the context to its last {self.block_size} tokens"
+                )
             raise ValueError(
-                f"sequence length {T} exceeds block_size {self.block_size}; "
-                f"crop the context to its last {self.block_size} tokens"
+                f"the KV cache holds {start} positions and {T} more exceed block_size {self.block_size}; "
+                f"reset it and refill it from a cropped window (as lm.evaluate.stream does)"
             )
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        x = self.body(x)  # (B, T, C)
+        x = self.body(x, cache)  # (B, T, C)
+        if cache is not None:
+            cache.advance(T)
         logits = self.lm_head(x)  # (B, T, V)
         return logits, lm_loss(logits, targets)
 
@@ -265,8 +355,8 @@ class SingleHead(CausalLM):
         self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, 1, qkv_bias=False, proj=False)
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer.attn(x)  # (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.transformer.attn(x, cache)  # (B, T, C)
 
 
 class MultiHead(CausalLM):
@@ -278,8 +368,8 @@ class MultiHead(CausalLM):
         self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, cfg.n_head, qkv_bias=False, proj=True, proj_bias=True)
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer.attn(x)  # (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.transformer.attn(x, cache)  # (B, T, C)
 
 
 class TransformerLM(CausalLM):
@@ -321,9 +411,9 @@ class TransformerLM(CausalLM):
             self.tie_weights()
         self._init_weights(n_layer=n_layer)
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (B, T, C)
         if self.final_norm:
             x = self.transformer.ln_f(x)  # (B, T, C)
         return x

@@ -32,6 +32,10 @@ class GPT(TransformerLM):
 
     Init: GPT-2's (see :meth:`lm.models.attention.CausalLM._init_weights`), with the untied
     LM head's std capped so the initial loss stays within ~0.05 nats of ln V.
+
+    Sampling: ``forward(idx, cache=model.new_cache(B))`` is the incremental path (a
+    :class:`~lm.models.attention.KVCache` of every block's keys and values): prefill the prompt
+    once, then feed one token per step. ``forward(idx, targets)`` without a cache is unchanged.
     """
 
     def __init__(self, cfg: GPTConfig, vocab_size: int):

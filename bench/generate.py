@@ -1,0 +1,134 @@
+"""Sampling speed with and without the KV cache: ``python -m bench.generate [--run RUN] [--write]``.
+
+Model: a trained run's checkpoint (``--run RUN`` → models/RUN, or ``--model-dir``), else seed
+000's 10.7M-parameter Shakespeare GPT (6 layers, 6 heads, n_embd 384, context 256, vocab 65)
+freshly initialised: speed does not depend on the weights. It samples ``--new-tokens`` tokens
+(default 500, so the sequence outgrows the 256-token window) after a ``--prompt-tokens`` prompt,
+for each overflow policy of :func:`lm.evaluate.stream`, with and without the cache, and checks
+that both draw the same tokens from the same seed:
+
+- ``refill``: past block_size the window restarts from its last block_size/2 tokens, so the
+  cache is refilled once per block_size/2 tokens. This is where the cache pays off.
+- ``slide``: every prediction sees exactly the last block_size tokens; past block_size each
+  step recomputes the whole window (learned positions: a rolling cache would be wrong), so the
+  cache only helps for the first block_size tokens.
+
+Prints a markdown table; ``--write`` also appends it, with the machine and versions, to
+reports/bench.md (not a pipeline output: DVC does not track it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lm.evaluate import generate, supports_cache
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The checkpoint of --run / --model-dir, or the untrained 10.7M seed GPT; with a description."""
+    if args.model_dir is not None or args.run is not None:
+        from lm import checkpoint
+
+        path = args.model_dir or Path("models") / args.run
+        model, run, _ = checkpoint.load(path, args.device)
+        return model, f"{path} ({run.model.family}, trained)"
+    from lm.params import REFERENCES
+    from lm.models import build_model
+
+    ref = REFERENCES["seed-gpt-10.7m"]
+    torch.manual_seed(1337)
+    model = build_model(ref.model, ref.vocab_size).to(args.device).eval()
+    return model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
+
+
+def timed(
+    model: torch.nn.Module, prompt: torch.Tensor, n: int, *, use_cache: bool, overflow: str, seed: int
+) -> tuple[float, torch.Tensor]:
+    """Seconds to sample n tokens (device-synchronised) and the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = generate(model, prompt, n, generator=g, use_cache=use_cache, overflow=overflow)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained 10.7M seed GPT)")
+    p.add_argument("--model-dir", type=Path, default=None, help="benchmark this checkpoint directory instead")
+    p.add_argument("--new-tokens", type=int, default=500, help="tokens sampled per measurement (default: 500)")
+    p.add_argument("--prompt-tokens", type=int, default=1, help="length of the (random) prompt (default: 1)")
+    p.add_argument("--repeats", type=int, default=1, help="measurements per setting; the fastest counts (default: 1)")
+    p.add_argument("--overflow", nargs="+", choices=["refill", "slide"], default=["refill", "slide"],
+                   help="overflow policies to measure (default: both)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
+    p.add_argument("--write", action="store_true", help="append the results to reports/bench.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, desc = load_model(args)
+    if not supports_cache(model):
+        p.error(f"{type(model).__name__} has no KV cache: benchmark an attention-family run (single_head, multi_head, block, gpt)")
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)  # (1, T)
+    generate(model, prompt, 8, use_cache=True)  # warm-up: first-call allocations and kernel selection
+    generate(model, prompt, 8, use_cache=False)
+
+    rows, tokens = [], {}
+    for overflow in args.overflow:
+        for use_cache in (True, False):
+            best, out = min((timed(model, prompt, args.new_tokens, use_cache=use_cache, overflow=overflow, seed=args.seed)
+                             for _ in range(args.repeats)), key=lambda r: r[0])
+            tokens[overflow, use_cache] = out
+            rows.append((overflow, use_cache, args.new_tokens / best, best))
+            print(f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s", flush=True)
+
+    speed = {(o, c): tps for o, c, tps, _ in rows}
+    baseline = speed.get(("slide", False))
+    lines = [
+        f"### Sampling speed, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"{desc}, {n_params:,} parameters, block_size {model.block_size}; {args.new_tokens} new tokens after a "
+        f"{args.prompt_tokens}-token prompt, temperature 1, seed {args.seed}; device {args.device}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}; "
+        f"best of {args.repeats}.",
+        "",
+        "| overflow | KV cache | tokens/s | seconds | speedup vs. no cache (same policy) | speedup vs. slide without cache | same tokens as no cache |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for overflow, use_cache, tps, secs in rows:
+        same = torch.equal(tokens[overflow, True], tokens[overflow, False]) if (overflow, False) in tokens else None
+        lines.append(
+            f"| {overflow} | {'yes' if use_cache else 'no'} | {tps:,.1f} | {secs:.2f} | "
+            f"{tps / speed[overflow, False]:.2f}x | {f'{tps / baseline:.2f}x' if baseline else 'n/a'} | "
+            f"{'yes' if same else 'NO'} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print()
+    print(table)
+    if args.write:
+        out = Path("reports") / "bench.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        header = "" if out.exists() else "# Benchmarks\n\nAppended by `python -m bench.generate --write`.\n\n"
+        with out.open("a", encoding="utf-8") as f:
+            f.write(header + table + "\n")
+        print(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""`lm export RUN --format hf`: the directory loads offline in transformers (GPT2LMHeadModel,
+AutoTokenizer, PreTrainedTokenizerFast), its logits equal ours within 1e-5, greedy generation
+matches, tied and untied heads and missing biases map correctly, and configurations GPT-2
+cannot express are refused with the reason. Runs are trained here, in a tmp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import checkpoint
+from lm.cli import main
+from lm.config import RunConfig, TokenizerConfig
+from lm.evaluate import generate
+from lm.export import ExportError, export_hf, gpt2_problems
+from lm.models import build_model
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of the export")
+
+GPTS = {
+    # untied head, no biases anywhere: zero biases are written, lm_head stays its own matrix
+    "untied-nobias": {"tie_weights": False, "bias": False, "qkv_bias": False},
+    # tied head, every bias (GPT-2's own layout)
+    "tied-bias": {"tie_weights": True, "bias": True, "qkv_bias": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(root: Path, name: str, splits: dict, fmt: str, tok: dict, model: dict) -> None:
+    from lm.pipeline import train_run
+    from lm.tokenizer import tokenize_corpus
+
+    tok_dir = root / "tokenizers" / f"{name}-tok"
+    if not tok_dir.exists():
+        tokenize_corpus(TokenizerConfig(corpus="c", **tok), splits, fmt, tok_dir)
+    run = RunConfig.model_validate({"tokenizer": f"{name}-tok", "model": {"family": "gpt", "block_size": 16, "n_layer": 2,
+                                    "n_head": 2, "n_embd": 16, **model}, "train": {
+        "max_steps": 20, "batch_size": 8, "lr": 3e-3, "eval_interval": 20, "eval_batches": 1, "device": "cpu"}})
+    train_run(name, run, tok_dir, root / "models" / name, root / f"{name}.csv", progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mirror: Path) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:24000]
+    splits = {"train": [text[:20000]], "val": [text[20000:]]}
+    names = [n for n in (mirror / "names.txt").read_text().split() if len(n) <= 10][:1500]
+    _train(root, "untied-nobias", splits, "text", {"kind": "char"}, GPTS["untied-nobias"])
+    _train(root, "tied-bias", splits, "text", {"kind": "bpe", "vocab_size": 300}, GPTS["tied-bias"])
+    _train(root, "names", {"train": names[:1350], "val": names[1350:]}, "lines", {"kind": "char"}, {})
+    for refused in ({"norm": "post"}, {"head_bias": True}, {"pos": "sinusoidal"}):
+        key = "-".join(f"{k}_{v}" for k, v in refused.items())
+        _train(root, f"refused-{key}", splits, "text", {"kind": "char"}, refused)
+    return root
+
+
+def export(runs: Path, name: str) -> Path:
+    out = runs / "hf" / name
+    export_hf(runs / "models" / name, runs / "tokenizers" / f"{name}-tok", out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["untied-nobias", "tied-bias", "names"])
+def test_exported_logits_and_greedy_generation_match(runs, name):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(export(runs, name)).eval()
+    ours, run, vocab = checkpoint.load(runs / "models" / name)
+    x = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x)[0], rtol=0, atol=1e-5)
+    prompt = x[:1, :4]
+    greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(greedy, generate(ours, prompt, 12, top_k=1))
+
+    # The head is tied exactly when ours is, and an untied head is loaded as ours (not re-tied).
+    tied = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    assert tied == run.model.tie_weights
+    torch.testing.assert_close(hf.lm_head.weight, ours.lm_head.weight, rtol=0, atol=0)
+
+
+def test_config_matches_our_modules(runs):
+    from transformers.activations import ACT2FN
+
+    cfg = json.loads((export(runs, "untied-nobias") / "config.json").read_text())
+    ours, _, _ = checkpoint.load(runs / "models" / "untied-nobias")
+    assert cfg["activation_function"] == "gelu" and cfg["layer_norm_epsilon"] == ours.transformer.ln_f.eps
+    assert cfg["tie_word_embeddings"] is False and cfg["n_positions"] == 16
+    x = torch.randn(1000) * 4
+    torch.testing.assert_close(ACT2FN[cfg["activation_function"]](x), ours.transformer.h[0].mlp.gelu(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["untied-nobias", "tied-bias", "names"])
+def test_tokenizer_loads_offline_and_encodes_as_ours(runs, name):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lm.tokenizer import load_tokenizer
+
+    out = export(runs, name)
+    ours = load_tokenizer(runs / "tokenizers" / f"{name}-tok")
+    text = "emma" if name == "names" else "ROMEO:\nWhat, ho! Art thou there?"
+    for cls in (AutoTokenizer, PreTrainedTokenizerFast):
+        tok = cls.from_pretrained(out)
+        ids = tok(text)["input_ids"]
+        assert ids == ours.encode(text).ids  # no BOS/EOS added
+        assert tok.decode(ids) == text
+    if name == "names":
+        assert tok.bos_token == tok.eos_token == "." and tok.eos_token_id == 0
+
+
+@pytest.mark.parametrize(
+    "key, reason",
+    [("norm_post", "norm 'post': GPT-2 normalises before each sublayer"),
+     ("head_bias_True", "head_bias true: GPT-2's lm_head has no bias"),
+     ("pos_sinusoidal", "pos 'sinusoidal': GPT-2 adds a learned position table")],
+)
+def test_configs_gpt2_cannot_express_are_refused(runs, key, reason, capsys):
+    name = f"refused-{key}"
+    with pytest.raises(ExportError, match="cannot export as Hugging Face GPT-2"):
+        export_hf(runs / "models" / name, runs / "tokenizers" / f"{name}-tok", runs / "hf" / name)
+    assert not (runs / "hf" / name).exists()
+    code = main(["export", name, "--out", str(runs / "hf" / name), "--models-dir", str(runs / "models"),
+                 "--tokenizers-dir", str(runs / "tokenizers")])
+    assert code == 2 and reason in capsys.readouterr().err
+
+
+def test_other_families_are_refused():
+    run = RunConfig.model_validate({"tokenizer": "t", "model": {"family": "block"}})
+    assert "only 'gpt' runs" in gpt2_problems(run)[0]
+    assert gpt2_problems(RunConfig.model_validate({"tokenizer": "t", "model": {"family": "gpt"}})) == []
+
+
+def test_lm_export_command(runs, capsys):
+    out = runs / "hf" / "cli"
+    code = main(["export", "tied-bias", "--format", "hf", "--out", str(out), "--models-dir", str(runs / "models"),
+                 "--tokenizers-dir", str(runs / "tokenizers")])
+    assert code == 0 and "GPT2LMHeadModel.from_pretrained" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert main(["export", "nope", "--out", str(out), "--models-dir", str(runs / "models")]) == 2
+    assert "available runs:" in capsys.readouterr().err
+
+
+def test_state_dict_names_and_shapes():
+    from lm.export import hf_state_dict
+
+    torch.manual_seed(0)
+    run = RunConfig.model_validate({"tokenizer": "t", "model": {"family": "gpt", "block_size": 8, "n_layer": 1, "n_head": 2,
+                                                                "n_embd": 8, "bias": False}})
+    model = build_model(run.model, 5)
+    sd = hf_state_dict(model, run)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (8, 24)  # Conv1D: (in, out)
+    torch.testing.assert_close(sd["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.T)
+    assert not sd["transformer.h.0.attn.c_attn.bias"].any() and not sd["transformer.ln_f.bias"].any()
