@@ -37,8 +37,9 @@ test: install
 check-params: install
 	$(BIN)/lm check-params params.yaml
 
+# The stages' default store (README, 'Compare runs in MLflow'); no job runner: it only serves GenAI jobs.
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
 clean-venv:
 	rm -rf $(VENV)

@@ -346,6 +346,27 @@ class ReportConfig(Strict):
     """Samples shown per run in the report."""
 
 
+class TrackingConfig(Strict):
+    """MLflow tracking of every stage instance (lm/tracking.py). The server is not a param: it is the
+    environment's MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db (see README, 'Compare runs in MLflow')."""
+
+    enabled: bool = True
+    """Log every stage instance as an MLflow run; false runs the pipeline untracked (no mlflow import)."""
+    required: bool = True
+    """An unreachable tracking store fails the stage before any work; false warns and runs the stage untracked."""
+    experiment: str = Field(default="lm-ladder", min_length=1, max_length=200)
+    """MLflow experiment that holds the study's runs: one per study (presets/tiny.yaml logs to lm-ladder-tiny)."""
+    log_checkpoints: list[str] = ["gpt"]
+    """Families whose model.safetensors the train stage logs as an artifact ([]: none; config.json is always logged)."""
+
+    @field_validator("log_checkpoints")
+    @classmethod
+    def _families(cls, v: list[str]) -> list[str]:
+        if bad := [f for f in v if f not in FAMILIES]:
+            raise ValueError(f"unknown families {bad}; must be among {', '.join(FAMILIES)}")
+        return v
+
+
 class StudyConfig(Strict):
     """The whole of params.yaml."""
 
@@ -361,6 +382,8 @@ class StudyConfig(Strict):
     """Evaluate-stage settings."""
     report: ReportConfig = ReportConfig()
     """Report-stage settings."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking settings (every stage)."""
 
     @field_validator("corpora", "tokenizers", "runs")
     @classmethod

@@ -3,6 +3,9 @@
 models/<run>/   model.safetensors, config.json (checkpoint), train.json (summary)
 curves/<run>.csv   step, train_loss, val_loss, lr, tokens_per_s, elapsed_s (one row per evaluation)
 metrics/<run>.json and samples/<run>.txt   from the evaluate stage
+
+Both also log to the stage's MLflow run (`tracker`, a no-op `NullTracker` by default): the training
+loop's per-evaluation metrics, the final numbers, and the files above as artifacts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from lm import checkpoint
 from lm.config import EvaluateConfig, RunConfig
 from lm.io import atomic_dir, atomic_write_text, write_json
 from lm.tokenizer import load_ids, load_stats, load_tokenizer
-from lm.train import NullLogger, fit, pick_device
+from lm.tracking import NullTracker, numeric_leaves
+from lm.train import fit, pick_device
 
 CURVE_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
 
@@ -30,8 +34,11 @@ def _split_batches(run: RunConfig, tok_dir: Path, split: str) -> B.Batches:
     return B.for_model(run.model, load_ids(tok_dir, split), stats["format"], stats.get("boundary_id"))
 
 
-def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, *, logger=None, progress: bool = True) -> dict:
-    """Build, fit and checkpoint one run; every output appears at once (atomic directory)."""
+def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, *, logger: NullTracker | None = None,
+              log_weights: bool = False, progress: bool = True) -> dict:
+    """Build, fit and checkpoint one run; every output appears at once (atomic directory). `logger` gets
+    the curve as it is made, then the summary and the files (model.safetensors only if `log_weights`)."""
+    logger = logger or NullTracker()
     from lm.models import build_model
 
     stats = load_stats(tok_dir)
@@ -41,7 +48,7 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     device = pick_device(run.train.device)
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, vocab_size)
-    result = fit(model, train, val, run.train, device=device, logger=logger or NullLogger(), progress=progress)
+    result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress)
     summary = {
         "run": name,
         "family": run.model.family,
@@ -65,12 +72,21 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     w.writeheader()
     w.writerows(result.curve)
     atomic_write_text(curve, buf.getvalue())
+    # Final numbers under their own names: the step metrics' histories keep one point per evaluation.
+    logger.log_metrics({k: summary[k] for k in ("params", "steps", "train_seconds", "tokens")}, step=result.steps)
+    logger.set_tags({"device": summary["device"], "torch": summary["torch"], "threads": str(summary["threads"])})
+    logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
+    for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
+        logger.log_artifact(out / f, "checkpoint")
+    logger.log_artifact(curve, "curve")
     return summary
 
 
 def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig, metrics_path: Path,
-                 samples_path: Path, *, device: str = "cpu") -> dict:
-    """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples."""
+                 samples_path: Path, *, device: str = "cpu", logger: NullTracker | None = None) -> dict:
+    """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples;
+    `logger` gets the same numbers (params_by_component as params/<component>) and both files."""
+    logger = logger or NullTracker()
     from lm.evaluate import metrics, parameter_distribution, samples, score
 
     model, run, vocab_size = checkpoint.load(model_dir, device)
@@ -98,4 +114,10 @@ def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig,
     sep = "\n" if stats["format"] == "lines" else "\n\n" + "-" * 72 + "\n\n"
     write_json(metrics_path, out)
     atomic_write_text(samples_path, sep.join(texts) + "\n")
+    # One metrics dict feeds the JSON, MLflow and the report (train/steps is the run's last step).
+    logger.log_metrics({k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
+                       step=int(out.get("train/steps", 0)))
+    logger.set_tags({"device": str(device), "torch": torch.__version__})
+    logger.log_artifact(metrics_path, "metrics")
+    logger.log_artifact(samples_path, "samples")
     return out

@@ -1,12 +1,24 @@
-"""What every stage does first: validate the whole params file, or exit before doing any work."""
+"""What every stage does first: validate the whole params file, or exit before doing any work; then
+open its MLflow run (or fail fast, naming the tracking URI, when the store is unreachable)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from lm.config import ParamsError, StudyConfig, load_params
+from lm.tracking import Group, NullTracker, TrackingError, dvc_md5, flatten, git_state, open_run, probe_able, tree_md5
+
+SOURCES = ("dvc.yaml", "params.yaml", "lm", "stages", "pyproject.toml", "requirements.lock")
+"""What defines a run: a change here (uncommitted) marks its MLflow run git.dirty. Pipeline outputs are
+not listed: the pipeline rewrites them itself (dvc.lock, metrics/ ...) while it runs."""
+CODE = ("lm", "stages")
+"""The code every stage runs; the md5 of their *.py files is the tag code.md5 (exact even when dirty)."""
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -18,6 +30,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def study(path: str) -> StudyConfig:
     """Load and validate params; on any problem print one line per problem and exit 2."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The stage prints one line with its run's address itself (MLflow would print two per run).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return load_params(path)
     except ParamsError as e:
@@ -25,7 +39,118 @@ def study(path: str) -> StudyConfig:
         raise SystemExit(2) from None
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Exit with a one-line error (the message names the problem and the fix)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# tracking: the stage, not the library, reads the environment
+
+
+def project_root(env: Mapping[str, str] = os.environ) -> Path:
+    """The DVC project the stage belongs to: $DVC_ROOT, which DVC sets for every stage command and, in
+    `dvc exp run --temp/--queue`, points at the original project rather than the temporary copy the
+    stage runs in (a db there would be deleted with it); the working directory outside DVC."""
+    return Path(env.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path, env: Mapping[str, str] = os.environ) -> str:
+    """$MLFLOW_TRACKING_URI, else the project's own sqlite database sqlite:///<root>/mlflow.db (absolute)."""
+    return env.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _dvc_process() -> tuple[int, float] | None:
+    """(pid, start time) of the `dvc` process this stage runs under (nearest ancestor), if any."""
+    try:
+        import psutil  # pinned in requirements.lock (an mlflow dependency); without it: no dvc group
+    except ImportError:
+        return None
+    try:
+        parents = psutil.Process().parents()
+    except psutil.Error:
+        return None
+    for proc in parents:
+        try:
+            if any(Path(arg).name in ("dvc", "dvc.exe") for arg in proc.cmdline()[:3]):
+                return proc.pid, proc.create_time()
+        except psutil.Error:  # e.g. AccessDenied on another user's process: look further up
+            continue
+    return None
+
+
+def study_group(env: Mapping[str, str], git: Mapping[str, str]) -> Group | None:
+    """The parent run this stage's run belongs to; every stage of one pipeline invocation agrees on it.
+
+    DVC runs each stage as its own process, so the key must come from what they share:
+    1. $LM_STUDY_RUN, if set: the user groups anything they like (e.g. a repro resumed after a failure);
+    2. `dvc exp run` (workspace, --temp or --queue): the experiment, named as `dvc exp show` names it;
+    3. `dvc repro`: the dvc process itself (pid + start time): one parent per invocation, also when
+       the commit and params are unchanged (a commit + params hash would merge two repros of dirty code);
+    4. a stage run by hand, outside DVC: no parent.
+    """
+    commit = git.get("git.commit", "")[:7] or "no git"
+    tags = {k: v for k, v in git.items() if k in ("git.commit", "mlflow.source.git.commit", "git.dirty")}
+    proc = _dvc_process()
+    invocation = f"{proc[0]}:{proc[1]:.3f}" if proc else f"{os.getpid()}"
+    if key := env.get("LM_STUDY_RUN", "").strip():
+        return Group(f"env:{key}", key, tags)
+    if exp := env.get("DVC_EXP_NAME", "").strip():
+        base = env.get("DVC_EXP_BASELINE_REV", "")
+        return Group(f"exp:{exp}:{invocation}", f"exp {exp} (from {base[:7] or commit})",
+                     {**tags, "dvc.exp_name": exp, "dvc.exp_baseline": base})
+    if proc:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(proc[1]))
+        return Group(f"dvc:{invocation}", f"repro {started} ({commit})", tags)
+    return None
+
+
+def tracker(cfg: StudyConfig, stage: str, params: Mapping[str, Any], *, tags: Mapping[str, str] | None = None,
+            deps: Sequence[Path] = ()) -> NullTracker:
+    """Open this stage instance's MLflow run (a no-op tracker when tracking is off); exit 1 with a
+    message naming the URI, before any work, when the store is unreachable and tracking is required.
+
+    `params`: nested, logged flattened ('train.lr'); `deps`: the data the stage reads, tagged
+    dvc.dep.<path> with the md5 dvc.lock records; `tags`: stage-specific tags (corpus, family, ...)."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    env, cwd = os.environ, Path.cwd()
+    root = project_root(env)
+    uri = tracking_uri(root, env)
+    # Git state and code are those of the workspace that runs (a temp copy under dvc exp --temp).
+    git = git_state(cwd, SOURCES)
+    code = [p for d in CODE for p in (cwd / d).rglob("*.py")]
+    all_tags = {
+        "dvc.stage": env.get("DVC_STAGE") or stage,
+        **git,
+        "code.md5": tree_md5(cwd, code),
+        **{f"dvc.dep.{_rel(d)}": dvc_md5(d) for d in deps},
+        **({"dvc.exp_name": env["DVC_EXP_NAME"]} if env.get("DVC_EXP_NAME") else {}),
+        "mlflow.source.name": f"stages.{stage.split('@')[0]}",
+        **(tags or {}),
+    }
+    try:
+        return open_run(cfg.tracking, uri, stage, params=flatten(params), tags=all_tags, group=study_group(env, git),
+                        artifact_root=None if probe_able(uri) else root / "mlartifacts", warn=warn)
+    except TrackingError as e:
+        fail(f"{stage}: {e}")
+
+
+def outputs(run: NullTracker, *paths: Path) -> None:
+    """Tag the stage's outputs with the md5 dvc.lock will record (dvc.out.<path>): the join key between
+    a producing run and the runs that consume it (their dvc.dep.<path>)."""
+    run.set_tags({f"dvc.out.{_rel(p)}": dvc_md5(p) for p in paths if p.exists()})
+
+
+def _rel(path: Path) -> str:
+    """A path as dvc.yaml names it: relative to the working directory where possible, '/'-separated."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import fail, parser, study
+from stages.common import fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,13 +19,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.run not in cfg.runs:
         fail(f"unknown run {args.run!r}; available: {', '.join(sorted(cfg.runs)) or '(none)'}", 2)
 
+    run, stage = cfg.runs[args.run], f"evaluate@{args.run}"
+    corpus = cfg.tokenizers[run.tokenizer].corpus
+    # The run's params too, so evaluate runs compare by lr, n_embd, ... next to their metrics in the UI.
+    params = {"corpus": corpus, **run.model_dump(mode="json"), "evaluate": cfg.evaluate.model_dump(mode="json")}
+    tracked = tracker(cfg, stage, params, deps=[args.model, args.tokenizer],
+                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family})
+
     from lm.checkpoint import CheckpointError
     from lm.pipeline import evaluate_run
 
-    try:
-        m = evaluate_run(args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples)
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(f"evaluate@{args.run}: {e}")
+    with tracked:
+        try:
+            m = evaluate_run(args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked)
+        except (CheckpointError, ValueError, OSError) as e:
+            fail(f"{stage}: {e}")
+        outputs(tracked, args.metrics, args.samples)
     print(f"evaluate@{args.run}: val loss {m['val/loss']:.4f}, ppl {m['val/ppl']:.2f}, bpc {m['val/bpc']:.4f}")
 
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from lm.data import DataError, prepare_corpus
-from stages.common import fail, parser, study
+from lm.tracking import numeric_leaves
+from stages.common import fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,10 +28,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.corpora[args.corpus]
     mirror = Path(m) if (m := os.environ.get("LM_DATA_MIRROR", "").strip()) else None
     origin = "mirror" if mirror and (mirror / cfg.filename).is_file() else "download"
-    try:
-        stats = prepare_corpus(args.corpus, cfg, params.seed, args.out, mirror, progress=sys.stderr.isatty())
-    except DataError as e:
-        fail(f"{args.corpus}: {e}")
+    tracked = tracker(params, f"fetch@{args.corpus}", {"corpus": args.corpus, "seed": params.seed, **cfg.model_dump(mode="json")},
+                      tags={"corpus": args.corpus, "origin": origin})
+    with tracked:
+        try:
+            stats = prepare_corpus(args.corpus, cfg, params.seed, args.out, mirror, progress=sys.stderr.isatty())
+        except DataError as e:
+            fail(f"{args.corpus}: {e}")
+        tracked.log_metrics({**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")})
+        tracked.log_artifact(args.out / "stats.json")
+        outputs(tracked, args.out)
     sizes = " / ".join(f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items())
     unit = "examples" if cfg.format == "lines" else "chars"
     print(

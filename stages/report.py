@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import fail, parser, study
+from stages.common import fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,9 +19,18 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         fail(f"report: no metrics for runs {missing}: run `dvc repro` (their evaluate stages) first")
 
+    params = {"report": cfg.report.model_dump(mode="json"), "runs": ",".join(cfg.runs)}
+    tracked = tracker(cfg, "report", params, deps=[args.metrics, args.curves, args.models, args.tokenizers, args.samples])
+
     from lm.report import write_report
 
-    table = write_report(cfg, args.metrics, args.curves, args.models, args.tokenizers, args.samples, args.out)
+    with tracked:
+        table = write_report(cfg, args.metrics, args.curves, args.models, args.tokenizers, args.samples, args.out)
+        tracked.log_metrics({"runs": len(table)})
+        made = [args.out / "README.md", args.out / "runs.csv", args.out / "figures"]  # not the rest of --out
+        for path in made:
+            tracked.log_artifact(path, "figures" if path.is_dir() else None)
+        outputs(tracked, *made)
     print(f"report: {len(table)} runs → {args.out / 'README.md'}")
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm.tokenizer import TokenizerError, tokenize_corpus
-from stages.common import fail, parser, study
+from lm.tracking import numeric_leaves
+from stages.common import fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,12 +27,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.tokenizers[name]
     fmt = params.corpora[cfg.corpus].format
 
+    tracked = tracker(params, f"tokenize@{name}", {"tokenizer": name, **cfg.model_dump(mode="json")}, deps=[args.data],
+                      tags={"corpus": cfg.corpus, "tokenizer": name})
+
     from lm.data import DataError, load_splits  # lazily: datasets is slow to import
 
-    try:
-        stats = tokenize_corpus(cfg, load_splits(args.data), fmt, args.out, name=name)
-    except (TokenizerError, DataError) as e:
-        fail(f"{name}: {e}")
+    with tracked:
+        try:
+            stats = tokenize_corpus(cfg, load_splits(args.data), fmt, args.out, name=name)
+        except (TokenizerError, DataError) as e:
+            fail(f"{name}: {e}")
+        tracked.log_metrics({"vocab_size": stats["vocab_size"], **numeric_leaves(stats["splits"], "splits")})
+        tracked.log_artifact(args.out / "tokenizer.json")
+        tracked.log_artifact(args.out / "stats.json")
+        outputs(tracked, args.out)
     vocab = f"vocab {stats['vocab_size']}"
     if cfg.vocab_size is not None and stats["vocab_size"] != cfg.vocab_size:
         vocab += f" (asked {cfg.vocab_size}: the train split has too few merges)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import fail, parser, study
+from stages.common import fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,12 +19,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.run not in cfg.runs:
         fail(f"unknown run {args.run!r}; available: {', '.join(sorted(cfg.runs)) or '(none)'}", 2)
 
+    run, stage = cfg.runs[args.run], f"train@{args.run}"
+    corpus = cfg.tokenizers[run.tokenizer].corpus
+    # Opened before the heavy imports and any training: an unreachable tracking server fails here.
+    tracked = tracker(cfg, stage, {"corpus": corpus, **run.model_dump(mode="json")}, deps=[args.tokenizer],
+                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family})
+
     from lm.pipeline import train_run
 
-    try:
-        summary = train_run(args.run, cfg.runs[args.run], args.tokenizer, args.out, args.curve, progress=not args.no_progress)
-    except (ValueError, RuntimeError, OSError) as e:
-        fail(f"train@{args.run}: {e}")
+    with tracked:
+        try:
+            summary = train_run(args.run, run, args.tokenizer, args.out, args.curve, logger=tracked,
+                                log_weights=run.model.family in cfg.tracking.log_checkpoints, progress=not args.no_progress)
+        except (ValueError, RuntimeError, OSError) as e:
+            fail(f"{stage}: {e}")
+        outputs(tracked, args.out, args.curve)
     print(f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
           f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s")
 

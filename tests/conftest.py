@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "huggingface"))
 os.environ.setdefault("HF_DATASETS_CACHE", str(ROOT / ".cache" / "huggingface" / "datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Tests start their own tracking servers; a developer's exported URI must not capture their runs.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("LM_STUDY_RUN", None)
 
 
 @pytest.fixture(scope="session")

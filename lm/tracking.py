@@ -1,0 +1,325 @@
+"""MLflow tracking: the only module that imports mlflow (lazily: an untracked stage never pays for it).
+
+Every stage instance (``fetch@names``, ``train@names-mlp``, ``report``, ...) opens one MLflow run
+with :func:`open_run`, named after its DVC stage, in one experiment per study. The returned
+:class:`Tracker` is also the :class:`lm.train.Logger` the training loop reports to: it buffers the
+per-evaluation metrics and sends them with ``MlflowClient.log_batch`` (one call per flush, not one
+per metric and step). The stage runs of one ``dvc repro`` / ``dvc exp run`` are children of one
+parent run (a :class:`Group`), so the UI shows the pipeline as one progression.
+
+The library reads no environment variables: the stage resolves the tracking URI, the project root
+and the group (``stages/common.py``) and passes them in. An unreachable store fails the stage before
+it does any work, with a message naming the URI (``tracking.required: false``: warn, run untracked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from lm.config import TrackingConfig
+
+FLUSH_SECONDS = 15.0
+"""Buffered step metrics are sent at most this often (and at the end): few calls, yet a live curve."""
+PROBE_TIMEOUT_S = 5.0
+"""How long the reachability probe of an http(s) server waits (MLflow's own client retries for minutes)."""
+MAX_PARAM_CHARS = 6000
+"""MLflow's limit on a param value."""
+SERVER_FIX = ("start it, or point MLFLOW_TRACKING_URI at a running server (unset, runs go to the project's "
+              "sqlite:///<project>/mlflow.db)")
+STUDY_ROLE, STAGE_ROLE = "study", "stage"
+"""Values of the ``lm.role`` tag: the parent run of one pipeline invocation, or one stage instance."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store is unreachable or refused a write; the message names the URI and the fixes."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """The pipeline invocation a stage run belongs to: one parent run per ``key`` (tag ``lm.study_run``)."""
+
+    key: str
+    """Identical for every stage of one ``dvc repro`` / ``dvc exp run``, different across invocations."""
+    name: str
+    """Run name of the parent in the UI, e.g. 'repro 2025-01-31 12:00:00 (abc1234)'."""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """Extra tags of the parent (git commit, DVC experiment name, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run records: flattened params, numeric leaves, DVC-compatible md5s, git state
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping → {'model.n_embd': '64', ...}: the params of a run as MLflow shows them."""
+    out: dict[str, str] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def numeric_leaves(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The int and float leaves of a nested mapping (bools and strings skipped), keys joined by '/'."""
+    out: dict[str, float] = {}
+    for key, value in obj.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(numeric_leaves(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_md5(root: Path, files: Iterable[Path]) -> str:
+    """DVC 3's directory hash of `files` (below `root`): md5 of the JSON list of {md5, relpath} sorted
+    by relpath, plus '.dir' (dvc_data's Tree.digest)."""
+    entries = sorted(({"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files),
+                     key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records in dvc.lock for a file or a directory (.dvcignore not applied), so a
+    run's ``dvc.dep.*`` / ``dvc.out.*`` tags compare with dvc.lock, and across runs."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    return tree_md5(path, (p for p in path.rglob("*") if p.is_file()))
+
+
+def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
+    """``git.commit`` (also as MLflow's ``mlflow.source.git.commit``) and ``git.dirty``: whether the
+    `inputs` (paths that define a run: code, dvc.yaml, params.yaml) differ from the commit, untracked
+    files included. Pipeline outputs are left out on purpose: the pipeline itself rewrites dvc.lock and
+    metrics/ mid-repro, which would make every later stage 'dirty'. Empty outside a git repository."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=normal", "--", *inputs).splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(changed)).lower(),
+            **({"git.dirty_files": " ".join(line[3:] for line in changed)[:4000]} if changed else {})}
+
+
+# ----------------------------------------------------------------------------------------------
+# the logger objects
+
+
+class NullTracker:
+    """Tracking off (or unreachable and not required): every call is a no-op; also a `lm.train.Logger`."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """One MLflow run (a stage instance); use as a context manager: it ends the run FINISHED, FAILED
+    (an exception, incl. a stage's SystemExit) or KILLED (Ctrl-C), and its parent with it."""
+
+    def __init__(self, client: Any, run_id: str, parent_id: str | None, uri: str, required: bool,
+                 warn: Callable[[str], None]):
+        self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
+        self.required, self.warn = required, warn
+        from mlflow.entities import Metric, RunTag
+
+        self._metric, self._tag = Metric, RunTag
+        self._buffer: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._broken = False
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a client call; a failure raises (tracking required) or warns once and stops tracking."""
+        if self._broken:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (MlflowException, OSError, database errors, ...)
+            message = f"MLflow tracking at {self.uri} failed to {what}: {' '.join(str(e).split())[:500]}"
+            if self.required:
+                raise TrackingError(f"{message}; fix the store or set tracking.required: false to run untracked") from e
+            self._broken = True
+            self.warn(f"{message}; tracking.required is false: the rest of this run is not logged")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._buffer.extend(self._metric(k, float(v), now, step) for k, v in metrics.items())
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics in one log_batch (the client splits batches past MLflow's limits)."""
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("set tags", self.client.log_batch, self.run_id, tags=[self._tag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file or a directory's files under `artifact_path`; a missing path is a bug of the caller."""
+        path = Path(path)
+        if path.is_dir():
+            self._call(f"log artifacts {path}", self.client.log_artifacts, self.run_id, str(path), artifact_path)
+        else:
+            self._call(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            status = "FINISHED"
+        try:
+            self.flush()
+            self._call("end the run", self.client.set_terminated, self.run_id, status)
+            if self.parent_id:
+                # The parent ends with each stage: after the last one it spans the whole invocation.
+                self._call("end the parent run", self.client.set_terminated, self.parent_id, status)
+        except TrackingError as e:
+            if kind is None:
+                raise
+            self.warn(str(e))  # the stage's own error is the one to report
+
+
+# ----------------------------------------------------------------------------------------------
+# opening a run
+
+
+def probe_able(uri: str) -> bool:
+    """An http(s) tracking server (as opposed to a local sqlite/file store)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast on an http(s) tracking server that does not answer GET /health (MLflow's client would
+    retry for minutes); other stores (sqlite, file) are checked by the first real call."""
+    if not probe_able(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (the URI is the user's server)
+            r.read(64)
+    except urllib.error.HTTPError as e:
+        raise TrackingError(f"MLflow tracking server {uri} answered {e.code} to GET /health: {SERVER_FIX}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}): {SERVER_FIX}") from None
+
+
+def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a concurrent stage (dvc exp run --queue -j 2)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore --experiment-id "
+                            f"{exp.experiment_id}`) or choose another tracking.experiment")
+    return exp.experiment_id
+
+
+def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
+    """The group's parent run, created by its first stage; later stages mark it RUNNING again."""
+    key = group.key.replace("\\", "\\\\").replace("'", "\\'")
+    found = client.search_runs([experiment_id], f"tags.`lm.study_run` = '{key}' and tags.`lm.role` = '{STUDY_ROLE}'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {**group.tags, "lm.study_run": group.key, "lm.role": STUDY_ROLE}
+    return client.create_run(experiment_id, run_name=group.name, tags=tags).info.run_id
+
+
+def open_run(cfg: TrackingConfig, uri: str, name: str, *, params: Mapping[str, str], tags: Mapping[str, str],
+             group: Group | None = None, artifact_root: Path | None = None,
+             echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> NullTracker:
+    """Start the MLflow run `name` (the DVC stage, e.g. 'train@names-mlp') with its params and tags.
+
+    `artifact_root`: where a *new* experiment keeps its artifacts when the store is local (sqlite):
+    an absolute path, so runs from DVC's temp directories land in the project, not in a deleted
+    tmp dir; None lets a server choose (its --default-artifact-root). `echo` gets one line saying
+    where the run is. Returns a :class:`NullTracker` if tracking is off, or unreachable and not
+    required; raises :class:`TrackingError` otherwise.
+    """
+    if not cfg.enabled:
+        return NullTracker()
+    try:
+        probe(uri)
+        # Imported only now: ~2 s, paid only by tracked stages.
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, cfg.experiment, artifact_root)
+        parent_id = _parent_run(client, experiment_id, group) if group else None
+        run_tags = {**tags, "lm.role": STAGE_ROLE}
+        if group:
+            run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
+        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+    except TrackingError as e:
+        error: Exception = e
+    except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
+        error = TrackingError(f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]}): check that the "
+                              f"store is reachable and writable")
+    else:
+        tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn)
+        tracker._call("log params", client.log_batch, run_id, params=[Param(k, v) for k, v in params.items()])
+        where = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if probe_able(uri) else f"run {run_id} in {uri}"
+        echo(f"mlflow: {name} → {where}")
+        return tracker
+    if cfg.required:
+        raise TrackingError(f"{error}; or set tracking.required: false to run untracked") from None
+    warn(f"{error}; tracking.required is false: {name} runs untracked")
+    return NullTracker()

@@ -1,0 +1,367 @@
+"""MLflow tracking with real parts: a real `mlflow server` on 127.0.0.1, a real `dvc repro` of a
+trimmed tiny study logging to it, the REST API to read back what was logged, a dead URI, and a
+`dvc exp run --temp -S` that changes one param. The unit tests at the top need none of that."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lm.config import TrackingConfig, parse_params
+from lm.tracking import NullTracker, TrackingError, dvc_md5, flatten, numeric_leaves, open_run, probe
+from stages.common import project_root, tracking_uri
+
+BIN = Path(sys.executable).parent
+EXPERIMENT = "lm-ladder-tiny"
+# The tiny preset trimmed to what the checks need (a char and a BPE corpus, a bigram and a GPT):
+# nine stages instead of twenty-four, so the module costs one short pipeline run.
+KEEP = {"corpora": ["names", "oz"], "tokenizers": ["names-char", "oz-bpe512"], "runs": ["names-bigram_nn", "oz-gpt-bpe512"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# units: no server, no pipeline
+
+
+def test_only_lm_tracking_imports_mlflow(repo_root: Path):
+    importers = sorted(str(p.relative_to(repo_root)) for d in ("lm", "stages") for p in (repo_root / d).rglob("*.py")
+                       if re.search(r"^\s*(import|from)\s+mlflow\b", p.read_text(), re.M))
+    assert importers == ["lm/tracking.py"]
+
+
+def test_untracked_code_never_imports_mlflow():
+    code = ("import sys, lm.tracking, lm.pipeline, stages.train, stages.evaluate, stages.report, stages.fetch, "
+            "stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
+            "t = open_run(TrackingConfig(enabled=False), 'http://127.0.0.1:9', 'x', params={}, tags={}); "
+            "t.log_metrics({'a': 1.0}, 1); assert 'mlflow' not in sys.modules, 'mlflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flatten_and_numeric_leaves():
+    assert flatten({"model": {"family": "gpt", "n_embd": 64}, "train": {"lr": 0.1, "step_at": [0.75]}, "x": None}) == {
+        "model.family": "gpt", "model.n_embd": "64", "train.lr": "0.1", "train.step_at": "[0.75]", "x": "None"}
+    assert numeric_leaves({"val/loss": 2.5, "params_by_component": {"head": 3}, "run": "a", "ok": True}) == {
+        "val/loss": 2.5, "params_by_component/head": 3.0}
+
+
+def test_tracking_section_is_validated():
+    base = {"corpora": {}, "tokenizers": {}}
+    assert parse_params(base).tracking == TrackingConfig()
+    with pytest.raises(ValueError) as e:
+        parse_params({**base, "tracking": {"enabeld": False, "log_checkpoints": ["gtp"], "experiment": ""}})
+    problems = e.value.problems  # type: ignore[attr-defined]
+    assert any(p.startswith("tracking.enabeld: unknown key 'enabeld'") for p in problems)
+    assert any("tracking.log_checkpoints: unknown families ['gtp']" in p for p in problems)
+    assert any(p.startswith("tracking.experiment:") for p in problems)
+
+
+def test_tracking_uri_and_project_root(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert project_root({}) == tmp_path.resolve()
+    # dvc exp run --temp runs the stage in a copy but points DVC_ROOT at the original project.
+    assert project_root({"DVC_ROOT": "/work/proj"}) == Path("/work/proj")
+    assert tracking_uri(Path("/work/proj"), {}) == "sqlite:////work/proj/mlflow.db"
+    assert tracking_uri(Path("/work/proj"), {"MLFLOW_TRACKING_URI": "http://h:5000"}) == "http://h:5000"
+
+
+def test_dvc_md5_is_dvcs_directory_hash(tmp_path: Path):
+    # The directory scheme of dvc_data (Tree.digest): independent of the order files were written in.
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("b")
+    (tmp_path / "d" / "sub" / "a.txt").write_text("a")
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    _, _, obj = build(HashFileDB(fs, str(tmp_path / "odb")), str(tmp_path / "d"), fs, "md5")
+    assert dvc_md5(tmp_path / "d") == obj.hash_info.value
+    assert dvc_md5(tmp_path / "d" / "b.txt") == "92eb5ffee6ae2fec3ad71c777531578f"
+
+
+def test_unreachable_server_fails_fast_or_warns(unused_port: int):
+    uri = f"http://127.0.0.1:{unused_port}"
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match=re.escape(uri)):
+        probe(uri)
+    with pytest.raises(TrackingError, match="tracking.required: false"):
+        open_run(TrackingConfig(), uri, "train@x", params={}, tags={})
+    warnings: list[str] = []
+    t = open_run(TrackingConfig(required=False), uri, "train@x", params={}, tags={}, warn=warnings.append)
+    assert type(t) is NullTracker and uri in warnings[0]
+    assert time.perf_counter() - t0 < 5
+
+
+# ----------------------------------------------------------------------------------------------
+# a real server, a real pipeline
+
+
+def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **(env or {})}
+    full = {k: v for k, v in full.items() if v is not None}
+    r = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+class Rest:
+    """The few MLflow REST calls the checks need, with urllib (no mlflow client on the reading side)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def get(self, endpoint: str, **query: str) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
+            return json.load(r)
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def runs(self) -> list[dict]:
+        """Every run of the study's experiment, oldest first, as {name, id, status, params, tags, metrics}."""
+        exp = self.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        raw = self.post("runs/search", {"experiment_ids": [exp], "max_results": 1000, "order_by": ["attributes.start_time ASC"]})
+        return [{"name": r["info"]["run_name"], "id": r["info"]["run_id"], "status": r["info"]["status"],
+                 "params": {p["key"]: p["value"] for p in r["data"].get("params", [])},
+                 "tags": {t["key"]: t["value"] for t in r["data"].get("tags", [])},
+                 "metrics": {m["key"]: m["value"] for m in r["data"].get("metrics", [])}} for r in raw.get("runs", [])]
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(int(m["step"]), m["value"]) for m in self.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]]
+
+    def artifacts(self, run_id: str, path: str = "") -> set[str]:
+        """Every artifact file of a run, recursively."""
+        out: set[str] = set()
+        for f in self.get("artifacts/list", run_id=run_id, **({"path": path} if path else {})).get("files", []):
+            out |= self.artifacts(run_id, f["path"]) if f["is_dir"] else {f["path"]}
+        return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, unused_port_module: int) -> Iterator[Rest]:
+    """`mlflow server` on a free loopback port: sqlite backend and proxied artifacts in a tmp dir."""
+    d = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{unused_port_module}"
+    log = open(d / "server.log", "w")
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(unused_port_module), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")]
+    # Its own process group: the CLI starts uvicorn as a child, and teardown stops both by the group's id.
+    # No job runner: it would start half a dozen queue consumers this test never uses.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{(d / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Rest(url)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def unused_port_module() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root: Path, mirror: Path, server: Rest) -> Path:
+    """A copy of the repository with the trimmed tiny preset, after one `dvc repro` logging to `server`."""
+    dst = tmp_path_factory.mktemp("tracked")
+    # Tracked and new (not ignored) files: what the next commit holds, so the test runs before it too.
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo_root,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, (f.decode() for f in files)):
+        if (repo_root / f).is_file() and not f.startswith(("metrics/", "curves/", "samples/", "reports/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / f, dst / f)
+    params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
+    for section, names in KEEP.items():
+        params[section] = {k: v for k, v in params[section].items() if k in names}
+    params["tracking"].update(enabled=True, experiment=EXPERIMENT)  # whatever the preset says
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    os.environ["LM_DATA_MIRROR"] = str(mirror)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        sh(dst, *cmd)
+    sh(dst, "dvc", "repro", env={"MLFLOW_TRACKING_URI": server.url})
+    # Committed as a user would, so experiments start from this baseline (and the tree is clean again).
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro")
+    return dst
+
+
+def lock_md5(project: Path, stage: str, kind: str, path: str) -> str:
+    entry = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
+    return next(d["md5"] for d in entry[kind] if d["path"] == path)
+
+
+def by_name(runs: list[dict]) -> dict[str, dict]:
+    return {r["name"]: r for r in runs}
+
+
+@pytest.mark.slow
+def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: Rest):
+    runs = server.runs()
+    stages = [r for r in runs if r["tags"].get("lm.role") == "stage"]
+    parents = [r for r in runs if r["tags"].get("lm.role") == "study"]
+    assert sorted(r["name"] for r in stages) == sorted(
+        ["fetch@names", "fetch@oz", "tokenize@names-char", "tokenize@oz-bpe512", "train@names-bigram_nn",
+         "train@oz-gpt-bpe512", "evaluate@names-bigram_nn", "evaluate@oz-gpt-bpe512", "report"])
+    assert len(parents) == 1 and parents[0]["name"].startswith("repro ") and parents[0]["status"] == "FINISHED"
+    for r in stages:
+        assert r["status"] == "FINISHED", r["name"]
+        assert r["tags"]["mlflow.parentRunId"] == parents[0]["id"], r["name"]
+        assert r["tags"]["lm.study_run"] == parents[0]["tags"]["lm.study_run"]
+        assert r["tags"]["dvc.stage"] == r["name"]
+
+
+@pytest.mark.slow
+def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: Rest):
+    runs = by_name(server.runs())
+    r = runs["train@names-bigram_nn"]
+    # Every resolved param, flattened, defaults included; exactly as params.yaml says.
+    entry = yaml.safe_load((project / "params.yaml").read_text())["runs"]["names-bigram_nn"]
+    assert r["params"]["tokenizer"] == "names-char" and r["params"]["corpus"] == "names"
+    assert r["params"]["model.family"] == "bigram_nn"
+    for key, value in entry["train"].items():
+        assert r["params"][f"train.{key}"] == str(value), key
+    assert r["params"]["train.optimizer"] == "adamw" and r["params"]["train.beta2"] == "0.99"  # defaults
+    # One point per evaluation, the same numbers as the curve CSV DVC plots.
+    with open(project / "curves" / "names-bigram_nn.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert len(curve) == entry["train"]["max_steps"] // entry["train"]["eval_interval"] == 2
+    for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+        history = server.history(r["id"], key)
+        assert [s for s, _ in history] == [int(row["step"]) for row in curve], key
+        assert [v for _, v in history] == pytest.approx([float(row[key]) for row in curve], rel=1e-6), key
+    assert r["metrics"]["params"] == 729 and r["metrics"]["train_seconds"] > 0 and r["metrics"]["steps"] == 20
+    # Lineage: the commit, a clean tree, and the md5 of every dep and out exactly as dvc.lock has them.
+    head = sh(project, "git", "rev-parse", "HEAD~1").stdout.strip()  # the fixture committed the outputs since
+    t = r["tags"]
+    assert t["git.commit"] == t["mlflow.source.git.commit"] == head and t["git.dirty"] == "false"
+    assert t["dvc.dep.tokenizers/names-char"] == lock_md5(project, "train@names-bigram_nn", "deps", "tokenizers/names-char")
+    assert t["dvc.out.models/names-bigram_nn"] == lock_md5(project, "train@names-bigram_nn", "outs", "models/names-bigram_nn")
+    assert t["dvc.out.curves/names-bigram_nn.csv"] == lock_md5(project, "train@names-bigram_nn", "outs", "curves/names-bigram_nn.csv")
+    assert re.fullmatch(r"[0-9a-f]{32}\.dir", t["code.md5"])
+    assert (t["corpus"], t["tokenizer"], t["family"], t["device"]) == ("names", "names-char", "bigram_nn", "cpu")
+    import torch
+
+    assert t["torch"] == torch.__version__
+    assert server.artifacts(r["id"]) == {"checkpoint/config.json", "checkpoint/train.json", "tokenizer/tokenizer.json",
+                                         "curve/names-bigram_nn.csv"}
+    # GPT checkpoints (tracking.log_checkpoints: [gpt]) are logged with their weights.
+    assert "checkpoint/model.safetensors" in server.artifacts(runs["train@oz-gpt-bpe512"]["id"])
+
+
+@pytest.mark.slow
+def test_evaluate_and_report_runs_log_the_metrics_and_files(project: Path, server: Rest):
+    runs = by_name(server.runs())
+    r = runs["evaluate@oz-gpt-bpe512"]
+    metrics = json.loads((project / "metrics" / "oz-gpt-bpe512.json").read_text())
+    for key in ("val/loss", "val/ppl", "val/bpc", "params", "train/seconds"):
+        assert r["metrics"][key] == pytest.approx(metrics[key], rel=1e-9), key
+    assert r["metrics"]["params/token_embedding"] == metrics["params_by_component"]["token_embedding"]
+    assert r["params"]["model.n_embd"] == "16" and r["params"]["evaluate.batch_size"] == "256"
+    # The evaluate run consumed exactly what the train run produced (dep md5 == out md5 == dvc.lock).
+    produced = runs["train@oz-gpt-bpe512"]["tags"]["dvc.out.models/oz-gpt-bpe512"]
+    assert r["tags"]["dvc.dep.models/oz-gpt-bpe512"] == produced == lock_md5(project, "evaluate@oz-gpt-bpe512", "deps", "models/oz-gpt-bpe512")
+    assert server.artifacts(r["id"]) == {"metrics/oz-gpt-bpe512.json", "samples/oz-gpt-bpe512.txt"}
+    report = server.artifacts(runs["report"]["id"])
+    assert {"README.md", "runs.csv", "figures/loss_curves.png", "figures/bpc_vs_params.png"} <= report
+    assert runs["report"]["metrics"]["runs"] == 2
+    assert runs["report"]["tags"]["dvc.dep.metrics"] == lock_md5(project, "report", "deps", "metrics")
+
+
+@pytest.mark.slow
+def test_second_repro_logs_nothing(project: Path, server: Rest):
+    before = len(server.runs())
+    out = sh(project, "dvc", "repro", env={"MLFLOW_TRACKING_URI": server.url}).stdout
+    assert "Data and pipelines are up to date" in out
+    assert len(server.runs()) == before
+
+
+@pytest.mark.slow
+def test_dead_server_fails_the_stage_before_training(project: Path, tmp_path: Path, unused_port: int):
+    uri = f"http://127.0.0.1:{unused_port}"
+    args = ["-m", "stages.train", "names-bigram_nn", "--tokenizer", "tokenizers/names-char",
+            "--out", str(tmp_path / "model"), "--curve", str(tmp_path / "curve.csv"), "--no-progress"]
+    t0 = time.perf_counter()
+    r = sh(project, sys.executable, *args, env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert r.returncode == 1, r.stderr
+    assert f"error: train@names-bigram_nn: MLflow tracking server {uri} is unreachable" in r.stderr
+    assert "tracking.required: false" in r.stderr
+    assert not (tmp_path / "model").exists() and time.perf_counter() - t0 < 30
+    # tracking.required: false → a warning naming the URI, then the stage does its work untracked.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["required"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = sh(project, sys.executable, *args, "--params", str(tmp_path / "params.yaml"), env={"MLFLOW_TRACKING_URI": uri})
+    assert f"warning: MLflow tracking server {uri} is unreachable" in r.stderr
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, server: Rest):
+    """`dvc exp run --temp` runs the stages in a copy under .dvc/tmp; without MLFLOW_TRACKING_URI they
+    must still log into the project's own mlflow.db (DVC_ROOT), where only the named param differs."""
+    out = sh(project, "dvc", "exp", "run", "--temp", "-S", "runs.names-bigram_nn.train.lr=0.05",
+             env={"MLFLOW_TRACKING_URI": None}).stdout  # type: ignore[dict-item]
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate@names-bigram_nn", "report", "train@names-bigram_nn"], out
+    exp_name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)  # type: ignore[union-attr]
+
+    from mlflow.tracking import MlflowClient
+
+    assert (project / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    local = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(local) == sorted(["train@names-bigram_nn", "evaluate@names-bigram_nn", "report", f"exp {exp_name} (from "
+                                    f"{sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})"])
+    new = local["train@names-bigram_nn"]
+    assert new.data.tags["dvc.exp_name"] == exp_name and new.data.tags["git.dirty"] == "true"
+    assert new.data.tags["git.dirty_files"] == "params.yaml"
+    baseline = by_name(server.runs())["train@names-bigram_nn"]["params"]
+    changed = {k: (baseline.get(k), new.data.params.get(k)) for k in baseline.keys() | new.data.params.keys()
+               if baseline.get(k) != new.data.params.get(k)}
+    assert changed == {"train.lr": ("0.1", "0.05")}
+    # Artifacts went to the project too, not into the deleted temp copy.
+    artifacts = Path(urllib.parse.urlparse(new.info.artifact_uri).path)
+    assert artifacts.is_relative_to(project / "mlartifacts") and (artifacts / "checkpoint" / "config.json").is_file()
