@@ -39,6 +39,13 @@ def study(path: str) -> StudyConfig:
         raise SystemExit(2) from None
 
 
+def entry(section: Mapping[str, Any], name: str, what: str, params: str) -> Any:
+    """`section[name]`, or exit 2 naming the entries `params` does define."""
+    if name not in section:
+        fail(f"unknown {what} {name!r}; {params} defines: {', '.join(sorted(section)) or '(none)'}", 2)
+    return section[name]
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Exit with a one-line error (the message names the problem and the fix)."""
     print(f"error: {message}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import fail, outputs, parser, study, tracker
+from stages.common import entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,8 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", required=True, type=Path, help="samples text file to write")
     args = p.parse_args(argv)
     cfg = study(args.params)
-    if args.run not in cfg.runs:
-        fail(f"unknown run {args.run!r}; available: {', '.join(sorted(cfg.runs)) or '(none)'}", 2)
+    entry(cfg.runs, args.run, "run", args.params)
 
     run, stage = cfg.runs[args.run], f"evaluate@{args.run}"
     corpus = cfg.tokenizers[run.tokenizer].corpus

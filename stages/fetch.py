@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lm.data import DataError, prepare_corpus
 from lm.tracking import numeric_leaves
-from stages.common import fail, outputs, parser, study, tracker
+from stages.common import entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/names")
     args = p.parse_args(argv)
     params = study(args.params)
-    if args.corpus not in params.corpora:
-        fail(f"unknown corpus {args.corpus!r}; {args.params} defines: {', '.join(sorted(params.corpora))}", 2)
+    entry(params.corpora, args.corpus, "corpus", args.params)
     cfg = params.corpora[args.corpus]
     mirror = Path(m) if (m := os.environ.get("LM_DATA_MIRROR", "").strip()) else None
     origin = "mirror" if mirror and (mirror / cfg.filename).is_file() else "download"

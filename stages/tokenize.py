@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lm.tokenizer import TokenizerError, tokenize_corpus
 from lm.tracking import numeric_leaves
-from stages.common import fail, outputs, parser, study, tracker
+from stages.common import entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = study(args.params)
     name = args.tokenizer
-    if name not in params.tokenizers:
-        fail(f"unknown tokenizer {name!r}; {args.params} defines: {', '.join(sorted(params.tokenizers))}", 2)
+    entry(params.tokenizers, name, "tokenizer", args.params)
     cfg = params.tokenizers[name]
     fmt = params.corpora[cfg.corpus].format
 
