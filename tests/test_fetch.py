@@ -245,7 +245,7 @@ def stage(repo_root: Path, tmp_path: Path, *args: str, mirror: Path | str = "") 
 @pytest.fixture
 def params_file(repo_root, tmp_path) -> Path:
     data = yaml.safe_load((repo_root / "params.yaml").read_text())
-    data = {"seed": 1337, "corpora": {"names": data["corpora"]["names"]}, "tokenizers": {}}
+    data = {"seed": 1337, "corpora": {"names": data["corpora"]["names"]}, "tokenizers": {}, "tracking": {"enabled": False}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -252,8 +252,17 @@ def test_bpe_lines_round_trip(lines):
 
 
 def run_stage(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.tokenize", *args, "--params", str(ROOT / "params.yaml")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    import tempfile
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tracking"] = {"enabled": False}  # unit tests never log to the project's MLflow store
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "params.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return subprocess.run([sys.executable, "-m", "stages.tokenize", *args, "--params", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def save_dataset(splits: dict[str, list[str]], data_dir: Path) -> None:
