@@ -35,39 +35,23 @@ def _number(text: str, kind: type) -> float | int:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
 
-def _temperature(text: str) -> float:
-    v = _number(text, float)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text} (for greedy decoding use --top-k 1)")
-    return v
+def _checked(kind: type, ok, rule: str):
+    """An argparse type: parse `kind`, then require `ok(value)`; the error states `rule`."""
+
+    def parse(text: str):
+        v = _number(text, kind)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return v
+
+    return parse
 
 
-def _top_k(text: str) -> int:
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (1 is greedy decoding), got {text}")
-    return v
-
-
-def _top_p(text: str) -> float:
-    v = _number(text, float)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (1 keeps every token), got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+_temperature = _checked(float, lambda v: v > 0, "must be > 0 (for greedy decoding use --top-k 1)")
+_top_k = _checked(int, lambda v: v >= 1, "must be >= 1 (1 is greedy decoding)")
+_top_p = _checked(float, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 keeps every token)")
+_positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------

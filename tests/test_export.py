@@ -28,12 +28,7 @@ GPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(root: Path, name: str, splits: dict, fmt: str, tok: dict, model: dict) -> None:

@@ -53,13 +53,7 @@ BATCHNORM = ["mlp_bn", "wavenet"]
 TRAINABLE = [k for k in ALL if k != "bigram_counts"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two fighting (and than other processes on the box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int = 0, vocab_size: int = V, fit: bool = True):
