@@ -1,12 +1,14 @@
 """Checkpoints are safetensors + a JSON config: nothing is ever unpickled.
 
 ``<dir>/model.safetensors`` holds the tensors, ``<dir>/config.json`` the run configuration, the
-vocabulary size and the parameter count, enough to rebuild the model before loading the tensors.
-A checkpoint whose tensors do not match its config is rejected with the mismatching names.
+vocabulary size, the parameter count and the weights' sha256, enough to rebuild the model before
+loading the tensors. A checkpoint whose tensors do not match its config (shapes, names) or whose
+weights file changed after it was written is rejected with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,8 +34,17 @@ def save(model: torch.nn.Module, run: RunConfig, vocab_size: int, out_dir: Path)
         "run": run.model_dump(mode="json"),
         "vocab_size": vocab_size,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "sha256": _sha256(out_dir / WEIGHTS),
     }
     (out_dir / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig, int]:
@@ -53,6 +64,9 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     weights = ckpt_dir / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{weights} not found: run the train stage for this run first")
+    if "sha256" in meta and _sha256(weights) != meta["sha256"]:
+        raise CheckpointError(f"{weights} has changed since it was saved (its sha256 differs from {ckpt_dir / CONFIG}): "
+                              "re-run the train stage")
     try:
         # load_model knows a tied tensor is stored once; we report missing/unexpected names ourselves.
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
@@ -67,3 +81,43 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
         )
     model.to(device).eval()
     return model, run, vocab_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: what a killed run needs to continue exactly where its last checkpoint left it.
+
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+
+
+def state_dir_for(out: Path) -> Path:
+    """Where the run writing `out` keeps its resumable state: a hidden sibling, not a DVC output, so
+    DVC neither caches it nor deletes it before re-running the stage (`models/.<run>.resume`)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.resume"
+
+
+def save_state(state_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write one training state atomically: tensors (model, optimizer, torch RNG) as safetensors,
+    everything else (step, numpy/python RNG, loss history) as JSON; a crash leaves the previous one."""
+    from safetensors.torch import save_file
+
+    from lm.io import atomic_dir
+
+    with atomic_dir(state_dir) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
+
+
+def load_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a training state written by `save_state`; a damaged one is a CheckpointError naming it."""
+    from safetensors.torch import load_file
+
+    state_dir = Path(state_dir)
+    try:
+        meta = json.loads((state_dir / STATE_JSON).read_text())
+        tensors = load_file(str(state_dir / STATE_TENSORS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"training state {state_dir} is unreadable ({e}): delete it to train from scratch") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"training state {state_dir}/{STATE_JSON} has no step: delete it to train from scratch")
+    return tensors, meta

@@ -289,6 +289,12 @@ class TrainConfig(Strict):
     """Autocast dtype for the forward pass (weights stay float32)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (per process): batch_size is the global batch, split over
+    processes x grad_accum, so the update does not depend on how many processes share it."""
+    checkpoint_interval: int = Field(default=250, ge=0)
+    """Save the resumable training state (model, optimizer, step, RNGs, curve) every this many steps,
+    so a killed run continues where it stopped; 0 saves only on Ctrl-C / SIGTERM."""
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

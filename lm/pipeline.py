@@ -4,6 +4,9 @@ models/<run>/   model.safetensors, config.json (checkpoint), train.json (summary
 curves/<run>.csv   step, train_loss, val_loss, lr, tokens_per_s, elapsed_s (one row per evaluation)
 metrics/<run>.json and samples/<run>.txt   from the evaluate stage
 
+models/<run>/ and metrics/<run>.json hold only numbers a rerun reproduces bit for bit (on the same
+machine and device); wall-clock figures live in the curve CSV and in MLflow.
+
 Both also log to the stage's MLflow run (`tracker`, a no-op `NullTracker` by default): the training
 loop's per-evaluation metrics, the final numbers, and the files above as artifacts.
 """
@@ -11,11 +14,14 @@ loop's per-evaluation metrics, the final numbers, and the files above as artifac
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import platform
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm import batches as B
@@ -34,10 +40,25 @@ def _split_batches(run: RunConfig, tok_dir: Path, split: str) -> B.Batches:
     return B.for_model(run.model, load_ids(tok_dir, split), stats["format"], stats.get("boundary_id"))
 
 
+def fingerprint(run: RunConfig, tok_dir: Path) -> str:
+    """What a saved training state must match to be resumed: the run's config (except how often it
+    checkpoints and which device it runs on) and the exact training tokens."""
+    cfg = run.model_dump(mode="json")
+    for key in ("checkpoint_interval", "device"):
+        cfg["train"].pop(key)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(load_ids(tok_dir, "train")).tobytes())
+    return h.hexdigest()
+
+
 def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, *, logger: NullTracker | None = None,
               log_weights: bool = False, progress: bool = True) -> dict:
     """Build, fit and checkpoint one run; every output appears at once (atomic directory). `logger` gets
-    the curve as it is made, then the summary and the files (model.safetensors only if `log_weights`)."""
+    the curve as it is made, then the summary and the files (model.safetensors only if `log_weights`).
+
+    The resumable state lives beside `out` (`checkpoint.state_dir_for`) while training runs; it is
+    resumed by the next call if this one is killed, and removed once the outputs are in place. Under
+    torchrun every rank trains, rank 0 alone writes."""
     logger = logger or NullTracker()
     from lm.models import build_model
 
@@ -46,9 +67,13 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     # Shapes are checked (too-short splits, too-long names) before any model is built.
     train, val = _split_batches(run, tok_dir, "train"), _split_batches(run, tok_dir, "val")
     device = pick_device(run.train.device)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, vocab_size)
-    result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress)
+    state = checkpoint.state_dir_for(out)
+    result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress, state_dir=state,
+                 fingerprint=fingerprint(run, tok_dir))
+    # Only numbers that a rerun reproduces bit for bit: timing lives in the curve and in MLflow.
     summary = {
         "run": name,
         "family": run.model.family,
@@ -56,14 +81,12 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
         "steps": result.steps,
         "train_loss": result.curve[-1]["train_loss"],
         "val_loss": result.curve[-1]["val_loss"],
-        "train_seconds": result.train_seconds,
-        "tokens_per_s": result.tokens_per_s,
         "tokens": result.tokens,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
+    timing = {"train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s, "device": str(device),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if rank != 0:
+        return {**summary, **timing}
     with atomic_dir(out) as tmp:
         checkpoint.save(model.cpu(), run, vocab_size, tmp)
         write_json(tmp / "train.json", summary)
@@ -72,14 +95,16 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     w.writeheader()
     w.writerows(result.curve)
     atomic_write_text(curve, buf.getvalue())
+    shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
     # Final numbers under their own names: the step metrics' histories keep one point per evaluation.
-    logger.log_metrics({k: summary[k] for k in ("params", "steps", "train_seconds", "tokens")}, step=result.steps)
-    logger.set_tags({"device": summary["device"], "torch": summary["torch"], "threads": str(summary["threads"])})
+    logger.log_metrics({"params": summary["params"], "steps": summary["steps"], "tokens": summary["tokens"],
+                        "train_seconds": timing["train_seconds"]}, step=result.steps)
+    logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
     for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
         logger.log_artifact(out / f, "checkpoint")
     logger.log_artifact(curve, "curve")
-    return summary
+    return {**summary, **timing}
 
 
 def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig, metrics_path: Path,
@@ -105,8 +130,7 @@ def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig,
     train_info = model_dir / "train.json"
     if train_info.exists():
         t = json.loads(train_info.read_text())
-        out.update({"train/loss": t["train_loss"], "train/seconds": t["train_seconds"], "train/tokens_per_s": t["tokens_per_s"],
-                    "train/steps": t["steps"]})
+        out.update({"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]})
     dist = parameter_distribution(model)
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist

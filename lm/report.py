@@ -28,11 +28,13 @@ FIGURES = {
 }
 
 
-def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
-    """One row per run, in params.yaml order; the numbers are those of metrics/<run>.json."""
+def run_table(study: StudyConfig, metrics_dir: Path, curves_dir: Path) -> pd.DataFrame:
+    """One row per run, in params.yaml order; the numbers are those of metrics/<run>.json, the
+    timing that of the last row of curves/<run>.csv (wall clock is not part of the metrics)."""
     rows = []
     for name, run in study.runs.items():
         m = json.loads((metrics_dir / f"{name}.json").read_text())
+        last = pd.read_csv(curves_dir / f"{name}.csv").iloc[-1]
         tok = study.tokenizers[run.tokenizer]
         rows.append({
             "run": name,
@@ -44,8 +46,8 @@ def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
             "val bpc": m["val/bpc"],
             "val ppl": m["val/ppl"],
             "test loss": m.get("test/loss", math.nan),
-            "train s": m.get("train/seconds", math.nan),
-            "tokens/s": m.get("train/tokens_per_s", math.nan),
+            "train s": float(last["elapsed_s"]),
+            "tokens/s": float(last["tokens_per_s"]),
             "params_by_component": m["params_by_component"],
         })
     return pd.DataFrame(rows)
@@ -154,7 +156,7 @@ def write_report(study: StudyConfig, metrics_dir: Path, curves_dir: Path, models
     from lm.tokenizer import load_tokenizer
 
     fig_dir = out_dir / "figures"
-    table = run_table(study, metrics_dir)
+    table = run_table(study, metrics_dir, curves_dir)
     plot_loss_curves(study, curves_dir, fig_dir / "loss_curves.png")
     plot_bpc_vs_params(table, fig_dir / "bpc_vs_params.png")
     shares = dict(zip(table["run"], table["params_by_component"]))

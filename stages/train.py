@@ -1,7 +1,12 @@
-"""train@<run>: build the run's model, fit it on the tokenized corpus, write the checkpoint and curve."""
+"""train@<run>: build the run's model, fit it on the tokenized corpus, write the checkpoint and curve.
+
+Data-parallel: `torchrun --nproc_per_node=N -m stages.train RUN ...` (same arguments); rank 0 alone
+tracks and writes, every rank trains on its share of each batch.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stages.common import entry, fail, outputs, parser, study, tracker
@@ -20,21 +25,38 @@ def main(argv: list[str] | None = None) -> None:
 
     run, stage = cfg.runs[args.run], f"train@{args.run}"
     corpus = cfg.tokenizers[run.tokenizer].corpus
+    # torchrun's contract: RANK / WORLD_SIZE / LOCAL_RANK in the environment.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # Opened before the heavy imports and any training: an unreachable tracking server fails here.
     tracked = tracker(cfg, stage, {"corpus": corpus, **run.model_dump(mode="json")}, deps=[args.tokenizer],
-                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family})
+                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family,
+                            "world_size": str(world)}) if rank == 0 else None
 
+    from lm import distributed
+    from lm.checkpoint import CheckpointError
     from lm.pipeline import train_run
+    from lm.tracking import NullTracker
+    from lm.train import DivergedError, Interrupted
 
-    with tracked:
-        try:
-            summary = train_run(args.run, run, args.tokenizer, args.out, args.curve, logger=tracked,
-                                log_weights=run.model.family in cfg.tracking.log_checkpoints, progress=not args.no_progress)
-        except (ValueError, RuntimeError, OSError) as e:
-            fail(f"{stage}: {e}")
-        outputs(tracked, args.out, args.curve)
-    print(f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
-          f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s")
+    distributed.init(rank, world, int(os.environ.get("LOCAL_RANK", "0")), run.train.device)
+    tracked = tracked or NullTracker()
+    try:
+        with tracked:
+            try:
+                summary = train_run(args.run, run, args.tokenizer, args.out, args.curve, logger=tracked,
+                                    log_weights=run.model.family in cfg.tracking.log_checkpoints,
+                                    progress=not args.no_progress)
+            except Interrupted as e:
+                fail(f"{stage}: {e}", 130)
+            except (DivergedError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+                fail(f"{stage}: {e}")
+            if rank == 0:
+                outputs(tracked, args.out, args.curve)
+    finally:
+        distributed.shutdown()
+    if rank == 0:
+        print(f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
+              f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s")
 
 
 if __name__ == "__main__":

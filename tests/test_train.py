@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -130,3 +132,136 @@ def test_generate_is_seeded_and_respects_top_k():
     s1 = generate(model, start, 20, generator=torch.Generator().manual_seed(3))
     s2 = generate(model, start, 20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(s1, s2) and s1.shape == (2, 21)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable training (in process; tests/test_resume.py kills real stage processes)
+
+
+class Crash(Exception):
+    pass
+
+
+def _fit(run: RunConfig, state_dir, fingerprint="f", on_eval=None):
+    torch.manual_seed(run.train.seed)
+    model = build_model(run.model, V)
+    b = lambda ids: for_model(run.model, ids, "text", 0)  # noqa: E731
+    result = fit(model, b(STREAM[:3000]), b(STREAM[3000:]), run.train, device=torch.device("cpu"), progress=False,
+                 state_dir=state_dir, fingerprint=fingerprint, on_eval=on_eval)
+    return model, result
+
+
+def _strip(curve):
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")} for row in curve]
+
+
+@pytest.mark.parametrize("family", [f for f in TINY if f != "bigram_counts"])
+def test_resume_after_a_crash_is_bit_identical(family, tmp_path):
+    # Dropout on where the family has it, so the torch RNG state must be restored too.
+    run = run_cfg(family, checkpoint_interval=10, max_steps=40)
+    if family == "gpt":
+        run = run.model_copy(update={"model": run.model.model_copy(update={"dropout": 0.2})})
+    ref_model, ref = _fit(run, None)
+
+    def crash(row):
+        if row["step"] == 30:
+            raise Crash
+
+    state = tmp_path / ".m.resume"
+    with pytest.raises(Crash):
+        _fit(run, state, on_eval=crash)
+    assert json.loads((state / "state.json").read_text())["step"] == 20  # saved at 10 and 20; 30 never saved
+    model, result = _fit(run, state)
+    assert _strip(result.curve) == _strip(ref.curve) and result.tokens == ref.tokens
+    for (n, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_a_state_saved_for_other_params_is_not_resumed(tmp_path, capsys):
+    run = run_cfg("mlp", checkpoint_interval=10, max_steps=30)
+    state = tmp_path / ".m.resume"
+    with pytest.raises(Crash):
+        _fit(run, state, on_eval=lambda row: (_ for _ in ()).throw(Crash()) if row["step"] == 20 else None)
+    assert state.exists()
+    ref_model, ref = _fit(run, None)
+    model, result = _fit(run, state, fingerprint="other data")
+    assert "saved for other params or data; training from scratch" in capsys.readouterr().err
+    assert _strip(result.curve) == _strip(ref.curve)
+
+
+def test_a_damaged_state_is_a_clear_error(tmp_path):
+    run = run_cfg("gpt", checkpoint_interval=10, max_steps=30)
+    state = tmp_path / ".m.resume"
+    crash = lambda row: (_ for _ in ()).throw(Crash()) if row["step"] == 20 else None  # noqa: E731
+    with pytest.raises(Crash):
+        _fit(run, state, on_eval=crash)
+    (state / "state.safetensors").write_bytes(b"\x80\x04 a pickle, never loaded")
+    with pytest.raises(checkpoint.CheckpointError, match=r"training state .* is unreadable .* delete it"):
+        _fit(run, state)
+    # Well-formed files that do not fit the model (a state from another shape under the same fingerprint).
+    shutil.rmtree(state)
+    with pytest.raises(Crash):
+        _fit(run_cfg("mlp", checkpoint_interval=10, max_steps=30), state, on_eval=crash)
+    with pytest.raises(checkpoint.CheckpointError, match="does not match this run"):
+        _fit(run, state)
+
+
+def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    # SGD without clipping, lr warming up to 100: fine for the first checkpoints, then NaN/inf.
+    run = run_cfg("gpt", optimizer="sgd", lr=100.0, warmup_steps=60, grad_clip=0.0, max_steps=60, checkpoint_interval=5)
+    state = tmp_path / ".m.resume"
+    with pytest.raises(DivergedError) as e:
+        _fit(run, state)
+    saved = json.loads((state / "state.json").read_text())["step"]
+    m = re.search(r"loss became (nan|inf) at step (\d+) .*the last good checkpoint is (\S+) \(step (\d+)\)", str(e.value))
+    assert m, str(e.value)
+    assert m[3] == str(state) and int(m[4]) == saved and saved <= int(m[2]) < saved + 5
+    checkpoint.load_state(state)  # intact and readable
+
+
+def test_checkpoint_files_are_safetensors_and_tampering_is_rejected(tmp_path):
+    run = run_cfg("gpt")
+    checkpoint.save(build_model(run.model, V), run, V, tmp_path)
+    good = (tmp_path / "model.safetensors").read_bytes()
+    # A changed weight byte, a broken header, a truncated file, and a pickle under the safetensors name.
+    flipped = good[:-1] + bytes([good[-1] ^ 1])
+    for bad, why in [(flipped, "has changed since it was saved"), (good[:9] + b"\xff" + good[10:], "changed"),
+                     (good[: len(good) // 2], "changed"), (b"\x80\x04\x95" + b"\0" * 64, "changed")]:
+        (tmp_path / "model.safetensors").write_bytes(bad)
+        with pytest.raises(checkpoint.CheckpointError, match=why):
+            checkpoint.load(tmp_path)
+    # Without the recorded hash (an older checkpoint), safetensors itself rejects the broken files.
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    for bad in (good[:9] + b"\xff" + good[10:], good[: len(good) // 2], b"\x80\x04\x95" + b"\0" * 64):
+        (tmp_path / "model.safetensors").write_bytes(bad)
+        with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors file|does not match"):
+            checkpoint.load(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(good)
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "run": {**meta["run"], "model": {"family": "nope"}}}))
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid checkpoint config"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "config.json").write_text("{truncated")
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid checkpoint config"):
+        checkpoint.load(tmp_path)
+    # A tensor removed from the file: missing names are listed.
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="missing tensors"):
+        checkpoint.load(tmp_path)
+
+
+def test_no_pickle_anywhere():
+    """Nothing in the code base unpickles: no torch.load (outside weights_only=True), no pickle."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("lm/**/*.py"), *root.glob("stages/*.py"), *root.glob("bench/*.py")]:
+        text = path.read_text()
+        assert "import pickle" not in text, path
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m[1], f"{path}: {m[0]}"
