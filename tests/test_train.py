@@ -265,3 +265,21 @@ def test_no_pickle_anywhere():
         assert "import pickle" not in text, path
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in m[1], f"{path}: {m[0]}"
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_grad_accum_gives_the_same_updates_on_uneven_rows(family):
+    """Names rows differ in length (targets padded with -1): each micro-batch's loss is weighted by
+    its share of the batch's targets, so 4 micro-batches of 8 make the same step as one batch of 32."""
+    cfg = {**TINY[family], "batchnorm": False} if family == "mlp" else TINY[family]
+    runs = [RunConfig.model_validate({"tokenizer": "t", "model": cfg, "train": {
+        "batch_size": 32, "lr": 3e-3, "max_steps": 20, "eval_interval": 1, "eval_batches": 2, "grad_accum": a}})
+        for a in (1, 4)]
+    (m1, r1), (m4, r4) = (train_once(r, NAMES, "lines") for r in runs)
+    for a, b in zip(r1.curve, r4.curve):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m4.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    with pytest.raises(ValueError, match="not divisible by 1 processes x train.grad_accum 3"):
+        train_once(runs[0].model_copy(update={"train": runs[0].train.model_copy(update={"grad_accum": 3})}), NAMES, "lines")

@@ -1,0 +1,175 @@
+"""The train stage for real, in subprocesses.
+
+* Killed with SIGKILL (or sent SIGINT, as Ctrl-C does) after it saved a training state, then run
+  again: the second run resumes and ends bit-identical to a run that was never interrupted;
+  meanwhile the stage's outputs never exist, so DVC sees the stage as not run.
+* Diverging: the stage fails naming the step and the last good checkpoint.
+* Under torchrun with 2 CPU processes (gloo): the same loss curve as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+RUN = {
+    "tokenizer": "shakespeare-char",
+    "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
+    "train": {"max_steps": 1200, "batch_size": 8, "lr": 0.003, "eval_interval": 500, "eval_batches": 2,
+              "checkpoint_interval": 100},
+}
+
+
+def stage(cwd: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, repo_root: Path, mirror: Path) -> Path:
+    """shakespeare fetched and char-tokenized by the real stages, tracking off."""
+    d = tmp_path_factory.mktemp("resume")
+    params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
+    params["corpora"] = {"shakespeare": params["corpora"]["shakespeare"]}
+    params["tokenizers"] = {"shakespeare-char": params["tokenizers"]["shakespeare-char"]}
+    params["runs"] = {"gpt": RUN}
+    params["tracking"] = {"enabled": False}
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    os.environ["LM_DATA_MIRROR"] = str(mirror)
+    for args in (["stages.fetch", "shakespeare", "--out", "data/shakespeare"],
+                 ["stages.tokenize", "shakespeare-char", "--data", "data/shakespeare", "--out", "tokenizers/shakespeare-char"]):
+        code, _, err = finish(stage(d, *args))
+        assert code == 0, err
+    return d
+
+
+def train(work: Path, out: str) -> subprocess.Popen:
+    return stage(work, "stages.train", "gpt", "--tokenizer", "tokenizers/shakespeare-char", "--out", f"models/{out}",
+                 "--curve", f"curves/{out}.csv", "--no-progress")
+
+
+def saved_step(state: Path) -> int:
+    try:
+        return json.loads((state / "state.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for_state(p: subprocess.Popen, state: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 120
+    while saved_step(state) < at_least:
+        assert p.poll() is None, f"finished before it could be interrupted: {p.communicate()}"
+        assert time.monotonic() < deadline, "no training state appeared"
+        time.sleep(0.02)
+
+
+def same_result(work: Path, a: str, b: str) -> None:
+    """Bit-identical weights and train.json; identical curves except the wall-clock columns."""
+    for f in ("model.safetensors", "train.json", "config.json"):
+        assert (work / "models" / a / f).read_bytes() == (work / "models" / b / f).read_bytes(), f
+    strip = lambda p: [line.rsplit(",", 2)[0] for line in p.read_text().splitlines()]  # noqa: E731  (drop tokens_per_s, elapsed_s)
+    assert strip(work / "curves" / f"{a}.csv") == strip(work / "curves" / f"{b}.csv")
+
+
+@pytest.fixture(scope="module")
+def reference(work: Path) -> str:
+    code, _, err = finish(train(work, "ref"))
+    assert code == 0, err
+    assert not (work / "models" / ".ref.resume").exists()  # removed once the outputs are complete
+    return "ref"
+
+
+def test_sigkill_then_rerun_resumes_bit_identical(work, reference):
+    state = work / "models" / ".killed.resume"
+    p = train(work, "killed")
+    wait_for_state(p, state, 200)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = saved_step(state)
+    assert 200 <= step < RUN["train"]["max_steps"]
+    # Nothing that looks like a finished run: DVC would re-run the stage.
+    assert not (work / "models" / "killed").exists() and not (work / "curves" / "killed.csv").exists()
+
+    code, _, err = finish(train(work, "killed"))
+    assert code == 0, err
+    assert f"resuming from models/.killed.resume at step {step}/" in err or f"at step {step}/" in err
+    same_result(work, reference, "killed")
+    assert not state.exists()
+
+
+def test_ctrl_c_saves_the_state_exits_cleanly_and_resumes(work, reference):
+    state = work / "models" / ".int.resume"
+    p = train(work, "int")
+    wait_for_state(p, state, 200)
+    p.send_signal(signal.SIGINT)
+    code, out, err = finish(p)
+    assert code == 130, err
+    m = err.strip().splitlines()[-1]
+    assert m.startswith("error: train@gpt: interrupted at step ") and "run the stage again to resume" in m
+    step = int(m.split("interrupted at step ")[1].split("/")[0])
+    assert saved_step(state) == step  # saved at the step it stopped, not only at the last interval
+    assert "Traceback" not in err and not (work / "models" / "int").exists()
+
+    code, _, err = finish(train(work, "int"))
+    assert code == 0 and f"at step {step}/" in err, err
+    same_result(work, reference, "int")
+
+
+def test_divergence_fails_the_stage_keeping_the_last_good_state(work):
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["runs"]["gpt"]["train"].update(optimizer="sgd", lr=100.0, warmup_steps=300, grad_clip=0.0,
+                                          max_steps=300, checkpoint_interval=5)
+    (work / "diverge.yaml").write_text(yaml.safe_dump(params))
+    p = stage(work, "stages.train", "gpt", "--params", "diverge.yaml", "--tokenizer", "tokenizers/shakespeare-char",
+              "--out", "models/div", "--curve", "curves/div.csv", "--no-progress")
+    code, _, err = finish(p)
+    assert code == 1 and "Traceback" not in err, err
+    state = work / "models" / ".div.resume"
+    assert f"the last good checkpoint is {state.relative_to(work)} (step {saved_step(state)})" in err, err
+    assert "loss became" in err and "lower train.lr" in err
+    assert not (work / "models" / "div").exists() and not (work / "curves" / "div.csv").exists()
+
+
+def curve(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_torchrun_two_processes_match_one(work):
+    """Same global batch (8), split 4 + 4 over two gloo processes: per-step train loss and the val
+    loss within 1e-4 of the single process (only the order of floating-point sums differs)."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["runs"]["gpt"]["model"]["dropout"] = 0.0  # dropout masks would depend on the micro-batch shape
+    params["runs"]["gpt"]["train"].update(max_steps=30, eval_interval=1, checkpoint_interval=10)
+    (work / "ddp.yaml").write_text(yaml.safe_dump(params))
+    args = ["stages.train", "gpt", "--params", "ddp.yaml", "--tokenizer", "tokenizers/shakespeare-char", "--no-progress"]
+    code, _, err = finish(stage(work, *args, "--out", "models/one", "--curve", "curves/one.csv"))
+    assert code == 0, err
+    code, out, err = finish(stage(work, "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", *args,
+                                  "--out", "models/two", "--curve", "curves/two.csv"))
+    assert code == 0, err
+    assert out.count("train@gpt:") == 1  # rank 0 alone reports and writes
+    one, two = curve(work / "curves" / "one.csv"), curve(work / "curves" / "two.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 31))
+    for a, b in zip(one, two):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["val_loss"] - b["val_loss"]) < 1e-4, (a, b)
+    assert one[-1]["train_loss"] < one[0]["train_loss"] - 0.3  # it did learn
+    assert not (work / "models" / ".two.resume").exists()
