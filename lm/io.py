@@ -1,8 +1,14 @@
-"""Atomic outputs: a crash, a full disk or Ctrl-C never leaves a half-written file or directory."""
+"""Atomic outputs: a crash, a full disk or Ctrl-C never leaves a half-written file or directory.
+
+A write that fails (disk full, read-only folder, ...) raises :class:`OutputError`, an ``OSError``
+with the original ``errno`` whose message names the output and the fix; the previous output, if
+any, is left as it was and no temporary file or folder survives.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import json
 import os
 import shutil
@@ -12,12 +18,42 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class OutputError(OSError):
+    """An output could not be written; ``path`` is the output, ``cause`` the OSError behind it.
+
+    The previous version of the output (if any) is unchanged and no temp file is left behind.
+    """
+
+    def __init__(self, path: Path, cause: OSError):
+        if isinstance(cause, OutputError):  # re-raised for an enclosing output: keep the root cause
+            cause = cause.cause
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path, self.cause = Path(path), cause
+        reason = cause.strerror or str(cause)
+        if cause.errno in (errnos.ENOSPC, errnos.EDQUOT):
+            fix = "free disk space and rerun"
+        elif cause.errno in (errnos.EROFS, errnos.EACCES, errnos.EPERM):
+            fix = f"make {self.path.parent} writable and rerun"
+        else:
+            fix = f"check free disk space and that {self.path.parent} is writable, then rerun"
+        self.message = f"cannot write {self.path}: {reason}; {fix} (the previous {self.path.name}, if any, is unchanged)"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out` in one rename, on failure it is removed."""
+    """Yield a temporary sibling directory; on success it replaces `out` in one rename, on failure it is removed.
+
+    An OSError raised while the directory is filled or published becomes an OutputError naming `out`.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(out, e) from e
     try:
         yield tmp
         for p in tmp.rglob("*"):  # durable before the rename publishes it
@@ -25,23 +61,50 @@ def atomic_dir(out: Path) -> Iterator[Path]:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(out, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _replace(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`, replacing an existing `dst` (os.replace cannot replace a non-empty dir)."""
+    """Rename `src` to `dst`, replacing an existing `dst` (os.replace cannot replace a non-empty dir).
+
+    The old `dst` is first renamed to a placeholder beside it; if `src` then cannot be renamed into
+    place, the old `dst` is renamed back, so a failure leaves `dst` exactly as it was.
+    """
     old = None
-    if dst.is_dir():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-        os.replace(dst, old)  # dst → the empty placeholder (allowed: the target is an empty dir)
-    elif dst.exists():
-        dst.unlink()
-    os.replace(src, dst)
+    if dst.exists() or dst.is_symlink():
+        if dst.is_dir() and not dst.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
+        else:
+            fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old")
+            os.close(fd)
+            old = Path(name)
+        try:
+            os.replace(dst, old)  # onto the empty placeholder (allowed: an empty dir, or a file)
+        except BaseException:
+            _remove(old)
+            raise
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)  # put the previous output back
+        raise
     fsync_dir(dst.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,19 +118,25 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync it, then rename it into place."""
+    """Write `text` to a temp file beside `path`, fsync it, then rename it into place (OutputError on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(path, e) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(path, e) from e
         raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj) -> None:

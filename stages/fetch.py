@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lm.data import DataError, prepare_corpus
+from lm.io import OutputError
 from lm.tracking import numeric_leaves
 from stages.common import entry, fail, outputs, parser, study, tracker
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracked:
         try:
             stats = prepare_corpus(args.corpus, cfg, params.seed, args.out, mirror, progress=sys.stderr.isatty())
-        except DataError as e:
+        except (DataError, OutputError) as e:  # the message names the file and the fix
             fail(f"{args.corpus}: {e}")
         tracked.log_metrics({**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")})
         tracked.log_artifact(args.out / "stats.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lm.io import OutputError
 from lm.tokenizer import TokenizerError, tokenize_corpus
 from lm.tracking import numeric_leaves
 from stages.common import entry, fail, outputs, parser, study, tracker
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracked:
         try:
             stats = tokenize_corpus(cfg, load_splits(args.data), fmt, args.out, name=name)
-        except (TokenizerError, DataError) as e:
+        except (TokenizerError, DataError, OutputError) as e:  # the message names the problem and the fix
             fail(f"{name}: {e}")
         tracked.log_metrics({"vocab_size": stats["vocab_size"], **numeric_leaves(stats["splits"], "splits")})
         tracked.log_artifact(args.out / "tokenizer.json")
