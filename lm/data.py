@@ -11,9 +11,10 @@
 'lines' corpora (names) hold one example per row; 'text' corpora hold ONE row per split, the
 whole contiguous split text. ``load_splits`` reads them back as ``{split: [str, ...]}``.
 
-Failures raise :class:`DataError` with a message that names the problem and the fix, and never
-leave a partial file or folder behind: downloads go to a temp file beside the destination and
-datasets to a temp folder beside ``out_dir``; both are renamed into place only when complete.
+Failures raise :class:`DataError` with a message that names the problem, the file and the fix (or,
+when the output cannot be written, :class:`lm.io.OutputError`), and never leave a partial file or
+folder behind: downloads go to a temp file beside the destination and datasets to a temp folder
+beside ``out_dir``; both are renamed into place only when complete.
 The library never reads params, argv or environment variables: the stage passes everything in.
 """
 
@@ -37,7 +38,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
-from lm.io import atomic_dir, fsync_dir
+from lm.io import OutputError, atomic_dir, fsync_dir
 
 CHUNK = 1 << 20  # bytes per read when streaming downloads and mirror copies
 SPLITS = ("train", "val", "test")
@@ -229,24 +230,26 @@ _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*(?:\n|$)", re.MULTILINE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.MULTILINE)
 
 
-def clean_text(raw: bytes, cfg: CleanConfig) -> str:
+def clean_text(raw: bytes, cfg: CleanConfig, *, where: str = "corpora.<name>") -> str:
     """Decode UTF-8 strictly and apply ``cfg`` (BOM, newlines, Gutenberg boilerplate, strip).
 
     Everything not named by ``cfg`` is kept byte for byte: curly quotes, dashes, accents, tabs.
-    Non-UTF-8 input and text that is empty after cleaning raise DataError.
+    Non-UTF-8 input and text that is empty after cleaning raise DataError (``where``, e.g.
+    ``"corpora.names"``, names the params keys to check).
     """
-    return _clean(raw, cfg)[0]
+    return _clean(raw, cfg, where)[0]
 
 
-def _clean(raw: bytes, cfg: CleanConfig) -> tuple[str, dict[str, Any]]:
+def _clean(raw: bytes, cfg: CleanConfig, where: str = "corpora.<name>") -> tuple[str, dict[str, Any]]:
     """clean_text, plus a record of what was actually changed (stored in stats.json)."""
     try:
         text = raw.decode("utf-8")  # strict: a wrong byte is an error, never a silent U+FFFD
     except UnicodeDecodeError as e:
         bad = raw[e.start : e.start + 4]
         raise DataError(
-            f"text is not UTF-8: {e.reason} at byte offset {e.start} ({bad!r}); re-encode the source as UTF-8 "
-            f"or check that the URL points at the plain-text file"
+            f"text is not UTF-8: {e.reason} at byte offset {e.start} ({bad!r}); a corpus must be UTF-8 text: "
+            f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and update {where}.sha256, or check "
+            f"that {where}.url points at the plain-text file"
         ) from None
     done: dict[str, Any] = {"bom_removed": False, "newlines_normalized": 0, "gutenberg_header_chars": 0,
                             "gutenberg_footer_chars": 0, "stripped_chars": 0}
@@ -269,7 +272,10 @@ def _clean(raw: bytes, cfg: CleanConfig) -> tuple[str, dict[str, Any]]:
         done["stripped_chars"] = len(text) - len(stripped)
         text = stripped
     if not text:
-        raise DataError("text is empty after cleaning; check the source file and the corpus's clean options")
+        raise DataError(
+            f"text is empty after cleaning ({len(raw):,} bytes before cleaning); point {where}.url and "
+            f"{where}.sha256 at a file with text, or relax {where}.clean"
+        )
     return text, done
 
 
@@ -283,7 +289,9 @@ def _cut(n: int, frac: float) -> int:
     return min(n, int(n * frac + 1e-9))
 
 
-def split_corpus(text: str, fmt: Literal["lines", "text"], split: SplitConfig, seed: int) -> dict[str, list[str]]:
+def split_corpus(
+    text: str, fmt: Literal["lines", "text"], split: SplitConfig, seed: int, *, where: str = "corpora.<name>"
+) -> dict[str, list[str]]:
     """Split cleaned text into ``{"train": [...], "val": [...], ["test": [...]]}``.
 
     Both formats cut at the same cumulative boundaries ``floor(n * train)`` and
@@ -294,7 +302,8 @@ def split_corpus(text: str, fmt: Literal["lines", "text"], split: SplitConfig, s
       ``random.Random(seed)``, cut by count; 32,033 names → 25,626 / 3,203 / 3,204.
     - 'text': cut by characters, contiguously; each split is a list with ONE string.
 
-    Splits with fraction 0 (only test can be) are left out; an empty split is a DataError.
+    Splits with fraction 0 (only test can be) are left out; an empty split is a DataError
+    (``where``, e.g. ``"corpora.names"``, names the params keys to check).
     """
     if fmt == "lines":
         items = [line for line in text.split("\n") if line]
@@ -304,6 +313,11 @@ def split_corpus(text: str, fmt: Literal["lines", "text"], split: SplitConfig, s
     else:
         raise ValueError(f"unknown format {fmt!r}; expected 'lines' or 'text'")
     n = len(items)
+    if n == 0:
+        raise DataError(
+            f"no {'non-empty lines' if fmt == 'lines' else 'characters'} to split; point {where}.url and "
+            f"{where}.sha256 at a file with text"
+        )
     a = _cut(n, split.train)
     b = _cut(n, split.train + split.val) if split.test > 0 else n
     parts = {"train": items[:a], "val": items[a:b], "test": items[b:]}
@@ -315,7 +329,8 @@ def split_corpus(text: str, fmt: Literal["lines", "text"], split: SplitConfig, s
         if not part:
             raise DataError(
                 f"split {name!r} is empty: {n} {'lines' if fmt == 'lines' else 'characters'} cut at "
-                f"train={split.train:g} val={split.val:g} test={split.test:g}; the corpus is too small for these fractions"
+                f"train={split.train:g} val={split.val:g} test={split.test:g}; the corpus is too small for these "
+                f"fractions: change {where}.split or use a larger corpus"
             )
         out[name] = list(part) if fmt == "lines" else [part]
     return out
@@ -428,16 +443,25 @@ def prepare_corpus(
     stats.json. stats.json holds only what the content determines (no paths, times or the mirror),
     so the output is byte-identical wherever it is built.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir, where = Path(out_dir), f"corpora.{name}"
+    # Error messages name the file the bytes came from: the mirror copy if fetch used it, else the URL.
+    source = Path(mirror) / cfg.filename if mirror is not None and (Path(mirror) / cfg.filename).is_file() else cfg.url
     # The raw file goes to a scratch folder beside out_dir: same disk, inside the project, and gone
     # afterwards even on failure.
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".fetch") as scratch:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch_dir = tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".fetch")
+    except OSError as e:
+        raise OutputError(out_dir, e) from e
+    with scratch_dir as scratch:
         raw_path = fetch(cfg.url, cfg.sha256, Path(scratch) / cfg.filename, mirror=mirror, filename=cfg.filename,
-                         timeout=timeout, retries=retries, label=f"corpora.{name}", progress=progress)
+                         timeout=timeout, retries=retries, label=where, progress=progress)
         raw = raw_path.read_bytes()
-    text, cleaning = _clean(raw, cfg.clean)
-    splits = split_corpus(text, cfg.format, cfg.split, seed)
+    try:
+        text, cleaning = _clean(raw, cfg.clean, where)
+        splits = split_corpus(text, cfg.format, cfg.split, seed, where=where)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
     meta = {
         "corpus": name,
         "source": {"url": cfg.url, "filename": cfg.filename, "sha256": cfg.sha256, "bytes": len(raw)},
