@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class Batches:
         (the model's receptive field minus one for fixed-context families, 0 for attention).
     boundary_id: the boundary token of 'lines' corpora.
     max_len: refuse 'lines' rows longer than this (an attention model's block_size).
+    name: what the ids are, for error messages (default: the split named by the memmap's file, see `describe`).
     """
 
     ids: np.ndarray
@@ -50,6 +52,7 @@ class Batches:
     overlap: int = 0
     boundary_id: int | None = None
     max_len: int | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt == "lines":
@@ -64,8 +67,8 @@ class Batches:
                 raise BatchError(f"window of {self.seq_len} tokens cannot overlap by {self.overlap}")
             if len(self.ids) < self.seq_len + 1:
                 raise BatchError(
-                    f"the split has {len(self.ids)} tokens, fewer than one window of {self.seq_len}+1: "
-                    f"use a smaller block_size or a larger split"
+                    f"{self.name or describe(self.ids)} has {_tokens(len(self.ids))}, fewer than one window of "
+                    f"{self.seq_len}+1: use a smaller block_size or a larger split"
                 )
         else:
             raise ValueError(f"unknown corpus format {self.fmt!r}")
@@ -134,10 +137,45 @@ TEXT_WINDOW = 128
 """Window length for fixed-context families on text: long windows amortise the k-1 masked targets."""
 
 
-def for_model(model_cfg, ids: np.ndarray, fmt: str, boundary_id: int | None) -> Batches:
+def _tokens(n: int) -> str:
+    return f"{n:,} token{'' if n == 1 else 's'}"
+
+
+def _split_and_file(ids: np.ndarray, split: str | None) -> tuple[str | None, str | None]:
+    file = getattr(ids, "filename", None)  # np.memmap keeps the path it maps (tokenizers/<name>/<split>.bin)
+    return split or (Path(file).stem if file else None), file
+
+
+def describe(ids: np.ndarray, split: str | None = None) -> str:
+    """How error messages name a split: 'val split (/path/tokenizers/x/val.bin)' for the memmaps that
+    `lm.tokenizer.load_ids` returns, 'val split' when only the name is known, else 'the split'."""
+    split, file = _split_and_file(ids, split)
+    if not split:
+        return "the split"
+    return f"{split} split ({file})" if file else f"{split} split"
+
+
+def for_model(model_cfg, ids: np.ndarray, fmt: str, boundary_id: int | None, *, split: str | None = None) -> Batches:
     """Batches shaped for a model family: attention families get windows of their block_size;
-    fixed-context families (receptive field k) get long windows overlapping by k-1."""
+    fixed-context families (receptive field k) get long windows overlapping by k-1, as long as the
+    split allows (a short split gets one window of the whole split).
+
+    A 'text' split needs at least block_size + 1 tokens (one context and its target), or BatchError
+    names the split (`split`, or the file of a memmap), its length and the block_size that would fit.
+    """
+    k = getattr(model_cfg, "block_size", 1)  # bigrams: a context of one token
+    name = describe(ids, split)
+    if fmt == "text" and len(ids) < k + 1:
+        n, split = len(ids), _split_and_file(ids, split)[0]
+        more = f"give the split more text (a larger {split or 'split'} fraction or a larger corpus)"
+        fix = f"set model.block_size <= {n - 1}, or {more}" if hasattr(model_cfg, "block_size") and n >= 2 else more
+        raise BatchError(
+            f"{name} has {_tokens(n)}, fewer than block_size + 1 = {k + 1} (one window of {k} context "
+            f"token{'' if k == 1 else 's'} and its target): {fix}"
+        )
     if model_cfg.family in FIXED_CONTEXT_FAMILIES:
-        k = getattr(model_cfg, "block_size", 1)
-        return Batches(ids, fmt, seq_len=max(TEXT_WINDOW, 2 * k), overlap=k - 1, boundary_id=boundary_id)
-    return Batches(ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size)
+        seq_len = max(TEXT_WINDOW, 2 * k)
+        if fmt == "text":
+            seq_len = min(seq_len, len(ids) - 1)  # >= k, checked above: longer than the k-1 overlap
+        return Batches(ids, fmt, seq_len=seq_len, overlap=k - 1, boundary_id=boundary_id, name=name)
+    return Batches(ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size, name=name)
