@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -37,9 +38,10 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base: unknown keys are errors, instances are immutable, docstrings describe fields."""
+    """Base: unknown keys are errors, instances are immutable, docstrings describe fields, and no float
+    setting may be NaN or infinite (YAML's .nan / .inf: e.g. an infinite weight_decay would train NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +291,11 @@ class TrainConfig(Strict):
     """Autocast dtype for the forward pass (weights stay float32)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    adamw_impl: Literal["foreach", "fused", "for-loop"] = "foreach"
+    """AdamW kernel: multi-tensor 'foreach', single-kernel 'fused' (CPU and CUDA), or the plain
+    per-parameter loop; the same update up to rounding (bench/train.py measures them)."""
+    threads: int = Field(default=0, ge=0)
+    """Intra-op CPU threads for this run (torch.set_num_threads); 0 keeps torch's default (one per core)."""
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step (per process): batch_size is the global batch, split over
     processes x grad_accum, so the update does not depend on how many processes share it."""
@@ -428,6 +435,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):  # a list or mapping as a key: construct_mapping reports it as YAML
+            continue
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
@@ -439,11 +448,20 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _segment(key: Any) -> str:
+    """One key of a problem's path as printed: quoted where it would break the line or the dots ('a.b', '\\n', '')."""
+    s = str(key)
+    if isinstance(key, str) and (not s or not s.isprintable() or "." in s or s != s.strip()):
+        return repr(s)
+    return s
+
+
 def _format_error(err: dict[str, Any]) -> str:
     raw = err["loc"]
     # pydantic puts the union tag (the family name) into the location: model.mlp.n_embd → model.n_embd
-    loc = [str(p) for i, p in enumerate(raw) if not (i and raw[i - 1] == "model" and p in FAMILIES)]
-    path = ".".join(loc) or "<top level>"
+    keep = [p for i, p in enumerate(raw) if not (i and raw[i - 1] == "model" and p in FAMILIES)]
+    loc = [str(p) for p in keep]
+    path = ".".join(map(_segment, keep)) or "<top level>"
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
         return f"{path}: unknown key {loc[-1]!r}; check the spelling against the documented keys (lm/config.py)"
