@@ -1,9 +1,13 @@
-"""Shared fixtures: the repo root, the read-only corpora mirror, and a loopback HTTP server."""
+"""Shared fixtures: the repo root, the read-only corpora mirror, a loopback HTTP server, and temporary
+copies of the project for real `dvc` runs."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 # As the Makefile: Hugging Face caches stay inside the project, never ~/.cache, and never the network,
 # also when pytest is run directly rather than through `make test`.
@@ -123,3 +128,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# temporary copies of the project, for real `dvc` runs
+
+
+def dvc_env(**extra: str) -> dict[str, str]:
+    """The environment `make` gives dvc: the venv first on PATH (stages run `python -m ...`), no analytics."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` (default environment: dvc_env()); with `check`, fail showing its output tails."""
+    r = subprocess.run(cmd, cwd=cwd, env=env or dvc_env(), capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+GENERATED = ("dvc.lock", "metrics", "curves", "samples", "reports")
+"""Pipeline outputs tracked by git: a project copy starts without them."""
+
+
+def copy_project(repo_root: Path, dst: Path, params: str) -> Path:
+    """`dst` as a user's fresh clone: the git-tracked files (working-tree versions) without the pipeline's
+    outputs, `params` as params.yaml, committed in a git repo of its own. Returns `dst`."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = repo_root / f.decode()
+        if src.is_file():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f.decode())
+    for generated in GENERATED:
+        p = dst / generated
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (dst / "params.yaml").write_text(params)
+    sh(dst, "git", "init", "-q")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return dst

@@ -6,44 +6,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import copy_project, sh
+
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root: Path, mirror: Path) -> Path:
     """A fresh copy of the tracked files with the tiny preset as params.yaml, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(b"\0")
-    for f in filter(None, files):
-        src = repo_root / f.decode()
-        if src.is_file():
-            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f.decode())
-    for generated in ["dvc.lock", "metrics", "curves", "samples", "reports"]:  # the copy starts from nothing
-        p = dst / generated
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    shutil.copy(repo_root / "presets" / "tiny.yaml", dst / "params.yaml")
+    dst = copy_project(repo_root, tmp_path_factory.mktemp("project"), (repo_root / "presets" / "tiny.yaml").read_text())
     os.environ["LM_DATA_MIRROR"] = str(mirror)
-    sh(dst, "git", "init", "-q")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
     sh(dst, "dvc", "repro")
     return dst
 
