@@ -47,6 +47,26 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
         assert f"figures/{fig}.png" in report
 
 
+def test_a_second_clean_repro_is_bit_identical(project: Path, repo_root: Path, tmp_path: Path):
+    """Another fresh copy, another `dvc repro` (tracking off there: logging must not change results):
+    byte-identical metrics, checkpoints and samples, so dvc.lock records the same md5s."""
+    params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
+    params["tracking"] = {"enabled": False}
+    other = copy_project(repo_root, tmp_path, yaml.safe_dump(params, sort_keys=False))
+    sh(other, "dvc", "repro")
+    compared = 0
+    for pattern in ("metrics/*.json", "models/*/*", "samples/*.txt", "tokenizers/*/*"):
+        mine = sorted(p.relative_to(project) for p in project.glob(pattern))
+        assert mine == sorted(p.relative_to(other) for p in other.glob(pattern)), pattern
+        for rel in mine:
+            assert (project / rel).read_bytes() == (other / rel).read_bytes(), rel
+            compared += 1
+    assert compared > 40
+    outs = lambda root: {o["path"]: o["md5"] for s in yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()  # noqa: E731
+                         for o in s.get("outs", []) if not o["path"].startswith(("curves", "reports"))}
+    assert outs(project) == outs(other)
+
+
 def test_report_numbers_are_the_metrics(project: Path):
     import pandas as pd
 
