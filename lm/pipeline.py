@@ -68,6 +68,8 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     train, val = _split_batches(run, tok_dir, "train"), _split_batches(run, tok_dir, "val")
     device = pick_device(run.train.device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, vocab_size)
     state = checkpoint.state_dir_for(out)

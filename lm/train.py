@@ -52,6 +52,8 @@ class FitResult:
     train_seconds: float = 0.0
     tokens: int = 0
     """Target tokens seen by the optimizer (or counted, for bigram_counts)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall-clock seconds of each step this call ran (batch, forward, backward, update; no evaluation)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,7 +96,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[cfg.adamw_impl]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -334,7 +337,9 @@ def fit(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            prog.t_train += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            prog.t_train += dt
+            result.step_seconds.append(dt)
             prog.tokens += n_total
             prog.running, prog.running_n = prog.running + loss_value, prog.running_n + 1
             prog.step = step + 1

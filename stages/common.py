@@ -52,6 +52,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def deterministic() -> None:
+    """Deterministic kernels for the stages that compute results (train, evaluate): an op without a
+    deterministic implementation warns instead of failing. cuBLAS needs its workspace fixed before
+    CUDA starts for its matmuls to be reproducible."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import entry, fail, outputs, parser, study, tracker
+from stages.common import deterministic, entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm.checkpoint import CheckpointError
     from lm.pipeline import evaluate_run
 
+    deterministic()
     with tracked:
         try:
             m = evaluate_run(args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stages.common import entry, fail, outputs, parser, study, tracker
+from stages.common import deterministic, entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm.tracking import NullTracker
     from lm.train import DivergedError, Interrupted
 
+    deterministic()
     distributed.init(rank, world, int(os.environ.get("LOCAL_RANK", "0")), run.train.device)
     tracked = tracked or NullTracker()
     try:

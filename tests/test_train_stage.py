@@ -173,3 +173,15 @@ def test_torchrun_two_processes_match_one(work):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["val_loss"] - b["val_loss"]) < 1e-4, (a, b)
     assert one[-1]["train_loss"] < one[0]["train_loss"] - 0.3  # it did learn
     assert not (work / "models" / ".two.resume").exists()
+
+
+def test_bench_train_runs_and_prints_its_tables(work):
+    """Not a timing test: the benchmark's code paths (GEMM probe, a run, the reference race) work."""
+    code, out, err = finish(stage(work, "bench.train", "--run", "gpt", "--warmup", "1", "--steps", "2"))
+    assert code == 0, err
+    assert "Measured matmul peak" in out and "| gpt |" in out and "MFU" in out
+    code, out, err = finish(stage(work, "bench.train", "--reference", "--study-run", "gpt", "--iters", "12",
+                                  "--warmup", "1", "--steps", "2"))
+    assert code == 0, err
+    assert "Throughput ratio:" in out and "Same wall-clock as the reference's 12 iterations" in out
+    assert "val loss" in out and not (work / "reports").exists()  # --write only when asked

@@ -1,0 +1,352 @@
+"""Training throughput and MFU: ``python -m bench.train [--run RUN | --reference | --levers] [--write]``.
+
+Figures, not tests: every number here is measured on the machine that runs it.
+
+- **Peak**: a built-in GEMM probe (square matmuls, fp32 and bf16, best of several) gives the
+  machine's measured matmul peak; on CUDA the device's datasheet peak is shown too. MFU is model
+  FLOPs per second over that peak, with FLOPs per token = 6N + 12·n_layer·n_embd·ctx (PaLM,
+  appendix B; `lm params` prints N).
+- **Throughput** (``--run RUN``, or the reference model): the study's own training loop
+  (`lm.train.fit`) for ``--warmup`` + ``--steps`` steps; ms/step is the median over the steps
+  after warm-up, tokens/s = batch tokens / median step, peak RSS is that of a fresh process per
+  configuration, and the first step's excess over the median is reported as compile/warm-up time.
+- **Reference** (``--reference``): nanoGPT's CPU example (GPT 4 layers, 4 heads, n_embd 128, block
+  64, batch 12, dropout 0, AdamW lr 1e-3, 2000 iterations, cosine to 1e-4, warmup 100, fp32, eager)
+  implemented plainly below as the baseline, against the study's fastest path on the identical
+  model class and data. Both are first timed, then both train for the same wall-clock (the
+  reference's 2000 iterations) and are scored on the whole val split by the study's one evaluation
+  path (`lm.evaluate.score`).
+- **Levers** (``--levers``): each training option on the reference model, one at a time and
+  combined: bf16 autocast (with its val loss against fp32 after the same steps), torch.compile,
+  the AdamW kernels, threads, batch size.
+
+Needs the tokenized Shakespeare (``dvc repro tokenize@shakespeare-char``). Prints markdown tables;
+``--write`` appends them, with the machine and versions, to reports/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm.config import GPTConfig, RunConfig, TrainConfig
+
+REFERENCE_MODEL = GPTConfig(family="gpt", block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
+REFERENCE_TRAIN = TrainConfig(max_steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                              weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, device="cpu")
+"""nanoGPT config/train_shakespeare_char.py with the README's CPU overrides."""
+
+DATASHEET_TFLOPS = {  # dense (no sparsity) tensor-core peaks, TFLOP/s: (bf16, fp32 / tf32 off)
+    "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0),
+    "A100": (312.0, 19.5), "L4": (121.0, 30.3), "A10": (125.0, 31.2), "RTX 4090": (165.0, 82.6),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# peaks
+
+
+def gemm_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.0) -> float:
+    """Best measured FLOP/s of an n×n @ n×n matmul in `dtype` (warm-up first, then repeated timing)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        reps = 4
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def datasheet_peak(device: str) -> dict[str, float] | None:
+    """The CUDA device's datasheet dense peak in FLOP/s by dtype, if its name is in the table."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
+        if key in name:
+            return {"bfloat16": bf16 * 1e12, "float32": fp32 * 1e12, "name": name}
+    return None
+
+
+def flops_per_token(model_cfg, vocab_size: int) -> int:
+    from lm.params import param_report
+
+    return int(param_report(model_cfg, vocab_size).flops_per_token)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_tokens(tok_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    from lm.tokenizer import load_ids, load_stats
+
+    if not (tok_dir / "stats.json").exists():
+        raise SystemExit(f"error: {tok_dir} not found: run `dvc repro tokenize@{tok_dir.name}` first")
+    return load_ids(tok_dir, "train"), load_ids(tok_dir, "val"), int(load_stats(tok_dir)["vocab_size"])
+
+
+def val_loss(model: torch.nn.Module, model_cfg, val_ids: np.ndarray) -> float:
+    """Mean NLL over the whole val split, by the study's one evaluation path."""
+    from lm import batches as B
+    from lm.evaluate import score
+
+    total, count = score(model, B.for_model(model_cfg, val_ids, "text", None), 256, "cpu")
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# the plain reference: nanoGPT's loop, fp32, eager, standard AdamW
+
+
+def reference_lr(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's get_lr: linear warmup, cosine decay to min_lr at max_steps."""
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / (cfg.warmup_steps + 1)
+    ratio = (it - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_size: int, iters: int):
+    """nanoGPT train.py on CPU, plainly: random windows (torch.randint), fp32, eager, per-parameter
+    AdamW (foreach off), decay on 2-D weights, clip 1.0. Returns (model, per-step seconds)."""
+    from lm.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, vocab_size)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    data = torch.from_numpy(train_ids.astype(np.int64))
+    T, B = model_cfg.block_size, cfg.batch_size
+    times = []
+    model.train()
+    for it in range(iters):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = reference_lr(it, cfg)
+        ix = torch.randint(len(data) - T, (B,))
+        x = torch.stack([data[i:i + T] for i in ix])
+        y = torch.stack([data[i + 1:i + 1 + T] for i in ix])
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    return model.eval(), times
+
+
+# ----------------------------------------------------------------------------------------------
+# the study's path
+
+
+def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int):
+    """`lm.train.fit` exactly as the train stage runs it (text windows, fixed val subset)."""
+    from lm import batches as B
+    from lm.models import build_model
+    from lm.train import fit
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, vocab)
+    tr, va = B.for_model(model_cfg, train_ids, "text", None), B.for_model(model_cfg, val_ids, "text", None)
+    result = fit(model, tr, va, cfg, device=torch.device("cpu"), progress=False)
+    return model, result
+
+
+def _worker(q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int, vocab: int) -> None:
+    """One configuration in a fresh process (clean peak RSS, thread settings and compile caches)."""
+    train_ids, val_ids, _ = load_tokens(Path(tok_dir))
+    if kind == "reference":
+        _, times = reference_train(model_cfg, cfg, train_ids, vocab, iters)
+    else:
+        _, result = study_train(model_cfg, cfg.model_copy(update={"max_steps": iters, "eval_interval": iters + 1}),
+                                train_ids, val_ids, vocab)
+        times = result.step_seconds
+    q.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def measure(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, warmup: int, steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(q, kind, model_cfg, cfg, str(tok_dir), warmup + steps, vocab))
+    p.start()
+    times, rss_mb = q.get()
+    p.join()
+    median = statistics.median(times[warmup:])
+    return {"ms_step": 1e3 * median, "tokens_per_s": cfg.batch_size * model_cfg.block_size / median,
+            "first_step_s": times[0], "warmup_s": sum(times[:warmup]) - warmup * median, "rss_mb": rss_mb}
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def row(name: str, m: dict, fpt: int, peak: float, dtype: str) -> dict:
+    mfu = m["tokens_per_s"] * fpt / peak
+    return {"config": name, "ms/step": f"{m['ms_step']:.1f}", "tokens/s": f"{m['tokens_per_s']:,.0f}",
+            "MFU": f"{100 * mfu:.2f}% of {dtype} {peak / 1e9:,.0f} GFLOP/s", "warm-up/compile s": f"{m['warmup_s']:.1f}",
+            "peak RSS MB": f"{m['rss_mb']:,.0f}"}
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+LEVERS: dict[str, dict] = {
+    "fp32 eager, AdamW foreach (study default)": {},
+    "AdamW for-loop": {"adamw_impl": "for-loop"},
+    "AdamW fused": {"adamw_impl": "fused"},
+    "bf16 autocast": {"dtype": "bfloat16"},
+    "torch.compile": {"compile": True},
+    "torch.compile + bf16": {"compile": True, "dtype": "bfloat16"},
+    "1 thread": {"threads": 1},
+    "batch 32": {"batch_size": 32},
+    "batch 64": {"batch_size": 64},
+    "batch 64, bf16": {"batch_size": 64, "dtype": "bfloat16"},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--run", help="time this run of params.yaml (its model and train settings)")
+    what.add_argument("--reference", action="store_true", help="nanoGPT's CPU config, plain, against the study's path")
+    what.add_argument("--levers", action="store_true", help="each training option on the reference model")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--study-run", default="shakespeare-gpt",
+                   help="--reference: the run whose train settings are the study's path (default: shakespeare-gpt)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's, or tokenizers/shakespeare-char)")
+    p.add_argument("--warmup", type=int, default=10, help="steps before timing (compile happens here)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps")
+    p.add_argument("--iters", type=int, default=2000, help="--reference: the reference's iterations for the equal-time race")
+    p.add_argument("--write", action="store_true", help="append the tables to reports/bench.md")
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    from lm.config import load_params
+
+    study = load_params(args.params)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = {"float32": gemm_peak(torch.float32, device), "bfloat16": gemm_peak(torch.bfloat16, device)}
+    sheet = datasheet_peak(device)
+    out = [f"### bench.train {' '.join(argv if argv is not None else os.sys.argv[1:])}",
+           f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}", "",
+           f"Measured matmul peak (2048², best of repeats): fp32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
+           f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (bf16/fp32 {peaks['bfloat16'] / peaks['float32']:.1f}x)"
+           + (f"; datasheet {sheet['name']}: bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.0f} TFLOP/s"
+              if sheet else ""), ""]
+
+    def peak(cfg: TrainConfig) -> tuple[float, str]:
+        return peaks[cfg.dtype], cfg.dtype
+
+    if args.run or not (args.reference or args.levers):
+        name = args.run or args.study_run
+        if name not in study.runs:
+            raise SystemExit(f"error: unknown run {name!r}; {args.params} defines: {', '.join(study.runs)}")
+        run = study.runs[name]
+        tok = args.tokenizer or Path("tokenizers") / run.tokenizer
+        _, _, vocab = load_tokens(tok)
+        m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
+        out += [markdown([row(name, m, flops_per_token(run.model, vocab), *peak(run.train))])]
+    elif args.levers:
+        tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+        train_ids, val_ids, vocab = load_tokens(tok)
+        fpt = flops_per_token(REFERENCE_MODEL, vocab)
+        rows = []
+        for label, change in LEVERS.items():
+            cfg = REFERENCE_TRAIN.model_copy(update=change)
+            warm = args.warmup + (20 if cfg.compile else 0)
+            rows.append(row(label, measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps), fpt, *peak(cfg)))
+            print(markdown(rows[-1:]), flush=True)
+        out += [f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
+                f"{args.warmup} warm-up + {args.steps} timed steps each:", "", markdown(rows), ""]
+        # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
+        losses = {}
+        for dtype in ("float32", "bfloat16"):
+            cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype, "max_steps": 300, "eval_interval": 301})
+            model, _ = study_train(REFERENCE_MODEL, cfg, train_ids, val_ids, vocab)
+            losses[dtype] = val_loss(model, REFERENCE_MODEL, val_ids)
+        out += [f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
+                f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)", ""]
+    else:
+        tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+        train_ids, val_ids, vocab = load_tokens(tok)
+        fpt = flops_per_token(REFERENCE_MODEL, vocab)
+        fast = study.runs[args.study_run].train.model_copy(update={"device": "cpu"})
+        ref_m = measure("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.warmup, args.steps)
+        warm = args.warmup + (20 if fast.compile else 0)
+        fast_m = measure("study", REFERENCE_MODEL, fast, tok, vocab, warm, args.steps)
+        ratio = fast_m["tokens_per_s"] / ref_m["tokens_per_s"]
+        out += [markdown([row("reference: nanoGPT CPU, fp32 eager, plain AdamW, batch 12", ref_m, fpt, *peak(REFERENCE_TRAIN)),
+                          row(f"study: {args.study_run} train settings ({_describe(fast)})", fast_m, fpt, *peak(fast))]),
+                "", f"**Throughput ratio: {ratio:.2f}x** tokens/s (target >= 1.5x).", ""]
+        print("\n".join(out), flush=True)
+        # The race: the reference's full run sets the wall-clock; the study trains for the same time.
+        ref_model, ref_times = reference_train(REFERENCE_MODEL, REFERENCE_TRAIN, train_ids, vocab, args.iters)
+        budget = sum(ref_times)
+        ref_loss = val_loss(ref_model, REFERENCE_MODEL, val_ids)
+        steps = max(1, int((budget - fast_m["warmup_s"]) / (fast_m["ms_step"] / 1e3)))
+        cfg = fast.model_copy(update={"max_steps": steps, "warmup_steps": min(fast.warmup_steps, steps),
+                                      "eval_interval": steps + 1})
+        model, result = study_train(REFERENCE_MODEL, cfg, train_ids, val_ids, vocab)
+        fast_loss = val_loss(model, REFERENCE_MODEL, val_ids)
+        race = [{"config": "reference", "steps": args.iters, "tokens": f"{args.iters * 12 * 64:,}",
+                 "train s": f"{budget:.1f}", "val loss (whole split)": f"{ref_loss:.4f}"},
+                {"config": f"study ({_describe(fast)})", "steps": steps, "tokens": f"{result.tokens:,}",
+                 "train s": f"{sum(result.step_seconds):.1f}", "val loss (whole split)": f"{fast_loss:.4f}"}]
+        out += [f"Same wall-clock as the reference's {args.iters} iterations:", "", markdown(race), "",
+                f"**val loss {fast_loss - ref_loss:+.4f} nats** against the reference (target <= -0.15).", ""]
+    text = "\n".join(out)
+    print(text)
+    if args.write:
+        path = Path("reports/bench.md")
+        path.write_text((path.read_text() if path.exists() else "# Benchmarks\n") + "\n" + text + "\n")
+        print(f"appended to {path}")
+
+
+def _describe(cfg: TrainConfig) -> str:
+    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr:g}", cfg.dtype, f"AdamW {cfg.adamw_impl}"]
+    if cfg.compile:
+        parts.append("compiled")
+    if cfg.threads:
+        parts.append(f"{cfg.threads} threads")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
