@@ -235,6 +235,9 @@ LEVERS: dict[str, dict] = {
     "batch 32": {"batch_size": 32},
     "batch 64": {"batch_size": 64},
     "batch 64, bf16": {"batch_size": 64, "dtype": "bfloat16"},
+    "batch 64, bf16, compile": {"batch_size": 64, "dtype": "bfloat16", "compile": True},
+    "batch 128": {"batch_size": 128},
+    "batch 128, bf16": {"batch_size": 128, "dtype": "bfloat16"},
 }
 
 

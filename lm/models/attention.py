@@ -151,7 +151,13 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None or cache.length == 0:
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and cache is None:
+            # torch 2.13's CPU flash-attention backward is ~9x slower in bf16 than in fp32 (measured
+            # with bench/train.py), so under CPU autocast attention runs in fp32; the matmuls
+            # around it keep their bf16 speed-up.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+        elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.update(layer, k, v)  # a prefill: the new tokens are the whole window
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
