@@ -14,8 +14,9 @@ Figures, not tests: every number here is measured on the machine that runs it.
   64, batch 12, dropout 0, AdamW lr 1e-3, 2000 iterations, cosine to 1e-4, warmup 100, fp32, eager)
   implemented plainly below as the baseline, against the study's fastest path on the identical
   model class and data (`lm.train.fit` with the ``--study-run``'s train settings, bf16 autocast,
-  at ``--batch-size`` 32 and ``--warmup-steps`` 50, the best measured for a budget this short). Both are first timed, then both train for the same wall-clock (the
-  reference's 2000 iterations) and are scored on the whole val split by the study's one evaluation
+  at ``--batch-size`` 32 and ``--warmup-steps`` 50, the best measured for a budget this short).
+  Both are first timed, then each trains in a fresh process for the same wall-clock (the
+  reference's 2000 iterations) and is scored on the whole val split by the study's one evaluation
   path (`lm.evaluate.score`).
 - **Levers** (``--levers``): each training option on the reference model, one at a time and
   combined: bf16 autocast (with its val loss against fp32 after the same steps), torch.compile,
