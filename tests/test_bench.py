@@ -1,0 +1,53 @@
+"""The benchmark's own logic, without timing anything: how the race picks the study's step count.
+
+The race must give the study the most steps that fit the reference's wall-clock, on a machine
+whose speed drifts; `fit_to_budget` is tested here against simulated clocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.train import fit_to_budget
+
+
+def clock(seconds_per_step):
+    """A fake `train(steps)`: records the step counts it was asked for, 'spends' a simulated time."""
+    calls = []
+
+    def train(steps: int):
+        calls.append(steps)
+        return seconds_per_step(steps, len(calls)) * steps, f"run{len(calls)}"
+
+    return train, calls
+
+
+def test_a_good_guess_is_accepted_as_is():
+    train, calls = clock(lambda n, k: 0.05)
+    assert fit_to_budget(train, budget=100.0, guess=1990.7) == (1990, pytest.approx(99.5), "run1")
+    assert calls == [1990]
+
+
+@pytest.mark.parametrize("guess", [2400, 1500])
+def test_a_wrong_guess_is_rescaled_into_the_window(guess):
+    # Over the budget (2400 * 0.05 = 120 s) or well under it (75 s): one re-run lands in 95-102%.
+    train, calls = clock(lambda n, k: 0.05)
+    steps, spent, result = fit_to_budget(train, budget=100.0, guess=guess)
+    assert calls == [guess, steps] and result == "run2"
+    assert 95.0 <= spent <= 102.0 and steps == 1980  # 99% of the budget's 2000 steps
+
+
+def test_a_machine_that_slows_down_keeps_the_longest_run_inside_the_budget():
+    # Each run is 20% slower per step than the one before: the first run (under budget) is kept,
+    # since every later rescale aims for fewer steps than that.
+    train, calls = clock(lambda n, k: 0.05 * 1.2 ** (k - 1))
+    steps, spent, result = fit_to_budget(train, budget=100.0, guess=1800)  # 90 s: under the window
+    assert (steps, result) == (1800, "run1") and spent == pytest.approx(90.0)
+    assert calls == [1800, 1980]  # the second run (1980 * 0.06 = 119 s) overshot
+
+
+def test_when_no_run_fits_the_last_one_is_returned_for_the_report_to_flag():
+    # Every run takes twice its predicted time: each rescaled guess overshoots again.
+    train, calls = clock(lambda n, k: 0.1 * 2 ** k)
+    steps, spent, result = fit_to_budget(train, budget=100.0, guess=600, tries=3)
+    assert len(calls) == 3 and result == "run3" and spent > 102.0
