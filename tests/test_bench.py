@@ -51,3 +51,11 @@ def test_when_no_run_fits_the_last_one_is_returned_for_the_report_to_flag():
     train, calls = clock(lambda n, k: 0.1 * 2 ** k)
     steps, spent, result = fit_to_budget(train, budget=100.0, guess=600, tries=3)
     assert len(calls) == 3 and result == "run3" and spent > 102.0
+
+
+@pytest.mark.parametrize("share, says", [(1.0, ""), (0.9, "only 90%"), (1.1, "overshot")])
+def test_the_race_report_says_which_way_a_missed_budget_bends_the_result(share, says):
+    from bench.train import _race_caveat
+
+    caveat = _race_caveat(share)
+    assert (says in caveat) and (bool(caveat) == bool(says))
