@@ -219,10 +219,6 @@ def measure(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, w
             "first_step_s": times[0], "warmup_s": sum(times[:warmup]) - warmup * median, "rss_mb": rss_mb}
 
 
-# ----------------------------------------------------------------------------------------------
-# tables
-
-
 def fit_to_budget(train: Callable[[int], tuple[float, T]], budget: float, guess: float,
                   window: tuple[float, float] = RACE_WINDOW, tries: int = 4) -> tuple[int, float, T]:
     """The most steps whose run fits `budget` seconds: `train(steps)` returns (seconds spent,
@@ -242,6 +238,10 @@ def fit_to_budget(train: Callable[[int], tuple[float, T]], budget: float, guess:
         if best is not None and steps <= best[0]:
             return best  # a shorter run than one already inside the budget cannot do better
     return best or last
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
 
 
 def row(name: str, m: dict, fpt: int, peak: float, dtype: str) -> dict:
@@ -368,14 +368,13 @@ def main(argv: list[str] | None = None) -> None:
         ref_times, _, ref_tokens, ref_loss = in_fresh_process("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab,
                                                               args.iters, score=True)
         budget = sum(ref_times)
-        # The LR schedule needs the step count up front: predicted from the timed steps, then
-        # corrected by re-training when the run misses the budget (this machine's speed drifts).
-
         def study_run(n: int) -> tuple[float, tuple[int, float]]:
             times, _, tokens, loss = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
             print(f"study: {n} steps took {sum(times):.1f} s of the reference's {budget:.1f} s", flush=True)
             return sum(times), (tokens, loss)
 
+        # The LR schedule needs the step count up front: predicted from the timed steps, then
+        # corrected by re-training when the run misses the budget (this machine's speed drifts).
         guess = (budget - fast_m["warmup_s"]) / (fast_m["ms_step"] / 1e3)
         steps, spent, (tokens, fast_loss) = fit_to_budget(study_run, budget, guess)
         race = [{"config": "reference", "steps": args.iters, "tokens": f"{ref_tokens:,}",
