@@ -13,6 +13,11 @@ that both draw the same tokens from the same seed:
   step recomputes the whole window (learned positions: a rolling cache would be wrong), so the
   cache only helps for the first block_size tokens.
 
+MFU counts the model's forward FLOPs per sampled token, (6N + 12·n_layer·n_embd·ctx) / 3 at the
+full context (an upper bound while the context is still growing), against the machine's fp32
+matmul peak measured by bench.train's GEMM probe: at batch 1, sampling is bound by memory and
+per-call overhead, not FLOPs, and the uncached path's recomputation is not counted as useful work.
+
 Prints a markdown table; ``--write`` also appends it, with the machine and versions, to
 reports/bench.md (not a pipeline output: DVC does not track it).
 """
@@ -23,29 +28,31 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
 import torch
 
+from lm.config import ModelConfig
 from lm.evaluate import generate, supports_cache
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    """The checkpoint of --run / --model-dir, or the untrained 10.7M seed GPT; with a description."""
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, str]:
+    """The checkpoint of --run / --model-dir, or the untrained 10.7M seed GPT; with its config and a description."""
     if args.model_dir is not None or args.run is not None:
         from lm import checkpoint
 
         path = args.model_dir or Path("models") / args.run
         model, run, _ = checkpoint.load(path, args.device)
-        return model, f"{path} ({run.model.family}, trained)"
+        return model, run.model, f"{path} ({run.model.family}, trained)"
     from lm.params import REFERENCES
     from lm.models import build_model
 
     ref = REFERENCES["seed-gpt-10.7m"]
     torch.manual_seed(1337)
     model = build_model(ref.model, ref.vocab_size).to(args.device).eval()
-    return model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
+    return model, ref.model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
 
 
 def timed(
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, desc = load_model(args)
+    model, cfg, desc = load_model(args)
     if not supports_cache(model):
         p.error(f"{type(model).__name__} has no KV cache: benchmark an attention-family run (single_head, multi_head, block, gpt)")
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -97,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((overflow, use_cache, args.new_tokens / best, best))
             print(f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s", flush=True)
 
+    from bench.train import gemm_peak
+    from lm.params import param_report
+
+    forward_flops = param_report(cfg, model.vocab_size).flops_per_token / 3  # per token, at the full context
+    peak = gemm_peak(torch.float32, args.device)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     speed = {(o, c): tps for o, c, tps, _ in rows}
     baseline = speed.get(("slide", False))
     lines = [
@@ -105,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{desc}, {n_params:,} parameters, block_size {model.block_size}; {args.new_tokens} new tokens after a "
         f"{args.prompt_tokens}-token prompt, temperature 1, seed {args.seed}; device {args.device}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}; "
-        f"best of {args.repeats}.",
+        f"best of {args.repeats}. MFU: {forward_flops / 1e6:,.1f} MFLOP per token (forward, full context) against "
+        f"the measured fp32 matmul peak of {peak / 1e9:,.0f} GFLOP/s; peak RSS {rss_mb:,.0f} MB.",
         "",
-        "| overflow | KV cache | tokens/s | seconds | speedup vs. no cache (same policy) | speedup vs. slide without cache | same tokens as no cache |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| overflow | KV cache | tokens/s | ms/token | MFU | seconds | speedup vs. no cache (same policy) "
+        "| speedup vs. slide without cache | same tokens as no cache |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for overflow, use_cache, tps, secs in rows:
         same = torch.equal(tokens[overflow, True], tokens[overflow, False]) if (overflow, False) in tokens else None
         lines.append(
-            f"| {overflow} | {'yes' if use_cache else 'no'} | {tps:,.1f} | {secs:.2f} | "
+            f"| {overflow} | {'yes' if use_cache else 'no'} | {tps:,.1f} | {1e3 / tps:.2f} | "
+            f"{100 * tps * forward_flops / peak:.2f}% | {secs:.2f} | "
             f"{tps / speed[overflow, False]:.2f}x | {f'{tps / baseline:.2f}x' if baseline else 'n/a'} | "
             f"{'yes' if same else 'NO'} |"
         )

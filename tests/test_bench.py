@@ -59,3 +59,17 @@ def test_the_race_report_says_which_way_a_missed_budget_bends_the_result(share, 
 
     caveat = _race_caveat(share)
     assert (says in caveat) and (bool(caveat) == bool(says))
+
+
+def test_bench_generate_prints_speed_mfu_and_rss_and_checks_the_cache(capsys, tmp_path, monkeypatch):
+    """Not a timing test: the sampling benchmark's table has every column, and cached sampling
+    drew the same tokens as uncached."""
+    from bench.generate import main
+
+    monkeypatch.chdir(tmp_path)  # --write is off: nothing may appear under reports/
+    assert main(["--new-tokens", "4", "--overflow", "refill", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| overflow | KV cache | tokens/s | ms/token | MFU |" in out and "peak RSS" in out
+    rows = [line for line in out.splitlines() if line.startswith("| refill |")]
+    assert len(rows) == 2 and all(r.rstrip().endswith("| yes |") for r in rows)
+    assert not (tmp_path / "reports").exists()
