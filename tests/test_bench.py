@@ -73,3 +73,16 @@ def test_bench_generate_prints_speed_mfu_and_rss_and_checks_the_cache(capsys, tm
     rows = [line for line in out.splitlines() if line.startswith("| refill |")]
     assert len(rows) == 2 and all(r.rstrip().endswith("| yes |") for r in rows)
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("ratio, flags, warns", [
+    (4.3, {"avx512f", "avx512_bf16"}, False),  # a quiet Zen 5
+    (2.2, {"avx512f", "avx512_bf16"}, True),   # the same machine throttled or shared
+    (2.2, {"amx_bf16"}, True),
+    (1.1, {"avx2"}, False),                    # no native bf16: nothing to expect
+])
+def test_a_throttled_bf16_peak_is_flagged_only_where_bf16_is_native(ratio, flags, warns):
+    from bench.train import bf16_caveat
+
+    caveat = bf16_caveat(ratio, flags)
+    assert bool(caveat) == warns and (not warns or f"{ratio:.1f}x" in caveat)
