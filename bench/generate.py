@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((overflow, use_cache, args.new_tokens / best, best))
             print(f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s", flush=True)
 
-    from bench.train import gemm_peak
-    from lm.params import param_report
+    from bench.train import flops_per_token, gemm_peak
 
-    forward_flops = param_report(cfg, model.vocab_size).flops_per_token / 3  # per token, at the full context
+    forward_flops = flops_per_token(cfg, model.vocab_size) / 3  # training is 3x forward; per token, full context
     peak = gemm_peak(torch.float32, args.device)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     speed = {(o, c): tps for o, c, tps, _ in rows}

@@ -1,7 +1,9 @@
-"""The benchmark's own logic, without timing anything: how the race picks the study's step count.
+"""The benchmarks' own logic, not their speed (timings are figures, never asserted).
 
-The race must give the study the most steps that fit the reference's wall-clock, on a machine
-whose speed drifts; `fit_to_budget` is tested here against simulated clocks.
+* The race must give the study the most steps that fit the reference's wall-clock on a machine
+  whose speed drifts: `fit_to_budget` against simulated clocks, and the report's caveat.
+* The bf16 throttling warning, from given peaks and CPU flags.
+* `bench.generate` end to end on a few tokens: every column, and the cache draws the same tokens.
 """
 
 from __future__ import annotations
