@@ -46,8 +46,8 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, 
         path = args.model_dir or Path("models") / args.run
         model, run, _ = checkpoint.load(path, args.device)
         return model, run.model, f"{path} ({run.model.family}, trained)"
-    from lm.params import REFERENCES
     from lm.models import build_model
+    from lm.params import REFERENCES
 
     ref = REFERENCES["seed-gpt-10.7m"]
     torch.manual_seed(1337)
@@ -71,13 +71,20 @@ def timed(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained 10.7M seed GPT)")
+    p.add_argument(
+        "--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained 10.7M seed GPT)"
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="benchmark this checkpoint directory instead")
     p.add_argument("--new-tokens", type=int, default=500, help="tokens sampled per measurement (default: 500)")
     p.add_argument("--prompt-tokens", type=int, default=1, help="length of the (random) prompt (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="measurements per setting; the fastest counts (default: 1)")
-    p.add_argument("--overflow", nargs="+", choices=["refill", "slide"], default=["refill", "slide"],
-                   help="overflow policies to measure (default: both)")
+    p.add_argument(
+        "--overflow",
+        nargs="+",
+        choices=["refill", "slide"],
+        default=["refill", "slide"],
+        help="overflow policies to measure (default: both)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
@@ -88,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model, cfg, desc = load_model(args)
     if not supports_cache(model):
-        p.error(f"{type(model).__name__} has no KV cache: benchmark an attention-family run (single_head, multi_head, block, gpt)")
+        p.error(
+            f"{type(model).__name__} has no KV cache: benchmark an attention-family run "
+            "(single_head, multi_head, block, gpt)"
+        )
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)  # (1, T)
@@ -98,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     rows, tokens = [], {}
     for overflow in args.overflow:
         for use_cache in (True, False):
-            best, out = min((timed(model, prompt, args.new_tokens, use_cache=use_cache, overflow=overflow, seed=args.seed)
-                             for _ in range(args.repeats)), key=lambda r: r[0])
+            best, out = min(
+                (
+                    timed(model, prompt, args.new_tokens, use_cache=use_cache, overflow=overflow, seed=args.seed)
+                    for _ in range(args.repeats)
+                ),
+                key=lambda r: r[0],
+            )
             tokens[overflow, use_cache] = out
             rows.append((overflow, use_cache, args.new_tokens / best, best))
-            print(f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s", flush=True)
+            print(
+                f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s",
+                flush=True,
+            )
 
     from bench.train import flops_per_token, gemm_peak
 
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = {(o, c): tps for o, c, tps, _ in rows}
     baseline = speed.get(("slide", False))
     lines = [
-        f"### Sampling speed, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"### Sampling speed, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"{desc}, {n_params:,} parameters, block_size {model.block_size}; {args.new_tokens} new tokens after a "
         f"{args.prompt_tokens}-token prompt, temperature 1, seed {args.seed}; device {args.device}, "

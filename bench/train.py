@@ -47,8 +47,18 @@ import torch
 from lm.config import GPTConfig, TrainConfig
 
 REFERENCE_MODEL = GPTConfig(family="gpt", block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
-REFERENCE_TRAIN = TrainConfig(max_steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
-                              weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, device="cpu")
+REFERENCE_TRAIN = TrainConfig(
+    max_steps=2000,
+    batch_size=12,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,
+    device="cpu",
+)
 """nanoGPT config/train_shakespeare_char.py with the README's CPU overrides."""
 T = TypeVar("T")
 RACE_WINDOW = (0.95, 1.02)
@@ -56,8 +66,14 @@ RACE_WINDOW = (0.95, 1.02)
 more than that between runs)."""
 
 DATASHEET_TFLOPS = {  # dense (no sparsity) tensor-core peaks, TFLOP/s: (bf16, fp32 / tf32 off)
-    "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0),
-    "A100": (312.0, 19.5), "L4": (121.0, 30.3), "A10": (125.0, 31.2), "RTX 4090": (165.0, 82.6),
+    "H100 SXM": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "H200": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "RTX 4090": (165.0, 82.6),
 }
 
 
@@ -110,8 +126,10 @@ def bf16_caveat(bf16_over_fp32: float, flags: set[str]) -> str:
     shared, which halves bf16's edge and moves every race result."""
     if bf16_over_fp32 >= 3.0 or not flags & {"avx512_bf16", "amx_bf16"}:
         return ""
-    return (f"**Warning:** this CPU has native bf16 matmuls, yet bf16 measured only {bf16_over_fp32:.1f}x fp32 "
-            "(about 4x when the machine is quiet): it is throttled or shared, so bf16 numbers here are low.")
+    return (
+        f"**Warning:** this CPU has native bf16 matmuls, yet bf16 measured only {bf16_over_fp32:.1f}x fp32 "
+        "(about 4x when the machine is quiet): it is throttled or shared, so bf16 numbers here are low."
+    )
 
 
 def flops_per_token(model_cfg, vocab_size: int) -> int:
@@ -162,8 +180,12 @@ def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_si
     model = build_model(model_cfg, vocab_size)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        foreach=False,
+    )
     data = torch.from_numpy(train_ids.astype(np.int64))
     T, B = model_cfg.block_size, cfg.batch_size
     times = []
@@ -173,8 +195,8 @@ def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_si
         for g in opt.param_groups:
             g["lr"] = reference_lr(it, cfg)
         ix = torch.randint(len(data) - T, (B,))
-        x = torch.stack([data[i:i + T] for i in ix])
-        y = torch.stack([data[i + 1:i + 1 + T] for i in ix])
+        x = torch.stack([data[i : i + T] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,16 +234,18 @@ def _worker(q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int,
         model, times = reference_train(model_cfg, cfg, train_ids, vocab, iters)
         tokens = iters * cfg.batch_size * model_cfg.block_size
     else:
-        cfg = cfg.model_copy(update={"max_steps": iters, "warmup_steps": min(cfg.warmup_steps, iters),
-                                     "eval_interval": iters + 1})
+        cfg = cfg.model_copy(
+            update={"max_steps": iters, "warmup_steps": min(cfg.warmup_steps, iters), "eval_interval": iters + 1}
+        )
         model, result = study_train(model_cfg, cfg, train_ids, val_ids, vocab)
         times, tokens = result.step_seconds, result.tokens
     loss = val_loss(model, model_cfg, val_ids) if score else None
     q.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens, loss))
 
 
-def in_fresh_process(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int,
-                     score: bool = False) -> tuple[list[float], float, int, float | None]:
+def in_fresh_process(
+    kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int, score: bool = False
+) -> tuple[list[float], float, int, float | None]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_worker, args=(q, kind, model_cfg, cfg, str(tok_dir), iters, vocab, score))
@@ -234,12 +258,22 @@ def in_fresh_process(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, voca
 def measure(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, warmup: int, steps: int) -> dict:
     times, rss_mb, _, _ = in_fresh_process(kind, model_cfg, cfg, tok_dir, vocab, warmup + steps)
     median = statistics.median(times[warmup:])
-    return {"ms_step": 1e3 * median, "tokens_per_s": cfg.batch_size * model_cfg.block_size / median,
-            "first_step_s": times[0], "warmup_s": sum(times[:warmup]) - warmup * median, "rss_mb": rss_mb}
+    return {
+        "ms_step": 1e3 * median,
+        "tokens_per_s": cfg.batch_size * model_cfg.block_size / median,
+        "first_step_s": times[0],
+        "warmup_s": sum(times[:warmup]) - warmup * median,
+        "rss_mb": rss_mb,
+    }
 
 
-def fit_to_budget(train: Callable[[int], tuple[float, T]], budget: float, guess: float,
-                  window: tuple[float, float] = RACE_WINDOW, tries: int = 4) -> tuple[int, float, T]:
+def fit_to_budget(
+    train: Callable[[int], tuple[float, T]],
+    budget: float,
+    guess: float,
+    window: tuple[float, float] = RACE_WINDOW,
+    tries: int = 4,
+) -> tuple[int, float, T]:
     """The most steps whose run fits `budget` seconds: `train(steps)` returns (seconds spent,
     result). Starts from `guess` steps and rescales by budget/spent until a run lands inside
     `window` (fractions of the budget). Returns (steps, seconds, result) of the accepted run, else of
@@ -265,9 +299,14 @@ def fit_to_budget(train: Callable[[int], tuple[float, T]], budget: float, guess:
 
 def row(name: str, m: dict, fpt: int, peak: float, dtype: str) -> dict:
     mfu = m["tokens_per_s"] * fpt / peak
-    return {"config": name, "ms/step": f"{m['ms_step']:.1f}", "tokens/s": f"{m['tokens_per_s']:,.0f}",
-            "MFU": f"{100 * mfu:.2f}% of {dtype} {peak / 1e9:,.0f} GFLOP/s", "warm-up/compile s": f"{m['warmup_s']:.1f}",
-            "peak RSS MB": f"{m['rss_mb']:,.0f}"}
+    return {
+        "config": name,
+        "ms/step": f"{m['ms_step']:.1f}",
+        "tokens/s": f"{m['tokens_per_s']:,.0f}",
+        "MFU": f"{100 * mfu:.2f}% of {dtype} {peak / 1e9:,.0f} GFLOP/s",
+        "warm-up/compile s": f"{m['warmup_s']:.1f}",
+        "peak RSS MB": f"{m['rss_mb']:,.0f}",
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -278,8 +317,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 LEVERS: dict[str, dict] = {
@@ -310,16 +351,25 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--reference", action="store_true", help="nanoGPT's CPU config, plain, against the study's path")
     what.add_argument("--levers", action="store_true", help="each training option on the reference model")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--study-run", default="shakespeare-gpt",
-                   help="--reference: the run whose train settings are the study's path (default: shakespeare-gpt)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="--reference: the study path's batch (default 32: in the race's 1-1.5 min it beat 16 and the "
-                        "ladder's 64, which wins at 2000 steps; measured in README, Performance)")
+    p.add_argument(
+        "--study-run",
+        default="shakespeare-gpt",
+        help="--reference: the run whose train settings are the study's path (default: shakespeare-gpt)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="--reference: the study path's batch (default 32: in the race's 1-1.5 min it beat 16 and the "
+        "ladder's 64, which wins at 2000 steps; measured in README, Performance)",
+    )
     p.add_argument("--warmup-steps", type=int, default=50, help="--reference: the study path's LR warmup (default 50)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's, or tokenizers/shakespeare-char)")
     p.add_argument("--warmup", type=int, default=10, help="steps before timing (compile happens here)")
     p.add_argument("--steps", type=int, default=40, help="timed steps")
-    p.add_argument("--iters", type=int, default=2000, help="--reference: the reference's iterations for the equal-time race")
+    p.add_argument(
+        "--iters", type=int, default=2000, help="--reference: the reference's iterations for the equal-time race"
+    )
     p.add_argument("--write", action="store_true", help="append the tables to reports/bench.md")
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -330,12 +380,20 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {"float32": gemm_peak(torch.float32, device), "bfloat16": gemm_peak(torch.bfloat16, device)}
     sheet = datasheet_peak(device)
-    out = [f"### bench.train {' '.join(argv if argv is not None else os.sys.argv[1:])}",
-           f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}", "",
-           f"Measured matmul peak (2048², best of repeats): fp32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
-           f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (bf16/fp32 {peaks['bfloat16'] / peaks['float32']:.1f}x)"
-           + (f"; datasheet {sheet['name']}: bf16 {sheet['bfloat16'] / 1e12:,.0f}, fp32 {sheet['float32'] / 1e12:,.0f} TFLOP/s"
-              if sheet else ""), ""]
+    out = [
+        f"### bench.train {' '.join(argv if argv is not None else os.sys.argv[1:])}",
+        f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}",
+        "",
+        f"Measured matmul peak (2048², best of repeats): fp32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (bf16/fp32 {peaks['bfloat16'] / peaks['float32']:.1f}x)"
+        + (
+            f"; datasheet {sheet['name']}: bf16 {sheet['bfloat16'] / 1e12:,.0f}, "
+            f"fp32 {sheet['float32'] / 1e12:,.0f} TFLOP/s"
+            if sheet
+            else ""
+        ),
+        "",
+    ]
     if device == "cpu" and (caveat := bf16_caveat(peaks["bfloat16"] / peaks["float32"], cpu_flags())):
         out += [caveat, ""]
 
@@ -359,36 +417,59 @@ def main(argv: list[str] | None = None) -> None:
         for label, change in LEVERS.items():
             cfg = REFERENCE_TRAIN.model_copy(update=change)
             warm = args.warmup + (20 if cfg.compile else 0)
-            rows.append(row(label, measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps), fpt, *peak(cfg)))
+            rows.append(
+                row(label, measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps), fpt, *peak(cfg))
+            )
             print(markdown(rows[-1:]), flush=True)
-        out += [f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
-                f"{args.warmup} warm-up + {args.steps} timed steps each:", "", markdown(rows), ""]
+        out += [
+            f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
+            f"{args.warmup} warm-up + {args.steps} timed steps each:",
+            "",
+            markdown(rows),
+            "",
+        ]
         # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
         losses = {}
         for dtype in ("float32", "bfloat16"):
             cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype})
             losses[dtype] = in_fresh_process("study", REFERENCE_MODEL, cfg, tok, vocab, 300, score=True)[3]
-        out += [f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
-                f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)", ""]
+        out += [
+            f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
+            f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)",
+            "",
+        ]
     else:
         tok = args.tokenizer or Path("tokenizers/shakespeare-char")
         _, _, vocab = load_tokens(tok)
         fpt = flops_per_token(REFERENCE_MODEL, vocab)
         fast = study.runs[args.study_run].train.model_copy(
-            update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps})
+            update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps}
+        )
         ref_m = measure("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.warmup, args.steps)
         warm = args.warmup + (20 if fast.compile else 0)
         fast_m = measure("study", REFERENCE_MODEL, fast, tok, vocab, warm, args.steps)
         ratio = fast_m["tokens_per_s"] / ref_m["tokens_per_s"]
-        out += [markdown([row("reference: nanoGPT CPU, fp32 eager, plain AdamW, batch 12", ref_m, fpt, *peak(REFERENCE_TRAIN)),
-                          row(f"study: {args.study_run} train settings with {_describe(fast)}", fast_m, fpt, *peak(fast))]),
-                "", f"**Throughput ratio: {ratio:.2f}x** tokens/s (target >= 1.5x).", ""]
+        out += [
+            markdown(
+                [
+                    row(
+                        "reference: nanoGPT CPU, fp32 eager, plain AdamW, batch 12", ref_m, fpt, *peak(REFERENCE_TRAIN)
+                    ),
+                    row(f"study: {args.study_run} train settings with {_describe(fast)}", fast_m, fpt, *peak(fast)),
+                ]
+            ),
+            "",
+            f"**Throughput ratio: {ratio:.2f}x** tokens/s (target >= 1.5x).",
+            "",
+        ]
         print("\n".join(out), flush=True)
         # The race: the reference's full run sets the wall-clock; the study trains for the same time.
         # Each contestant trains in a fresh process, as when timed above.
-        ref_times, _, ref_tokens, ref_loss = in_fresh_process("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab,
-                                                              args.iters, score=True)
+        ref_times, _, ref_tokens, ref_loss = in_fresh_process(
+            "reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.iters, score=True
+        )
         budget = sum(ref_times)
+
         def study_run(n: int) -> tuple[float, tuple[int, float]]:
             times, _, tokens, loss = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
             print(f"study: {n} steps took {sum(times):.1f} s of the reference's {budget:.1f} s", flush=True)
@@ -398,13 +479,31 @@ def main(argv: list[str] | None = None) -> None:
         # corrected by re-training when the run misses the budget (this machine's speed drifts).
         guess = (budget - fast_m["warmup_s"]) / (fast_m["ms_step"] / 1e3)
         steps, spent, (tokens, fast_loss) = fit_to_budget(study_run, budget, guess)
-        race = [{"config": "reference", "steps": args.iters, "tokens": f"{ref_tokens:,}",
-                 "train s": f"{budget:.1f}", "val loss (whole split)": f"{ref_loss:.4f}"},
-                {"config": f"study ({_describe(fast)})", "steps": steps, "tokens": f"{tokens:,}",
-                 "train s": f"{spent:.1f}", "val loss (whole split)": f"{fast_loss:.4f}"}]
-        out += [f"Same wall-clock as the reference's {args.iters} iterations:", "", markdown(race), "",
-                f"**val loss {fast_loss - ref_loss:+.4f} nats** against the reference (target <= -0.15)."
-                + _race_caveat(spent / budget), ""]
+        race = [
+            {
+                "config": "reference",
+                "steps": args.iters,
+                "tokens": f"{ref_tokens:,}",
+                "train s": f"{budget:.1f}",
+                "val loss (whole split)": f"{ref_loss:.4f}",
+            },
+            {
+                "config": f"study ({_describe(fast)})",
+                "steps": steps,
+                "tokens": f"{tokens:,}",
+                "train s": f"{spent:.1f}",
+                "val loss (whole split)": f"{fast_loss:.4f}",
+            },
+        ]
+        out += [
+            f"Same wall-clock as the reference's {args.iters} iterations:",
+            "",
+            markdown(race),
+            "",
+            f"**val loss {fast_loss - ref_loss:+.4f} nats** against the reference (target <= -0.15)."
+            + _race_caveat(spent / budget),
+            "",
+        ]
     text = "\n".join(out)
     print(text)
     if args.write:
@@ -416,16 +515,26 @@ def main(argv: list[str] | None = None) -> None:
 def _race_caveat(share: float) -> str:
     """What the reader must know when the study's accepted run missed the window of the budget."""
     if share < RACE_WINDOW[0]:
-        return (f" The study trained for only {100 * share:.0f}% of the reference's time (the machine's speed "
-                "drifted between runs): a handicap, so the gap is if anything understated.")
+        return (
+            f" The study trained for only {100 * share:.0f}% of the reference's time (the machine's speed "
+            "drifted between runs): a handicap, so the gap is if anything understated."
+        )
     if share > RACE_WINDOW[1]:
-        return (f" The study overshot: it trained for {100 * share:.0f}% of the reference's time (the machine's "
-                "speed drifted between runs), so the gap is overstated; run again on a quieter machine.")
+        return (
+            f" The study overshot: it trained for {100 * share:.0f}% of the reference's time (the machine's "
+            "speed drifted between runs), so the gap is overstated; run again on a quieter machine."
+        )
     return ""
 
 
 def _describe(cfg: TrainConfig) -> str:
-    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr:g}", f"warmup {cfg.warmup_steps}", cfg.dtype, f"AdamW {cfg.adamw_impl}"]
+    parts = [
+        f"batch {cfg.batch_size}",
+        f"lr {cfg.lr:g}",
+        f"warmup {cfg.warmup_steps}",
+        cfg.dtype,
+        f"AdamW {cfg.adamw_impl}",
+    ]
     if cfg.compile:
         parts.append("compiled")
     if cfg.threads:

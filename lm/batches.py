@@ -113,7 +113,10 @@ class Batches:
         """The whole split in a fixed order, each target scored exactly once."""
         if self.fmt == "lines":
             for i in range(0, len(self._rows_x), batch_size):
-                yield torch.from_numpy(self._rows_x[i : i + batch_size]), torch.from_numpy(self._rows_y[i : i + batch_size])
+                yield (
+                    torch.from_numpy(self._rows_x[i : i + batch_size]),
+                    torch.from_numpy(self._rows_y[i : i + batch_size]),
+                )
             return
         T, stride, n = self.seq_len, self.seq_len - self.overlap, len(self.ids)
         starts = np.arange(0, n - 1 - self.overlap, stride)  # windows whose targets reach ids[n-1]
@@ -178,4 +181,6 @@ def for_model(model_cfg, ids: np.ndarray, fmt: str, boundary_id: int | None, *, 
         if fmt == "text":
             seq_len = min(seq_len, len(ids) - 1)  # >= k, checked above: longer than the k-1 overlap
         return Batches(ids, fmt, seq_len=seq_len, overlap=k - 1, boundary_id=boundary_id, name=name)
-    return Batches(ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size, name=name)
+    return Batches(
+        ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size, name=name
+    )

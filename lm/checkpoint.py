@@ -65,8 +65,10 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     if not weights.exists():
         raise CheckpointError(f"{weights} not found: run the train stage for this run first")
     if "sha256" in meta and _sha256(weights) != meta["sha256"]:
-        raise CheckpointError(f"{weights} has changed since it was saved (its sha256 differs from {ckpt_dir / CONFIG}): "
-                              "re-run the train stage")
+        raise CheckpointError(
+            f"{weights} has changed since it was saved (its sha256 differs from {ckpt_dir / CONFIG}): "
+            "re-run the train stage"
+        )
     try:
         # load_model knows a tied tensor is stored once; we report missing/unexpected names ourselves.
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
@@ -117,7 +119,9 @@ def load_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads((state_dir / STATE_JSON).read_text())
         tensors = load_file(str(state_dir / STATE_TENSORS))
     except (OSError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"training state {state_dir} is unreadable ({e}): delete it to train from scratch") from None
+        raise CheckpointError(
+            f"training state {state_dir} is unreadable ({e}): delete it to train from scratch"
+        ) from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"training state {state_dir}/{STATE_JSON} has no step: delete it to train from scratch")
     return tensors, meta

@@ -32,7 +32,9 @@ def _number(text: str, kind: type) -> float | int:
     try:
         return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
 
 
 def _checked(kind: type, ok, rule: str):
@@ -66,9 +68,7 @@ def _check_params(args: argparse.Namespace) -> int:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{args.file}: ok ({len(study.corpora)} corpora, {len(study.tokenizers)} tokenizers, {len(study.runs)} runs)"
-    )
+    print(f"{args.file}: ok ({len(study.corpora)} corpora, {len(study.tokenizers)} tokenizers, {len(study.runs)} runs)")
     return 0
 
 
@@ -78,7 +78,9 @@ def _params(args: argparse.Namespace) -> int:
     from lm.params import format_report, report_for
 
     try:
-        report = report_for(args.name, params=args.params, tokenizers_dir=args.tokenizers_dir, vocab_size=args.vocab_size)
+        report = report_for(
+            args.name, params=args.params, tokenizers_dir=args.tokenizers_dir, vocab_size=args.vocab_size
+        )
     except ValueError as e:
         return _error(str(e), 2)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
@@ -104,9 +106,14 @@ def _find_checkpoint(args: argparse.Namespace) -> Path | None:
             hint = f" (it is a run of {args.params}: train it first with `dvc repro train@{args.run}`)"
     except (ValueError, OSError):
         pass
-    available = ", ".join(trained) if trained else f"none ({args.models_dir}/ holds no checkpoints: run `dvc repro` first)"
-    _error(f"unknown run {args.run!r}: no checkpoint {path}/config.json{hint}; available runs: {available}; "
-           f"or pass --model-dir DIR", 2)
+    available = (
+        ", ".join(trained) if trained else f"none ({args.models_dir}/ holds no checkpoints: run `dvc repro` first)"
+    )
+    _error(
+        f"unknown run {args.run!r}: no checkpoint {path}/config.json{hint}; available runs: {available}; "
+        f"or pass --model-dir DIR",
+        2,
+    )
     return None
 
 
@@ -129,12 +136,16 @@ def _sample(args: argparse.Namespace) -> int:
         return _error(str(e))
     tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
     if not (tok_dir / "tokenizer.json").is_file():
-        return _error(f"no tokenizer at {tok_dir} (run {run.tokenizer!r} of the checkpoint): run "
-                      f"`dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
+        return _error(
+            f"no tokenizer at {tok_dir} (run {run.tokenizer!r} of the checkpoint): run "
+            f"`dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
+        )
     tokenizer, stats = load_tokenizer(tok_dir), load_stats(tok_dir)
     if tokenizer.get_vocab_size() != vocab_size:
-        return _error(f"{tok_dir} has {tokenizer.get_vocab_size()} tokens but the model expects {vocab_size}: "
-                      "pass the tokenizer the run was trained with (--tokenizer-dir)")
+        return _error(
+            f"{tok_dir} has {tokenizer.get_vocab_size()} tokens but the model expects {vocab_size}: "
+            "pass the tokenizer the run was trained with (--tokenizer-dir)"
+        )
     if args.overflow == "refill" and not supports_cache(model):
         print(f"note: {run.model.family} has no KV cache; --overflow refill does not apply", file=sys.stderr)
 
@@ -142,8 +153,9 @@ def _sample(args: argparse.Namespace) -> int:
     missing = oov_chars(tokenizer, [prompt])
     if missing or (unk_id(tokenizer) is not None and "[UNK]" in prompt):
         chars = ", ".join(repr(c) for c in sorted(missing)) or "'[UNK]'"
-        return _error(f"the prompt has characters outside the {run.tokenizer} vocabulary: {chars}; "
-                      "remove or replace them", 2)
+        return _error(
+            f"the prompt has characters outside the {run.tokenizer} vocabulary: {chars}; remove or replace them", 2
+        )
     if lines and BOUNDARY in prompt:
         return _error(f"the prompt contains the boundary {BOUNDARY!r}, which ends a name: leave it out", 2)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -165,9 +177,17 @@ def _sample(args: argparse.Namespace) -> int:
         out.flush()
         text = TextStream(tokenizer, context)
         idx = torch.tensor([context], device=device)
-        for nxt in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, generator=g, use_cache=not args.no_cache and supports_cache(model),
-                          overflow=args.overflow):
+        for nxt in stream(
+            model,
+            idx,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=g,
+            use_cache=not args.no_cache and supports_cache(model),
+            overflow=args.overflow,
+        ):
             token = int(nxt)
             total += 1
             if lines and token == boundary:
@@ -178,8 +198,10 @@ def _sample(args: argparse.Namespace) -> int:
         out.flush()
     seconds = time.perf_counter() - t0
     cache = "KV cache" if supports_cache(model) and not args.no_cache else "no cache"
-    print(f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
-          file=sys.stderr)
+    print(
+        f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -195,16 +217,23 @@ def _export(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         return _error(str(e))
     if problems := gpt2_problems(run):
-        return _error(f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2)
+        return _error(
+            f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2
+        )
     tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
     if not (tok_dir / "tokenizer.json").is_file():
-        return _error(f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
+        return _error(
+            f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
+        )
     try:
         out = export_hf(model_dir, tok_dir, args.out)
     except (ExportError, CheckpointError, OSError) as e:
         return _error(str(e))
-    print(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json); "
-          f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained(...)")
+    print(
+        f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, "
+        f"tokenizer_config.json); load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) "
+        "and AutoTokenizer.from_pretrained(...)"
+    )
     return 0
 
 
@@ -214,15 +243,32 @@ def _export(args: argparse.Namespace) -> int:
 
 def _checkpoint_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("run", metavar="RUN", help="run name: its checkpoint is models/RUN (a train stage output)")
-    c.add_argument("--models-dir", type=Path, default=Path("models"), help="folder of the checkpoints (default: models)")
-    c.add_argument("--model-dir", type=Path, default=None,
-                   help="checkpoint directory to use instead of MODELS_DIR/RUN (model.safetensors + config.json)")
-    c.add_argument("--tokenizers-dir", type=Path, default=Path("tokenizers"),
-                   help="folder of the tokenizers (default: tokenizers); the run's own is TOKENIZERS_DIR/<its tokenizer>")
-    c.add_argument("--tokenizer-dir", type=Path, default=None,
-                   help="tokenizer directory to use instead (tokenizer.json + stats.json of a tokenize stage)")
-    c.add_argument("--params", default="params.yaml",
-                   help="params file, only read to tell an untrained run from an unknown one (default: params.yaml)")
+    c.add_argument(
+        "--models-dir", type=Path, default=Path("models"), help="folder of the checkpoints (default: models)"
+    )
+    c.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="checkpoint directory to use instead of MODELS_DIR/RUN (model.safetensors + config.json)",
+    )
+    c.add_argument(
+        "--tokenizers-dir",
+        type=Path,
+        default=Path("tokenizers"),
+        help="folder of the tokenizers (default: tokenizers); the run's own is TOKENIZERS_DIR/<its tokenizer>",
+    )
+    c.add_argument(
+        "--tokenizer-dir",
+        type=Path,
+        default=None,
+        help="tokenizer directory to use instead (tokenizer.json + stats.json of a tokenize stage)",
+    )
+    c.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file, only read to tell an untrained run from an unknown one (default: params.yaml)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,12 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("name", metavar="RUN", help="a run of the params file, or a reference configuration (listed below)")
     c.add_argument("--params", default="params.yaml", help="params file to look runs up in (default: params.yaml)")
-    c.add_argument("--tokenizers-dir", default="tokenizers",
-                   help="where the run's vocabulary size is read: TOKENIZERS_DIR/<tokenizer>/stats.json (default: tokenizers)")
-    c.add_argument("--vocab-size", type=_positive_int, default=None,
-                   help="vocabulary size to count with; needed for a run whose tokenizer is not built yet, and "
-                   "overrides stats.json (and a reference's vocabulary) when given")
-    c.add_argument("--json", action="store_true", help="print JSON (every view, per block, sizes, FLOPs) instead of the table")
+    c.add_argument(
+        "--tokenizers-dir",
+        default="tokenizers",
+        help="where the run's vocabulary size is read: TOKENIZERS_DIR/<tokenizer>/stats.json (default: tokenizers)",
+    )
+    c.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        default=None,
+        help="vocabulary size to count with; needed for a run whose tokenizer is not built yet, and "
+        "overrides stats.json (and a reference's vocabulary) when given",
+    )
+    c.add_argument(
+        "--json", action="store_true", help="print JSON (every view, per block, sizes, FLOPs) instead of the table"
+    )
     c.set_defaults(func=_params)
 
     c = sub.add_parser(
@@ -273,28 +328,61 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens; see --overflow for what happens beyond it.",
     )
     _checkpoint_options(c)
-    c.add_argument("--prompt", default="", help="text to continue (default: empty: a fresh paragraph, or a new name); "
-                   "characters outside a char vocabulary are an error")
-    c.add_argument("--max-new-tokens", type=_non_negative_int, default=500,
-                   help="tokens to sample per sample (default: 500; names stop earlier at the boundary)")
-    c.add_argument("--temperature", type=_temperature, default=1.0,
-                   help="softmax temperature, > 0: below 1 sharper, above 1 flatter (default: 1.0)")
-    c.add_argument("--top-k", type=_top_k, default=None,
-                   help="sample only among the K most likely tokens, K >= 1 (1 = greedy; default: all)")
-    c.add_argument("--top-p", type=_top_p, default=None,
-                   help="nucleus sampling: only the most likely tokens whose probabilities sum to P, 0 < P <= 1 (default: all)")
-    c.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator: same seed, same text (default: 1337)")
+    c.add_argument(
+        "--prompt",
+        default="",
+        help="text to continue (default: empty: a fresh paragraph, or a new name); "
+        "characters outside a char vocabulary are an error",
+    )
+    c.add_argument(
+        "--max-new-tokens",
+        type=_non_negative_int,
+        default=500,
+        help="tokens to sample per sample (default: 500; names stop earlier at the boundary)",
+    )
+    c.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        help="softmax temperature, > 0: below 1 sharper, above 1 flatter (default: 1.0)",
+    )
+    c.add_argument(
+        "--top-k",
+        type=_top_k,
+        default=None,
+        help="sample only among the K most likely tokens, K >= 1 (1 = greedy; default: all)",
+    )
+    c.add_argument(
+        "--top-p",
+        type=_top_p,
+        default=None,
+        help="nucleus sampling: only the most likely tokens whose probabilities sum to P, 0 < P <= 1 (default: all)",
+    )
+    c.add_argument(
+        "--seed", type=int, default=1337, help="seed of the sampling generator: same seed, same text (default: 1337)"
+    )
     c.add_argument("--num-samples", type=_positive_int, default=1, help="independent samples to draw (default: 1)")
-    c.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"], default="cpu",
-                   help="where the model runs (default: cpu; 'auto' picks cuda, then mps, then cpu); the draws use a "
-                   "CPU generator, so a seed gives the same text everywhere up to float rounding")
-    c.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole window every step instead of using the KV cache (same tokens, slower)")
-    c.add_argument("--overflow", choices=["slide", "refill"], default="slide",
-                   help="past block_size tokens: 'slide' (default) predicts from exactly the last block_size tokens, "
-                   "recomputing the window every step (learned positions make a rolling cache wrong); 'refill' "
-                   "restarts the window from the last block_size/2 tokens and refills the cache once, then "
-                   "grows it again (fast with the cache; context between block_size/2 and block_size)")
+    c.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "mps", "auto"],
+        default="cpu",
+        help="where the model runs (default: cpu; 'auto' picks cuda, then mps, then cpu); the draws use a "
+        "CPU generator, so a seed gives the same text everywhere up to float rounding",
+    )
+    c.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole window every step instead of using the KV cache (same tokens, slower)",
+    )
+    c.add_argument(
+        "--overflow",
+        choices=["slide", "refill"],
+        default="slide",
+        help="past block_size tokens: 'slide' (default) predicts from exactly the last block_size tokens, "
+        "recomputing the window every step (learned positions make a rolling cache wrong); 'refill' "
+        "restarts the window from the last block_size/2 tokens and refills the cache once, then "
+        "grows it again (fast with the cache; context between block_size/2 and block_size)",
+    )
     c.set_defaults(func=_sample)
 
     c = sub.add_parser(
@@ -307,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bias have GPT-2's shape; others are refused with the reason. transformers is not needed to export.",
     )
     _checkpoint_options(c)
-    c.add_argument("--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face GPT-2; the only one)")
+    c.add_argument(
+        "--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face GPT-2; the only one)"
+    )
     c.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically if it exists)")
     c.set_defaults(func=_export)
     return p

@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,7 +89,8 @@ class CorpusConfig(Strict):
     filename: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     """File name of the raw download, also the name looked up in the mirror folder."""
     format: Literal["lines", "text"]
-    """'lines': one example per line (names: split by line, shuffled with the seed); 'text': continuous text, split contiguously."""
+    """'lines': one example per line (split by line, shuffled with the seed); 'text': continuous text, split
+    contiguously."""
     split: SplitConfig
     """Split fractions."""
     clean: CleanConfig = CleanConfig()
@@ -106,11 +107,13 @@ class TokenizerConfig(Strict):
     corpus: str
     """Name of the corpus (a key of `corpora`) the tokenizer is trained on."""
     kind: Literal["char", "bpe"]
-    """'char': one token per character of the training split (plus '.' boundary for 'lines' corpora); 'bpe': byte-level BPE."""
+    """'char': one token per character of the training split (plus the '.' boundary of 'lines' corpora);
+    'bpe': byte-level BPE."""
     vocab_size: int | None = Field(default=None, ge=257, le=65536)
     """BPE only: target vocabulary size, at least 257 (the 256-byte alphabet plus one merge)."""
     oov: Literal["error", "unk"] = "error"
-    """Char only: a val/test character missing from the training characters is an error ('error') or becomes an [UNK] token ('unk', counted in stats)."""
+    """Char only: a val/test character missing from the training characters is an error ('error') or becomes
+    an [UNK] token ('unk', counted in stats)."""
 
     @model_validator(mode="after")
     def _kind_fields(self) -> TokenizerConfig:
@@ -164,7 +167,8 @@ class WaveNetConfig(Strict):
     n_hidden: int = Field(default=128, ge=1)
     """Width of every fusion level."""
     bias: bool = True
-    """Biases in the fusion Linears before each BatchNorm: true as seed 000's 175,767-param net; false as makemore part 5's 76,579-param net (BatchNorm's shift makes them redundant)."""
+    """Biases in the fusion Linears before each BatchNorm: true as seed 000's 175,767-param net; false as
+    makemore part 5's 76,579-param net (BatchNorm's shift makes them redundant)."""
 
     @field_validator("block_size")
     @classmethod
@@ -231,16 +235,14 @@ class GPTConfig(BlockConfig):
 
 
 ModelConfig = Annotated[
-    Union[
-        BigramCountsConfig,
-        BigramNNConfig,
-        MLPConfig,
-        WaveNetConfig,
-        SingleHeadConfig,
-        MultiHeadConfig,
-        BlockConfig,
-        GPTConfig,
-    ],
+    BigramCountsConfig
+    | BigramNNConfig
+    | MLPConfig
+    | WaveNetConfig
+    | SingleHeadConfig
+    | MultiHeadConfig
+    | BlockConfig
+    | GPTConfig,
     Field(discriminator="family"),
 ]
 FAMILIES = ("bigram_counts", "bigram_nn", "mlp", "wavenet", "single_head", "multi_head", "block", "gpt")
@@ -327,7 +329,9 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _gradient_families_take_steps(self) -> RunConfig:
         if self.model.family != "bigram_counts" and self.train.max_steps == 0:
-            raise ValueError(f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1")
+            raise ValueError(
+                f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1"
+            )
         return self
 
 
@@ -414,7 +418,9 @@ class StudyConfig(Strict):
                 problems.append(f"tokenizers.{name}.corpus: got {tok.corpus!r}; must be one of {sorted(self.corpora)}")
         for name, run in self.runs.items():
             if run.tokenizer not in self.tokenizers:
-                problems.append(f"runs.{name}.tokenizer: got {run.tokenizer!r}; must be one of {sorted(self.tokenizers)}")
+                problems.append(
+                    f"runs.{name}.tokenizer: got {run.tokenizer!r}; must be one of {sorted(self.tokenizers)}"
+                )
         if problems:
             raise ParamsError("params", problems)
         return self
@@ -479,7 +485,10 @@ def _format_error(err: dict[str, Any]) -> str:
 def parse_params(data: Any, source: str = "params") -> StudyConfig:
     """Validate an already-parsed params mapping; raise ParamsError listing every problem."""
     if not isinstance(data, dict):
-        raise ParamsError(source, [f"<top level>: got {type(data).__name__}; must be a mapping of sections (corpora, tokenizers, runs, ...)"])
+        raise ParamsError(
+            source,
+            [f"<top level>: got {type(data).__name__}; must be a mapping of sections (corpora, tokenizers, runs, ...)"],
+        )
     try:
         return StudyConfig.model_validate(data)
     except ParamsError as e:

@@ -112,7 +112,9 @@ def fetch(
                     f"is not the pinned file: replace it with the file from {url}, or check {where}.sha256"
                 ) from None
             except OSError as e:
-                raise DataError(f"cannot copy mirror file {src} to {dest}: {e}; check permissions and free disk space") from e
+                raise DataError(
+                    f"cannot copy mirror file {src} to {dest}: {e}; check permissions and free disk space"
+                ) from e
             return dest
 
     attempts = max(1, retries + 1)
@@ -174,7 +176,9 @@ def _stream(resp: http.client.HTTPResponse, length: int | None, name: str, progr
     """
     got = 0
     # disable=None: tqdm shows the bar only on a terminal, so DVC logs stay clean.
-    with tqdm(total=length, unit="B", unit_scale=True, desc=name, disable=None if progress else True, leave=False) as bar:
+    with tqdm(
+        total=length, unit="B", unit_scale=True, desc=name, disable=None if progress else True, leave=False
+    ) as bar:
         while True:
             try:
                 chunk = resp.read(CHUNK)
@@ -251,8 +255,13 @@ def _clean(raw: bytes, cfg: CleanConfig, where: str = "corpora.<name>") -> tuple
             f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and update {where}.sha256, or check "
             f"that {where}.url points at the plain-text file"
         ) from None
-    done: dict[str, Any] = {"bom_removed": False, "newlines_normalized": 0, "gutenberg_header_chars": 0,
-                            "gutenberg_footer_chars": 0, "stripped_chars": 0}
+    done: dict[str, Any] = {
+        "bom_removed": False,
+        "newlines_normalized": 0,
+        "gutenberg_header_chars": 0,
+        "gutenberg_footer_chars": 0,
+        "stripped_chars": 0,
+    }
     if cfg.strip_bom and text.startswith("\ufeff"):
         text = text[1:]
         done["bom_removed"] = True
@@ -372,7 +381,9 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def write_dataset(splits: Mapping[str, list[str]], out_dir: Path, *, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def write_dataset(
+    splits: Mapping[str, list[str]], out_dir: Path, *, meta: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``out_dir/dataset`` (a DatasetDict, column "text") and ``out_dir/stats.json``; return the stats.
 
     ``meta`` (source, cleaning, ...) goes into stats.json before the per-split counts. Everything is
@@ -400,7 +411,9 @@ def load_splits(data_dir: Path) -> dict[str, list[str]]:
 
     path = Path(data_dir) / "dataset"
     if not (path / "dataset_dict.json").is_file():
-        raise DataError(f"no dataset at {path}; run the fetch stage first (python -m stages.fetch CORPUS --out {data_dir})")
+        raise DataError(
+            f"no dataset at {path}; run the fetch stage first (python -m stages.fetch CORPUS --out {data_dir})"
+        )
     try:
         dd = load_from_disk(str(path))
     except Exception as e:  # datasets raises assorted types for damaged folders
@@ -419,7 +432,9 @@ def load_stats(data_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"no {path}; run the fetch stage first (python -m stages.fetch CORPUS --out {data_dir})") from None
+        raise DataError(
+            f"no {path}; run the fetch stage first (python -m stages.fetch CORPUS --out {data_dir})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,8 +469,17 @@ def prepare_corpus(
     except OSError as e:
         raise OutputError(out_dir, e) from e
     with scratch_dir as scratch:
-        raw_path = fetch(cfg.url, cfg.sha256, Path(scratch) / cfg.filename, mirror=mirror, filename=cfg.filename,
-                         timeout=timeout, retries=retries, label=where, progress=progress)
+        raw_path = fetch(
+            cfg.url,
+            cfg.sha256,
+            Path(scratch) / cfg.filename,
+            mirror=mirror,
+            filename=cfg.filename,
+            timeout=timeout,
+            retries=retries,
+            label=where,
+            progress=progress,
+        )
         raw = raw_path.read_bytes()
     try:
         text, cleaning = _clean(raw, cfg.clean, where)

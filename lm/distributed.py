@@ -17,8 +17,9 @@ def init(rank: int, world_size: int, local_rank: int, device: str = "auto") -> t
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10)
+    )
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 

@@ -19,7 +19,9 @@ from lm.config import EvaluateConfig
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device | str = "cpu") -> tuple[float, int]:
+def score(
+    model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device | str = "cpu"
+) -> tuple[float, int]:
     """Total nats and number of targets over the whole split, in eval mode, in a fixed order."""
     model.eval()
     total, count = 0.0, 0
@@ -35,7 +37,13 @@ def score(model: torch.nn.Module, batches: Batches, batch_size: int, device: tor
 def metrics(total_nats: float, tokens: int, characters: int) -> dict[str, float]:
     """The metrics dict for one split (see module docstring)."""
     loss = total_nats / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "bpc": total_nats / (math.log(2) * characters), "tokens": tokens, "characters": characters}
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "bpc": total_nats / (math.log(2) * characters),
+        "tokens": tokens,
+        "characters": characters,
+    }
 
 
 OVERFLOW = ("slide", "refill")
@@ -127,10 +135,14 @@ def stream(
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
     if idx.dim() != 2 or idx.size(1) < 1:
-        raise ValueError(f"idx must be (B, T) with T >= 1 context tokens (e.g. a boundary or newline id), got {tuple(idx.shape)}")
+        raise ValueError(
+            f"idx must be (B, T) with T >= 1 context tokens (e.g. a boundary or newline id), got {tuple(idx.shape)}"
+        )
     cached = supports_cache(model) if use_cache is None else use_cache
     if cached and not supports_cache(model):
-        raise ValueError(f"{type(model).__name__} has no KV cache (only the attention families do); pass use_cache=False")
+        raise ValueError(
+            f"{type(model).__name__} has no KV cache (only the attention families do); pass use_cache=False"
+        )
     bs = model.block_size
     keep = max(1, bs // 2) if overflow == "refill" and supports_cache(model) else bs  # window length after a cut
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -138,8 +150,9 @@ def stream(
 
 
 @torch.no_grad()
-def _stream(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, keep: int, cached: bool,
-            sampling: dict) -> Iterator[torch.Tensor]:
+def _stream(
+    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, keep: int, cached: bool, sampling: dict
+) -> Iterator[torch.Tensor]:
     """The loop of :func:`stream`: ``keep`` is the window length after a cut (block_size for 'slide')."""
     model.eval()
     B, T0 = idx.shape
@@ -182,8 +195,17 @@ def generate(
     """
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     new = []
-    for nxt in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      generator=generator, use_cache=use_cache, overflow=overflow):
+    for nxt in stream(
+        model,
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        use_cache=use_cache,
+        overflow=overflow,
+    ):
         new.append(nxt)
         if stop_id is not None:
             done |= nxt.squeeze(1) == stop_id

@@ -56,13 +56,17 @@ def gpt2_problems(run: RunConfig) -> list[str]:
         return [f"family {m.family!r}: only 'gpt' runs have GPT-2's shape (embeddings, pre-norm blocks, ln_f, LM head)"]
     problems = []
     if m.norm != "pre":
-        problems.append("norm 'post': GPT-2 normalises before each sublayer and ends with ln_f; a post-norm block "
-                        "(LayerNorm after the residual add, no ln_f) computes a different function")
+        problems.append(
+            "norm 'post': GPT-2 normalises before each sublayer and ends with ln_f; a post-norm block "
+            "(LayerNorm after the residual add, no ln_f) computes a different function"
+        )
     if m.head_bias:
         problems.append("head_bias true: GPT-2's lm_head has no bias, so the exported logits would lose it")
     if m.pos != "learned":
-        problems.append(f"pos {m.pos!r}: GPT-2 adds a learned position table (wpe); fixed sinusoids have no weights "
-                        "to put there and GPT2LMHeadModel cannot compute them")
+        problems.append(
+            f"pos {m.pos!r}: GPT-2 adds a learned position table (wpe); fixed sinusoids have no weights "
+            "to put there and GPT2LMHeadModel cannot compute them"
+        )
     return problems
 
 
@@ -165,8 +169,10 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
     tokenizer_dir = Path(tokenizer_dir)
     stats = load_stats(tokenizer_dir)
     if int(stats["vocab_size"]) != vocab_size:
-        raise ExportError(f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
-                          "pass the tokenizer the run was trained with (--tokenizer-dir)")
+        raise ExportError(
+            f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
+            "pass the tokenizer the run was trained with (--tokenizer-dir)"
+        )
     boundary_id = stats.get("boundary_id")
     boundary = load_tokenizer(tokenizer_dir).id_to_token(boundary_id) if boundary_id is not None else None
     config = hf_config(model, run, vocab_size, boundary_id=boundary_id)
@@ -176,5 +182,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(run.model.block_size, boundary), indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(run.model.block_size, boundary), indent=2) + "\n"
+        )
     return Path(out)

@@ -36,7 +36,9 @@ class OutputError(OSError):
             fix = f"make {self.path.parent} writable and rerun"
         else:
             fix = f"check free disk space and that {self.path.parent} is writable, then rerun"
-        self.message = f"cannot write {self.path}: {reason}; {fix} (the previous {self.path.name}, if any, is unchanged)"
+        self.message = (
+            f"cannot write {self.path}: {reason}; {fix} (the previous {self.path.name}, if any, is unchanged)"
+        )
 
     def __str__(self) -> str:
         return self.message

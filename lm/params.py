@@ -80,33 +80,85 @@ class Reference:
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> GPTConfig:
     # Seed 003 (Raschka's config): vocab 50257, ctx 1024, qkv_bias false, untied head without bias.
-    return GPTConfig(family="gpt", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024,
-                     bias=True, qkv_bias=False, head_bias=False, tie_weights=False)
+    return GPTConfig(
+        family="gpt",
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=1024,
+        bias=True,
+        qkv_bias=False,
+        head_bias=False,
+        tie_weights=False,
+    )
 
 
 REFERENCES: dict[str, Reference] = {
-    "gpt2-small": Reference(_gpt2(12, 12, 768), 50257, "GPT-2 small as seed 003 counts it (Raschka's config: "
-                            "qkv_bias false, untied head without bias)", 163_009_536),
+    "gpt2-small": Reference(
+        _gpt2(12, 12, 768),
+        50257,
+        "GPT-2 small as seed 003 counts it (Raschka's config: qkv_bias false, untied head without bias)",
+        163_009_536,
+    ),
     "gpt2-medium": Reference(_gpt2(24, 16, 1024), 50257, "GPT-2 medium with seed 003's settings", 406_212_608),
     "gpt2-large": Reference(_gpt2(36, 20, 1280), 50257, "GPT-2 large with seed 003's settings", 838_220_800),
     "gpt2-xl": Reference(_gpt2(48, 25, 1600), 50257, "GPT-2 XL with seed 003's settings", 1_637_792_000),
     "seed-gpt-10.7m": Reference(
-        GPTConfig(family="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
-                  bias=True, qkv_bias=False, head_bias=True, tie_weights=False),
-        65, "seed 000 / \"Let's build GPT\": Shakespeare char, 6L/6H/384, ctx 256, head bias, untied", 10_788_929),
+        GPTConfig(
+            family="gpt",
+            n_layer=6,
+            n_head=6,
+            n_embd=384,
+            block_size=256,
+            dropout=0.2,
+            bias=True,
+            qkv_bias=False,
+            head_bias=True,
+            tie_weights=False,
+        ),
+        65,
+        'seed 000 / "Let\'s build GPT": Shakespeare char, 6L/6H/384, ctx 256, head bias, untied',
+        10_788_929,
+    ),
     "seed-gpt-cpu": Reference(
-        GPTConfig(family="gpt", n_layer=3, n_head=4, n_embd=128, block_size=64,
-                  bias=True, qkv_bias=False, head_bias=True, tie_weights=False),
-        65, "seed 001's CPU GPT: Shakespeare char, 3L/4H/128, ctx 64 (~0.6-0.85M)"),
-    "seed-wavenet-176k": Reference(WaveNetConfig(family="wavenet", block_size=8, n_embd=20, n_hidden=200, bias=True),
-                                   27, "seed 000's WaveNet: names, ctx 8, emb 20, hidden 200, biased Linears", 175_767),
-    "seed-wavenet-76k": Reference(WaveNetConfig(family="wavenet", block_size=8, n_embd=24, n_hidden=128, bias=False),
-                                  27, "makemore part 5's WaveNet: names, ctx 8, emb 24, hidden 128, bias-free Linears",
-                                  76_579),
-    "seed-mlp": Reference(MLPConfig(family="mlp", block_size=3, n_embd=5, n_hidden=200),
-                          27, "Bengio et al. 2003 MLP on names: ctx 3, emb 5, hidden 200", 8_762),
-    "seed-mlp-bn": Reference(MLPConfig(family="mlp", block_size=3, n_embd=10, n_hidden=200, batchnorm=True),
-                             27, "the MLP with BatchNorm (Zero-to-Hero part 3): ctx 3, emb 10, hidden 200", 12_097),
+        GPTConfig(
+            family="gpt",
+            n_layer=3,
+            n_head=4,
+            n_embd=128,
+            block_size=64,
+            bias=True,
+            qkv_bias=False,
+            head_bias=True,
+            tie_weights=False,
+        ),
+        65,
+        "seed 001's CPU GPT: Shakespeare char, 3L/4H/128, ctx 64 (~0.6-0.85M)",
+    ),
+    "seed-wavenet-176k": Reference(
+        WaveNetConfig(family="wavenet", block_size=8, n_embd=20, n_hidden=200, bias=True),
+        27,
+        "seed 000's WaveNet: names, ctx 8, emb 20, hidden 200, biased Linears",
+        175_767,
+    ),
+    "seed-wavenet-76k": Reference(
+        WaveNetConfig(family="wavenet", block_size=8, n_embd=24, n_hidden=128, bias=False),
+        27,
+        "makemore part 5's WaveNet: names, ctx 8, emb 24, hidden 128, bias-free Linears",
+        76_579,
+    ),
+    "seed-mlp": Reference(
+        MLPConfig(family="mlp", block_size=3, n_embd=5, n_hidden=200),
+        27,
+        "Bengio et al. 2003 MLP on names: ctx 3, emb 5, hidden 200",
+        8_762,
+    ),
+    "seed-mlp-bn": Reference(
+        MLPConfig(family="mlp", block_size=3, n_embd=10, n_hidden=200, batchnorm=True),
+        27,
+        "the MLP with BatchNorm (Zero-to-Hero part 3): ctx 3, emb 10, hidden 200",
+        12_097,
+    ),
     "seed-bigram": Reference(BigramNNConfig(family="bigram_nn"), 27, "the names bigram table (27 x 27)", 729),
 }
 """Reference configurations: GPT-2 (seed 003's settings) and the seed configurations of STUDY.md."""
@@ -233,19 +285,22 @@ class ParamReport:
             "per_block": self.counts.blocks,
             "untied": self.untied.to_dict() if self.untied else None,
             "tied": self.tied.to_dict() if self.tied else None,
-            "flops_per_token": None if self.flops_per_token is None else {
+            "flops_per_token": None
+            if self.flops_per_token is None
+            else {
                 "total": self.flops_per_token,
                 "six_n": 6 * self.flops_n,
                 "attention": self.flops_attention,
                 "n": self.flops_n,
                 "formula": "6N + 12*n_layer*n_embd*ctx (PaLM appendix B); N = every parameter except the token "
-                           "and position embedding tables, the LM head's matrix counted even when tied",
+                "and position embedding tables, the LM head's matrix counted even when tied",
             },
         }
 
 
-def param_report(cfg: ModelConfig, vocab_size: int, *, name: str = "", description: str = "",
-                 vocab_source: str = "given") -> ParamReport:
+def param_report(
+    cfg: ModelConfig, vocab_size: int, *, name: str = "", description: str = "", vocab_source: str = "given"
+) -> ParamReport:
     """Count ``cfg`` at ``vocab_size`` (built on the meta device)."""
     model = build_meta(cfg, vocab_size)
     counts = count(model)
@@ -259,8 +314,9 @@ def param_report(cfg: ModelConfig, vocab_size: int, *, name: str = "", descripti
         matmuls = untied or counts  # the head is a matmul whether or not its matrix is shared
         flops_n = matmuls.total - matmuls.components["token_embedding"] - matmuls.components["position_embedding"]
         flops_attention = sum(12 * m.n_embd * cfg.block_size for m in attns)  # per layer: 12 · n_embd · ctx
-    return ParamReport(name, description, cfg, vocab_size, vocab_source, counts, untied, tied, flops_n, flops_attention,
-                       len(attns))
+    return ParamReport(
+        name, description, cfg, vocab_size, vocab_source, counts, untied, tied, flops_n, flops_attention, len(attns)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +346,10 @@ def resolve(
     params = Path(params)
     refs = ", ".join(REFERENCES)
     if not params.exists():
-        raise ValueError(f"unknown configuration {name!r}: not a reference ({refs}) and no params file {params} "
-                         f"to look runs up in (pass --params PATH)")
+        raise ValueError(
+            f"unknown configuration {name!r}: not a reference ({refs}) and no params file {params} "
+            f"to look runs up in (pass --params PATH)"
+        )
     study = load_params(params)  # ParamsError (a ValueError) lists every problem
     if name not in study.runs:
         runs = ", ".join(study.runs) or "(none)"
@@ -303,13 +361,17 @@ def resolve(
         return run.model, vocab_size, desc, "--vocab-size"
     stats = Path(tokenizers_dir) / run.tokenizer / "stats.json"
     if not stats.exists():
-        raise ValueError(f"run {name!r}: vocabulary size unknown, {stats} does not exist yet; build the tokenizer "
-                         f"(dvc repro tokenize@{run.tokenizer}) or pass --vocab-size N")
+        raise ValueError(
+            f"run {name!r}: vocabulary size unknown, {stats} does not exist yet; build the tokenizer "
+            f"(dvc repro tokenize@{run.tokenizer}) or pass --vocab-size N"
+        )
     try:
         v = int(json.loads(stats.read_text(encoding="utf-8"))["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{stats} has no readable vocab_size ({e}); re-run dvc repro tokenize@{run.tokenizer} "
-                         f"or pass --vocab-size N") from None
+        raise ValueError(
+            f"{stats} has no readable vocab_size ({e}); re-run dvc repro tokenize@{run.tokenizer} "
+            f"or pass --vocab-size N"
+        ) from None
     return run.model, v, desc, str(stats)
 
 
@@ -325,8 +387,11 @@ def report_for(name: str, **kw: Any) -> ParamReport:
 
 def _shape(cfg: Any) -> str:
     keys = [("n_layer", "layers"), ("n_head", "heads"), ("n_embd", "n_embd"), ("n_hidden", "hidden")]
-    parts = [f"{getattr(cfg, k):,} {label}" if label != "n_embd" else f"n_embd {cfg.n_embd:,}"
-             for k, label in keys if hasattr(cfg, k)]
+    parts = [
+        f"{getattr(cfg, k):,} {label}" if label != "n_embd" else f"n_embd {cfg.n_embd:,}"
+        for k, label in keys
+        if hasattr(cfg, k)
+    ]
     if hasattr(cfg, "block_size"):
         parts.insert(0, f"context {cfg.block_size:,}")
     return ", ".join(parts)
@@ -339,20 +404,27 @@ def _mb(mb: float) -> str:
 def format_report(r: ParamReport) -> str:
     """The human-readable table of ``lm params``."""
     cfg = r.model
-    lines = [f"{r.name}: {r.description}" if r.name else r.description,
-             f"family {r.family}, vocab {r.vocab_size:,} ({r.vocab_source})" + (f", {_shape(cfg)}" if _shape(cfg) else "")]
+    lines = [
+        f"{r.name}: {r.description}" if r.name else r.description,
+        f"family {r.family}, vocab {r.vocab_size:,} ({r.vocab_source})" + (f", {_shape(cfg)}" if _shape(cfg) else ""),
+    ]
     if r.tied is not None:
         lines[-1] += f"; head {'tied' if cfg.tie_weights else 'untied'} as configured"
     views: list[tuple[str, Counts]] = (
-        [("untied head" + (" *" if not cfg.tie_weights else ""), r.untied),
-         ("tied head" + (" *" if cfg.tie_weights else ""), r.tied)]
-        if r.tied is not None and r.untied is not None else [("parameters", r.counts)]
+        [
+            ("untied head" + (" *" if not cfg.tie_weights else ""), r.untied),
+            ("tied head" + (" *" if cfg.tie_weights else ""), r.tied),
+        ]
+        if r.tied is not None and r.untied is not None
+        else [("parameters", r.counts)]
     )
     blocks = r.counts.blocks
     same = bool(blocks) and all(b == blocks[0] for b in blocks)
     block_head = f"per block (x{len(blocks)})" if same else ("block 0" if blocks else "")
 
-    rows: list[list[str]] = [["component"] + [v for name, _ in views for v in (name, "")] + ([block_head] if blocks else [])]
+    rows: list[list[str]] = [
+        ["component"] + [v for name, _ in views for v in (name, "")] + ([block_head] if blocks else [])
+    ]
     for comp in COMPONENTS:
         row = [LABELS[comp]]
         for _, c in views:
@@ -380,15 +452,22 @@ def format_report(r: ParamReport) -> str:
     if r.tied is not None:
         lines.append("(* as configured)")
     lines.append("")
-    sizes = "   ".join(f"{name.rstrip(' *')}: " + ", ".join(f"{_mb(mb)} MB {dt}" for dt, mb in c.megabytes().items())
-                       for name, c in views)
+    sizes = "   ".join(
+        f"{name.rstrip(' *')}: " + ", ".join(f"{_mb(mb)} MB {dt}" for dt, mb in c.megabytes().items())
+        for name, c in views
+    )
     lines.append(f"size (parameters only, 1 MB = 2**20 bytes)   {sizes}")
     if r.flops_per_token is None:
         lines.append("training FLOPs per token   none: bigram_counts is fitted by counting, not by gradient steps")
     else:
         att = f" + 12 x {r.n_attention_layers} x {cfg.n_embd:,} x {cfg.block_size:,}" if r.flops_attention else ""
         lookup = " (only lookup tables: no matmuls)" if r.flops_n == 0 else ""
-        lines.append(f"training FLOPs per token   6N + 12·n_layer·n_embd·ctx = 6 x {r.flops_n:,}{att} = {r.flops_per_token:,}{lookup}")
-        lines.append("  (PaLM app. B; N = every parameter except the token and position embedding lookups, "
-                     "the LM head's matrix counted even when tied)")
+        lines.append(
+            "training FLOPs per token   6N + 12·n_layer·n_embd·ctx = "
+            f"6 x {r.flops_n:,}{att} = {r.flops_per_token:,}{lookup}"
+        )
+        lines.append(
+            "  (PaLM app. B; N = every parameter except the token and position embedding lookups, "
+            "the LM head's matrix counted even when tied)"
+        )
     return "\n".join(lines)

@@ -51,8 +51,17 @@ def fingerprint(run: RunConfig, tok_dir: Path) -> str:
     return h.hexdigest()
 
 
-def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, *, logger: NullTracker | None = None,
-              log_weights: bool = False, progress: bool = True) -> dict:
+def train_run(
+    name: str,
+    run: RunConfig,
+    tok_dir: Path,
+    out: Path,
+    curve: Path,
+    *,
+    logger: NullTracker | None = None,
+    log_weights: bool = False,
+    progress: bool = True,
+) -> dict:
     """Build, fit and checkpoint one run; every output appears at once (atomic directory). `logger` gets
     the curve as it is made, then the summary and the files (model.safetensors only if `log_weights`).
 
@@ -73,8 +82,17 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, vocab_size)
     state = checkpoint.state_dir_for(out)
-    result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress, state_dir=state,
-                 fingerprint=fingerprint(run, tok_dir))
+    result = fit(
+        model,
+        train,
+        val,
+        run.train,
+        device=device,
+        logger=logger,
+        progress=progress,
+        state_dir=state,
+        fingerprint=fingerprint(run, tok_dir),
+    )
     # Only numbers that a rerun reproduces bit for bit: timing lives in the curve and in MLflow.
     summary = {
         "run": name,
@@ -85,8 +103,14 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
         "val_loss": result.curve[-1]["val_loss"],
         "tokens": result.tokens,
     }
-    timing = {"train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s, "device": str(device),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    timing = {
+        "train_seconds": result.train_seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
     if rank != 0:
         return {**summary, **timing}
     with atomic_dir(out) as tmp:
@@ -99,8 +123,15 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     atomic_write_text(curve, buf.getvalue())
     shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
     # Final numbers under their own names: the step metrics' histories keep one point per evaluation.
-    logger.log_metrics({"params": summary["params"], "steps": summary["steps"], "tokens": summary["tokens"],
-                        "train_seconds": timing["train_seconds"]}, step=result.steps)
+    logger.log_metrics(
+        {
+            "params": summary["params"],
+            "steps": summary["steps"],
+            "tokens": summary["tokens"],
+            "train_seconds": timing["train_seconds"],
+        },
+        step=result.steps,
+    )
     logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
     for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
@@ -109,8 +140,17 @@ def train_run(name: str, run: RunConfig, tok_dir: Path, out: Path, curve: Path, 
     return {**summary, **timing}
 
 
-def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig, metrics_path: Path,
-                 samples_path: Path, *, device: str = "cpu", logger: NullTracker | None = None) -> dict:
+def evaluate_run(
+    name: str,
+    model_dir: Path,
+    tok_dir: Path,
+    cfg: EvaluateConfig,
+    metrics_path: Path,
+    samples_path: Path,
+    *,
+    device: str = "cpu",
+    logger: NullTracker | None = None,
+) -> dict:
     """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples;
     `logger` gets the same numbers (params_by_component as params/<component>) and both files."""
     logger = logger or NullTracker()
@@ -141,8 +181,10 @@ def evaluate_run(name: str, model_dir: Path, tok_dir: Path, cfg: EvaluateConfig,
     write_json(metrics_path, out)
     atomic_write_text(samples_path, sep.join(texts) + "\n")
     # One metrics dict feeds the JSON, MLflow and the report (train/steps is the run's last step).
-    logger.log_metrics({k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
-                       step=int(out.get("train/steps", 0)))
+    logger.log_metrics(
+        {k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
+        step=int(out.get("train/steps", 0)),
+    )
     logger.set_tags({"device": str(device), "torch": torch.__version__})
     logger.log_artifact(metrics_path, "metrics")
     logger.log_artifact(samples_path, "samples")

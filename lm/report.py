@@ -36,28 +36,36 @@ def run_table(study: StudyConfig, metrics_dir: Path, curves_dir: Path) -> pd.Dat
         m = json.loads((metrics_dir / f"{name}.json").read_text())
         last = pd.read_csv(curves_dir / f"{name}.csv").iloc[-1]
         tok = study.tokenizers[run.tokenizer]
-        rows.append({
-            "run": name,
-            "corpus": tok.corpus,
-            "tokenizer": run.tokenizer,
-            "family": run.model.family,
-            "params": m["params"],
-            "val loss": m["val/loss"],
-            "val bpc": m["val/bpc"],
-            "val ppl": m["val/ppl"],
-            "test loss": m.get("test/loss", math.nan),
-            "train s": float(last["elapsed_s"]),
-            "tokens/s": float(last["tokens_per_s"]),
-            "params_by_component": m["params_by_component"],
-        })
+        rows.append(
+            {
+                "run": name,
+                "corpus": tok.corpus,
+                "tokenizer": run.tokenizer,
+                "family": run.model.family,
+                "params": m["params"],
+                "val loss": m["val/loss"],
+                "val bpc": m["val/bpc"],
+                "val ppl": m["val/ppl"],
+                "test loss": m.get("test/loss", math.nan),
+                "train s": float(last["elapsed_s"]),
+                "tokens/s": float(last["tokens_per_s"]),
+                "params_by_component": m["params_by_component"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
     shown = df.drop(columns=["params_by_component"]).copy()
     shown["params"] = shown["params"].map("{:,}".format)
-    for col, fmt in [("val loss", "{:.4f}"), ("val bpc", "{:.4f}"), ("val ppl", "{:.2f}"), ("test loss", "{:.4f}"),
-                     ("train s", "{:.1f}"), ("tokens/s", "{:,.0f}")]:
+    for col, fmt in [
+        ("val loss", "{:.4f}"),
+        ("val bpc", "{:.4f}"),
+        ("val ppl", "{:.2f}"),
+        ("test loss", "{:.4f}"),
+        ("train s", "{:.1f}"),
+        ("tokens/s", "{:,.0f}"),
+    ]:
         shown[col] = shown[col].map(lambda v, f=fmt: "" if pd.isna(v) else f.format(v))
     return shown.to_markdown(index=False)
 
@@ -98,7 +106,10 @@ def plot_bigram_heatmaps(counted: torch.Tensor, learned: torch.Tensor, labels: l
     """Seed 000 figs. 1-2: P(next | current) from counts and from gradient descent, side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.6))
     vmax = float(max(counted.max(), learned.max()))  # one colour scale, so the two tables compare
-    for ax, probs, title in [(axes[0], counted, "counted (+k smoothing)"), (axes[1], learned, "learned by gradient descent")]:
+    for ax, probs, title in [
+        (axes[0], counted, "counted (+k smoothing)"),
+        (axes[1], learned, "learned by gradient descent"),
+    ]:
         im = ax.imshow(probs.numpy(), cmap="Blues", vmin=0, vmax=vmax)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -141,16 +152,28 @@ def plot_bpc_vs_params(table: pd.DataFrame, out: Path) -> None:
     for i, (corpus, g) in enumerate(table.groupby("corpus", sort=False)):
         ax.scatter(g["params"], g["val bpc"], color=f"C{i}", label=corpus, s=36)
         for _, r in g.iterrows():
-            ax.annotate(r["run"].removeprefix(f"{corpus}-"), (r["params"], r["val bpc"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                r["run"].removeprefix(f"{corpus}-"),
+                (r["params"], r["val bpc"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
     ax.set(xscale="log", xlabel="parameters", ylabel="val bits per character", title="The ladder: bpc against size")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     _save(fig, out)
 
 
-def write_report(study: StudyConfig, metrics_dir: Path, curves_dir: Path, models_dir: Path, tokenizers_dir: Path,
-                 samples_dir: Path, out_dir: Path) -> pd.DataFrame:
+def write_report(
+    study: StudyConfig,
+    metrics_dir: Path,
+    curves_dir: Path,
+    models_dir: Path,
+    tokenizers_dir: Path,
+    samples_dir: Path,
+    out_dir: Path,
+) -> pd.DataFrame:
     """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table."""
     from lm import checkpoint
     from lm.tokenizer import load_tokenizer
@@ -176,17 +199,29 @@ def write_report(study: StudyConfig, metrics_dir: Path, curves_dir: Path, models
             labels_cache[run.tokenizer] = _char_labels(load_tokenizer(tokenizers_dir / run.tokenizer), v)
         return model, labels_cache[run.tokenizer]
 
-    pair = next(((tok, by_family[(tok, "bigram_counts")], by_family[(tok, "bigram_nn")]) for tok, fam in by_family
-                 if fam == "bigram_counts" and (tok, "bigram_nn") in by_family
-                 and study.tokenizers[tok].kind == "char"), None)
+    pair = next(
+        (
+            (tok, by_family[(tok, "bigram_counts")], by_family[(tok, "bigram_nn")])
+            for tok, fam in by_family
+            if fam == "bigram_counts" and (tok, "bigram_nn") in by_family and study.tokenizers[tok].kind == "char"
+        ),
+        None,
+    )
     if pair:
         tok, counted_run, learned_run = pair
         counted, labels = weights(counted_run)
         learned, _ = weights(learned_run)
-        probs = [torch.softmax(m(torch.arange(len(labels))[:, None])[0][:, 0].float(), dim=-1).detach() for m in (counted, learned)]
+        probs = [
+            torch.softmax(m(torch.arange(len(labels))[:, None])[0][:, 0].float(), dim=-1).detach()
+            for m in (counted, learned)
+        ]
         plot_bigram_heatmaps(probs[0], probs[1], labels, fig_dir / "bigram_heatmaps.png")
         made.append("bigram_heatmaps")
-    emb_runs = [n for n, r in study.runs.items() if r.model.family in ("mlp", "wavenet") and study.tokenizers[r.tokenizer].kind == "char"]
+    emb_runs = [
+        n
+        for n, r in study.runs.items()
+        if r.model.family in ("mlp", "wavenet") and study.tokenizers[r.tokenizer].kind == "char"
+    ]
     if emb_runs:
         embeddings, labels = {}, None
         for n in emb_runs:

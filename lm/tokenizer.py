@@ -240,10 +240,12 @@ def tokenize_corpus(
         expected = text.translate({ord(c): UNK for c in oov[split]}) if oov[split] else text
         decoded = tok.decode(ids.tolist(), skip_special_tokens=False)
         if decoded != expected:
-            at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected))
+            )
             raise TokenizerError(
                 f"tokenizer {name!r}: {split} split does not round-trip (first difference at character {at}: "
-                f"{expected[at:at + 20]!r} came back as {decoded[at:at + 20]!r})"
+                f"{expected[at : at + 20]!r} came back as {decoded[at : at + 20]!r})"
             )
         arrays[split] = ids
         stats["splits"][split] = {
@@ -280,7 +282,9 @@ def load_ids(dir: str | Path, split: str) -> np.ndarray:
         raise FileNotFoundError(f"{dir}: no split {split!r}; available: {', '.join(stats['splits'])}")
     path, dtype, n = dir / f"{split}.bin", np.dtype(stats["dtype"]), stats["splits"][split]["tokens"]
     if path.stat().st_size != n * dtype.itemsize:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {n} {dtype.name} tokens; re-run the tokenize stage")
+        raise ValueError(
+            f"{path}: {path.stat().st_size} bytes, expected {n} {dtype.name} tokens; re-run the tokenize stage"
+        )
     if n == 0:  # np.memmap refuses empty files
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))

@@ -34,8 +34,10 @@ PROBE_TIMEOUT_S = 5.0
 """How long the reachability probe of an http(s) server waits (MLflow's own client retries for minutes)."""
 MAX_PARAM_CHARS = 6000
 """MLflow's limit on a param value."""
-SERVER_FIX = ("start it, or point MLFLOW_TRACKING_URI at a running server (unset, runs go to the project's "
-              "sqlite:///<project>/mlflow.db)")
+SERVER_FIX = (
+    "start it, or point MLFLOW_TRACKING_URI at a running server (unset, runs go to the project's "
+    "sqlite:///<project>/mlflow.db)"
+)
 STUDY_ROLE, STAGE_ROLE = "study", "stage"
 """Values of the ``lm.role`` tag: the parent run of one pipeline invocation, or one stage instance."""
 
@@ -96,8 +98,9 @@ def _file_md5(path: Path) -> str:
 def tree_md5(root: Path, files: Iterable[Path]) -> str:
     """DVC 3's directory hash of `files` (below `root`): md5 of the JSON list of {md5, relpath} sorted
     by relpath, plus '.dir' (dvc_data's Tree.digest)."""
-    entries = sorted(({"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files),
-                     key=lambda e: e["relpath"])
+    entries = sorted(
+        ({"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files), key=lambda e: e["relpath"]
+    )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
@@ -117,15 +120,21 @@ def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
     metrics/ mid-repro, which would make every later stage 'dirty'. Empty outside a git repository."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=normal", "--", *inputs).splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {}
-    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(changed)).lower(),
-            **({"git.dirty_files": " ".join(line[3:] for line in changed)[:4000]} if changed else {})}
+    return {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git.dirty": str(bool(changed)).lower(),
+        **({"git.dirty_files": " ".join(line[3:] for line in changed)[:4000]} if changed else {}),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +169,9 @@ class Tracker(NullTracker):
     """One MLflow run (a stage instance); use as a context manager: it ends the run FINISHED, FAILED
     (an exception, incl. a stage's SystemExit) or KILLED (Ctrl-C), and its parent with it."""
 
-    def __init__(self, client: Any, run_id: str, parent_id: str | None, uri: str, required: bool,
-                 warn: Callable[[str], None]):
+    def __init__(
+        self, client: Any, run_id: str, parent_id: str | None, uri: str, required: bool, warn: Callable[[str], None]
+    ):
         self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
         self.required, self.warn = required, warn
         from mlflow.entities import Metric, RunTag
@@ -265,16 +275,19 @@ def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise TrackingError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore --experiment-id "
-                            f"{exp.experiment_id}`) or choose another tracking.experiment")
+        raise TrackingError(
+            f"experiment {name!r} is deleted: restore it (`mlflow experiments restore --experiment-id "
+            f"{exp.experiment_id}`) or choose another tracking.experiment"
+        )
     return exp.experiment_id
 
 
 def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
     """The group's parent run, created by its first stage; later stages mark it RUNNING again."""
     key = group.key.replace("\\", "\\\\").replace("'", "\\'")
-    found = client.search_runs([experiment_id], f"tags.`lm.study_run` = '{key}' and tags.`lm.role` = '{STUDY_ROLE}'",
-                               max_results=1)
+    found = client.search_runs(
+        [experiment_id], f"tags.`lm.study_run` = '{key}' and tags.`lm.role` = '{STUDY_ROLE}'", max_results=1
+    )
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
@@ -282,9 +295,18 @@ def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
     return client.create_run(experiment_id, run_name=group.name, tags=tags).info.run_id
 
 
-def open_run(cfg: TrackingConfig, uri: str, name: str, *, params: Mapping[str, str], tags: Mapping[str, str],
-             group: Group | None = None, artifact_root: Path | None = None,
-             echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> NullTracker:
+def open_run(
+    cfg: TrackingConfig,
+    uri: str,
+    name: str,
+    *,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    group: Group | None = None,
+    artifact_root: Path | None = None,
+    echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> NullTracker:
     """Start the MLflow run `name` (the DVC stage, e.g. 'train@names-mlp') with its params and tags.
 
     `artifact_root`: where a *new* experiment keeps its artifacts when the store is local (sqlite):
@@ -311,12 +333,18 @@ def open_run(cfg: TrackingConfig, uri: str, name: str, *, params: Mapping[str, s
     except TrackingError as e:
         error: Exception = e
     except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
-        error = TrackingError(f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]}): check that the "
-                              f"store is reachable and writable")
+        error = TrackingError(
+            f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]}): check that the "
+            f"store is reachable and writable"
+        )
     else:
         tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn)
         tracker._call("log params", client.log_batch, run_id, params=[Param(k, v) for k, v in params.items()])
-        where = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if probe_able(uri) else f"run {run_id} in {uri}"
+        where = (
+            f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+            if probe_able(uri)
+            else f"run {run_id} in {uri}"
+        )
         echo(f"mlflow: {name} → {where}")
         return tracker
     if cfg.required:

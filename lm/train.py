@@ -107,7 +107,9 @@ def _autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device, dtype="float32") -> float:
+def estimate_loss(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device, dtype="float32"
+) -> float:
     """Mean loss per target token over fixed batches, in eval mode (BatchNorm uses running stats)."""
     was_training = model.training
     model.eval()
@@ -117,7 +119,9 @@ def estimate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
         with _autocast(device, dtype):
             logits, _ = model(x)
         n = int((y != -1).sum())
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum"
+        )
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -255,8 +259,10 @@ def fit(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     chunks = world * cfg.grad_accum
     if cfg.batch_size % chunks:
-        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by {world} processes x train.grad_accum "
-                         f"{cfg.grad_accum}: choose a batch size that is a multiple of {chunks}")
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} is not divisible by {world} processes x train.grad_accum "
+            f"{cfg.grad_accum}: choose a batch size that is a multiple of {chunks}"
+        )
 
     # A fixed validation subset, drawn once from its own stream so it never depends on training.
     val_rng = np.random.default_rng([cfg.seed, 1])
@@ -282,9 +288,14 @@ def fit(
 
             tensors, scalars = _state_tensors(model, optimizer)
             s = random.getstate()
-            meta = {"step": prog.step, "fingerprint": fingerprint, "optim_scalars": scalars,
-                    "numpy_rng": rng.bit_generator.state, "python_rng": [s[0], list(s[1]), s[2]],
-                    "progress": asdict(prog)}
+            meta = {
+                "step": prog.step,
+                "fingerprint": fingerprint,
+                "optim_scalars": scalars,
+                "numpy_rng": rng.bit_generator.state,
+                "python_rng": [s[0], list(s[1]), s[2]],
+                "progress": asdict(prog),
+            }
             save_state(Path(state_dir), tensors, meta)
         if world > 1:
             dist.barrier()
@@ -294,12 +305,21 @@ def fit(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
+        )
     fwd = torch.compile(ddp) if cfg.compile else ddp
     model.train()
 
-    bar = tqdm(range(prog.step, cfg.max_steps), initial=prog.step, total=cfg.max_steps, desc="train",
-               disable=not progress or rank != 0, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(
+        range(prog.step, cfg.max_steps),
+        initial=prog.step,
+        total=cfg.max_steps,
+        desc="train",
+        disable=not progress or rank != 0,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     with _StopFlag() as stop:
         for step in bar:
             lr = lr_at(step, cfg)
@@ -314,8 +334,8 @@ def fit(
             size = cfg.batch_size // chunks
             mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)
             for j, c in enumerate(mine):
-                xc = x[c * size:(c + 1) * size].to(device, non_blocking=True)
-                yc = y[c * size:(c + 1) * size].to(device, non_blocking=True)
+                xc = x[c * size : (c + 1) * size].to(device, non_blocking=True)
+                yc = y[c * size : (c + 1) * size].to(device, non_blocking=True)
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with ddp.no_sync() if world > 1 and j < cfg.grad_accum - 1 else nullcontext():
                     with _autocast(device, cfg.dtype):
@@ -330,10 +350,15 @@ def fit(
                 dist.all_reduce(signals)  # the global loss, and whether any rank was asked to stop
             loss_value = float(signals[0])  # syncs the device, so the timing below is honest
             if not math.isfinite(loss_value):
-                where = (f"the last good checkpoint is {state_dir} (step {last_saved})" if last_saved is not None
-                         else "no checkpoint was saved before it")
-                raise DivergedError(f"loss became {loss_value} at step {step} (lr {lr:.3g}); {where}: "
-                                    "lower train.lr or raise train.warmup_steps")
+                where = (
+                    f"the last good checkpoint is {state_dir} (step {last_saved})"
+                    if last_saved is not None
+                    else "no checkpoint was saved before it"
+                )
+                raise DivergedError(
+                    f"loss became {loss_value} at step {step} (lr {lr:.3g}); {where}: "
+                    "lower train.lr or raise train.warmup_steps"
+                )
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -357,24 +382,37 @@ def fit(
                 prog.curve.append(row)
                 if rank == 0:
                     logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=prog.step)
-                bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
+                )
                 if on_eval:
                     on_eval(row)
             if prog.step < cfg.max_steps:
                 if bool(signals[1]):
                     if state_dir is None:
-                        raise Interrupted(f"interrupted at step {prog.step}/{cfg.max_steps} (no state directory to save to)")
+                        raise Interrupted(
+                            f"interrupted at step {prog.step}/{cfg.max_steps} (no state directory to save to)"
+                        )
                     save()
-                    raise Interrupted(f"interrupted at step {prog.step}/{cfg.max_steps}; the training state is saved "
-                                      f"in {state_dir}: run the stage again to resume from there")
+                    raise Interrupted(
+                        f"interrupted at step {prog.step}/{cfg.max_steps}; the training state is saved "
+                        f"in {state_dir}: run the stage again to resume from there"
+                    )
                 if saving and prog.step % cfg.checkpoint_interval == 0:
                     save()
     model.eval()
-    result.curve, result.steps, result.train_seconds, result.tokens = prog.curve, cfg.max_steps, prog.t_train, prog.tokens
+    result.curve, result.steps, result.train_seconds, result.tokens = (
+        prog.curve,
+        cfg.max_steps,
+        prog.t_train,
+        prog.tokens,
+    )
     return result
 
 
-def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, device, logger, result: FitResult) -> FitResult:
+def _fit_by_counting(
+    model, train: Batches, val: Batches, cfg: TrainConfig, device, logger, result: FitResult
+) -> FitResult:
     """Fit a count model (bigram_counts) with one pass over the training split in fixed order."""
     t0 = time.perf_counter()
     for x, y in train.iterate(4096):

@@ -120,16 +120,25 @@ def study_group(env: Mapping[str, str], git: Mapping[str, str]) -> Group | None:
         return Group(f"env:{key}", key, tags)
     if exp := env.get("DVC_EXP_NAME", "").strip():
         base = env.get("DVC_EXP_BASELINE_REV", "")
-        return Group(f"exp:{exp}:{invocation}", f"exp {exp} (from {base[:7] or commit})",
-                     {**tags, "dvc.exp_name": exp, "dvc.exp_baseline": base})
+        return Group(
+            f"exp:{exp}:{invocation}",
+            f"exp {exp} (from {base[:7] or commit})",
+            {**tags, "dvc.exp_name": exp, "dvc.exp_baseline": base},
+        )
     if proc:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(proc[1]))
         return Group(f"dvc:{invocation}", f"repro {started} ({commit})", tags)
     return None
 
 
-def tracker(cfg: StudyConfig, stage: str, params: Mapping[str, Any], *, tags: Mapping[str, str] | None = None,
-            deps: Sequence[Path] = ()) -> NullTracker:
+def tracker(
+    cfg: StudyConfig,
+    stage: str,
+    params: Mapping[str, Any],
+    *,
+    tags: Mapping[str, str] | None = None,
+    deps: Sequence[Path] = (),
+) -> NullTracker:
     """Open this stage instance's MLflow run (a no-op tracker when tracking is off); exit 1 with a
     message naming the URI, before any work, when the store is unreachable and tracking is required.
 
@@ -153,8 +162,16 @@ def tracker(cfg: StudyConfig, stage: str, params: Mapping[str, Any], *, tags: Ma
         **(tags or {}),
     }
     try:
-        return open_run(cfg.tracking, uri, stage, params=flatten(params), tags=all_tags, group=study_group(env, git),
-                        artifact_root=None if probe_able(uri) else root / "mlartifacts", warn=warn)
+        return open_run(
+            cfg.tracking,
+            uri,
+            stage,
+            params=flatten(params),
+            tags=all_tags,
+            group=study_group(env, git),
+            artifact_root=None if probe_able(uri) else root / "mlartifacts",
+            warn=warn,
+        )
     except TrackingError as e:
         fail(f"{stage}: {e}")
 

@@ -22,8 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     corpus = cfg.tokenizers[run.tokenizer].corpus
     # The run's params too, so evaluate runs compare by lr, n_embd, ... next to their metrics in the UI.
     params = {"corpus": corpus, **run.model_dump(mode="json"), "evaluate": cfg.evaluate.model_dump(mode="json")}
-    tracked = tracker(cfg, stage, params, deps=[args.model, args.tokenizer],
-                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family})
+    tracked = tracker(
+        cfg,
+        stage,
+        params,
+        deps=[args.model, args.tokenizer],
+        tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family},
+    )
 
     from lm.checkpoint import CheckpointError
     from lm.pipeline import evaluate_run
@@ -31,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     deterministic()
     with tracked:
         try:
-            m = evaluate_run(args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked)
+            m = evaluate_run(
+                args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked
+            )
         except (CheckpointError, ValueError, OSError) as e:
             fail(f"{stage}: {e}")
         outputs(tracked, args.metrics, args.samples)

@@ -28,17 +28,25 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.corpora[args.corpus]
     mirror = Path(m) if (m := os.environ.get("LM_DATA_MIRROR", "").strip()) else None
     origin = "mirror" if mirror and (mirror / cfg.filename).is_file() else "download"
-    tracked = tracker(params, f"fetch@{args.corpus}", {"corpus": args.corpus, "seed": params.seed, **cfg.model_dump(mode="json")},
-                      tags={"corpus": args.corpus, "origin": origin})
+    tracked = tracker(
+        params,
+        f"fetch@{args.corpus}",
+        {"corpus": args.corpus, "seed": params.seed, **cfg.model_dump(mode="json")},
+        tags={"corpus": args.corpus, "origin": origin},
+    )
     with tracked:
         try:
             stats = prepare_corpus(args.corpus, cfg, params.seed, args.out, mirror, progress=sys.stderr.isatty())
         except (DataError, OutputError) as e:  # the message names the file and the fix
             fail(f"{args.corpus}: {e}")
-        tracked.log_metrics({**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")})
+        tracked.log_metrics(
+            {**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")}
+        )
         tracked.log_artifact(args.out / "stats.json")
         outputs(tracked, args.out)
-    sizes = " / ".join(f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items())
+    sizes = " / ".join(
+        f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items()
+    )
     unit = "examples" if cfg.format == "lines" else "chars"
     print(
         f"{args.corpus}: {cfg.filename} ({origin}, sha256 {cfg.sha256[:12]}…) → {sizes} {unit}, "

@@ -9,8 +9,13 @@ from stages.common import fail, outputs, parser, study, tracker
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("Write the study report (markdown table, figures, samples) from every run's metrics and checkpoint.")
-    for arg, what in [("metrics", "metrics JSON"), ("curves", "curve CSV"), ("models", "checkpoint"),
-                      ("tokenizers", "tokenizer"), ("samples", "samples")]:
+    for arg, what in [
+        ("metrics", "metrics JSON"),
+        ("curves", "curve CSV"),
+        ("models", "checkpoint"),
+        ("tokenizers", "tokenizer"),
+        ("samples", "samples"),
+    ]:
         p.add_argument(f"--{arg}", required=True, type=Path, help=f"directory of the runs' {what} files")
     p.add_argument("--out", required=True, type=Path, help="report directory (README.md, runs.csv, figures/)")
     args = p.parse_args(argv)
@@ -20,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"report: no metrics for runs {missing}: run `dvc repro` (their evaluate stages) first")
 
     params = {"report": cfg.report.model_dump(mode="json"), "runs": ",".join(cfg.runs)}
-    tracked = tracker(cfg, "report", params, deps=[args.metrics, args.curves, args.models, args.tokenizers, args.samples])
+    tracked = tracker(
+        cfg, "report", params, deps=[args.metrics, args.curves, args.models, args.tokenizers, args.samples]
+    )
 
     from lm.report import write_report
 

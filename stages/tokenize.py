@@ -18,7 +18,9 @@ from stages.common import entry, fail, outputs, parser, study, tracker
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("tokenizer", help="tokenizer name (a key of `tokenizers` in params)")
-    p.add_argument("--data", required=True, type=Path, help="prepared corpus folder (fetch stage output), e.g. data/names")
+    p.add_argument(
+        "--data", required=True, type=Path, help="prepared corpus folder (fetch stage output), e.g. data/names"
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder, e.g. tokenizers/names-char")
     args = p.parse_args(argv)
     params = study(args.params)
@@ -27,8 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.tokenizers[name]
     fmt = params.corpora[cfg.corpus].format
 
-    tracked = tracker(params, f"tokenize@{name}", {"tokenizer": name, **cfg.model_dump(mode="json")}, deps=[args.data],
-                      tags={"corpus": cfg.corpus, "tokenizer": name})
+    tracked = tracker(
+        params,
+        f"tokenize@{name}",
+        {"tokenizer": name, **cfg.model_dump(mode="json")},
+        deps=[args.data],
+        tags={"corpus": cfg.corpus, "tokenizer": name},
+    )
 
     from lm.data import DataError, load_splits  # lazily: datasets is slow to import
 
@@ -44,10 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     vocab = f"vocab {stats['vocab_size']}"
     if cfg.vocab_size is not None and stats["vocab_size"] != cfg.vocab_size:
         vocab += f" (asked {cfg.vocab_size}: the train split has too few merges)"
-    splits = " / ".join(f"{k} {v['tokens']:,} ({v['chars_per_token']:.2f} chars/tok)" for k, v in stats["splits"].items())
+    splits = " / ".join(
+        f"{k} {v['tokens']:,} ({v['chars_per_token']:.2f} chars/tok)" for k, v in stats["splits"].items()
+    )
     oov = sum(v["oov"] for v in stats["splits"].values())
-    print(f"{name}: {cfg.kind} on {cfg.corpus}, {vocab}, {stats['dtype']} → {splits} tokens"
-          f"{f', {oov:,} OOV chars → [UNK]' if oov else ''} → {args.out}")
+    print(
+        f"{name}: {cfg.kind} on {cfg.corpus}, {vocab}, {stats['dtype']} → {splits} tokens"
+        f"{f', {oov:,} OOV chars → [UNK]' if oov else ''} → {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,23 @@ def main(argv: list[str] | None = None) -> None:
     # torchrun's contract: RANK / WORLD_SIZE / LOCAL_RANK in the environment.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # Opened before the heavy imports and any training: an unreachable tracking server fails here.
-    tracked = tracker(cfg, stage, {"corpus": corpus, **run.model_dump(mode="json")}, deps=[args.tokenizer],
-                      tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family,
-                            "world_size": str(world)}) if rank == 0 else None
+    tracked = (
+        tracker(
+            cfg,
+            stage,
+            {"corpus": corpus, **run.model_dump(mode="json")},
+            deps=[args.tokenizer],
+            tags={
+                "lm.run": args.run,
+                "corpus": corpus,
+                "tokenizer": run.tokenizer,
+                "family": run.model.family,
+                "world_size": str(world),
+            },
+        )
+        if rank == 0
+        else None
+    )
 
     from lm import distributed
     from lm.checkpoint import CheckpointError
@@ -44,9 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with tracked:
             try:
-                summary = train_run(args.run, run, args.tokenizer, args.out, args.curve, logger=tracked,
-                                    log_weights=run.model.family in cfg.tracking.log_checkpoints,
-                                    progress=not args.no_progress)
+                summary = train_run(
+                    args.run,
+                    run,
+                    args.tokenizer,
+                    args.out,
+                    args.curve,
+                    logger=tracked,
+                    log_weights=run.model.family in cfg.tracking.log_checkpoints,
+                    progress=not args.no_progress,
+                )
             except Interrupted as e:
                 fail(f"{stage}: {e}", 130)
             except (DivergedError, CheckpointError, ValueError, RuntimeError, OSError) as e:
@@ -56,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         distributed.shutdown()
     if rank == 0:
-        print(f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
-              f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s")
+        print(
+            f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
+            f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s"
+        )
 
 
 if __name__ == "__main__":

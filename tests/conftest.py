@@ -154,7 +154,9 @@ GENERATED = ("dvc.lock", "metrics", "curves", "samples", "reports")
 def copy_project(repo_root: Path, dst: Path, params: str) -> Path:
     """`dst` as a user's fresh clone: the git-tracked files (working-tree versions) without the pipeline's
     outputs, `params` as params.yaml, committed in a git repo of its own. Returns `dst`."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(
+        b"\0"
+    )
     for f in filter(None, files):
         src = repo_root / f.decode()
         if src.is_file():

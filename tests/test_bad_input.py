@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import copy_project, dvc_env, sh
+
 from lm.batches import BatchError, for_model
 from lm.config import (
     BigramNNConfig,
@@ -54,8 +54,14 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 def corpus_cfg(raw: bytes, fmt: str = "text", port: int = 9, **clean) -> CorpusConfig:
     """A corpus whose pinned file is `raw` (so the checksum passes); the URL is a closed loopback port."""
-    return CorpusConfig(url=f"http://127.0.0.1:{port}/bad.txt", sha256=hashlib.sha256(raw).hexdigest(), filename="bad.txt",
-                        format=fmt, split=SplitConfig(train=0.8, val=0.2), clean=clean)
+    return CorpusConfig(
+        url=f"http://127.0.0.1:{port}/bad.txt",
+        sha256=hashlib.sha256(raw).hexdigest(),
+        filename="bad.txt",
+        format=fmt,
+        split=SplitConfig(train=0.8, val=0.2),
+        clean=clean,
+    )
 
 
 def prepare_bad(tmp_path: Path, raw: bytes, fmt: str = "text", **clean) -> tuple[str, Path]:
@@ -63,7 +69,9 @@ def prepare_bad(tmp_path: Path, raw: bytes, fmt: str = "text", **clean) -> tuple
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "bad.txt").write_bytes(raw)
     with pytest.raises(DataError) as e:
-        prepare_corpus("toy", corpus_cfg(raw, fmt, **clean), 1337, tmp_path / "data" / "toy", tmp_path / "mirror", retries=0)
+        prepare_corpus(
+            "toy", corpus_cfg(raw, fmt, **clean), 1337, tmp_path / "data" / "toy", tmp_path / "mirror", retries=0
+        )
     # Nothing written: no output folder, no scratch folder, no temp file; the mirror untouched.
     assert snapshot(tmp_path / "data") == {}
     assert snapshot(tmp_path / "mirror") == {"bad.txt": raw}
@@ -112,12 +120,20 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
     params["tokenizers"], params["runs"], params["tracking"] = {}, {}, {"enabled": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "toy"
-    r = subprocess.run([sys.executable, "-m", "stages.fetch", "toy", "--out", str(out), "--params", str(tmp_path / "params.yaml")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "LM_DATA_MIRROR": str(tmp_path / "mirror")})
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "toy", "--out", str(out), "--params", str(tmp_path / "params.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LM_DATA_MIRROR": str(tmp_path / "mirror")},
+    )
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert r.stderr.startswith(f"error: toy: {tmp_path / 'mirror' / 'bad.txt'}: text is not UTF-8") and "byte offset 10" in r.stderr
+    assert (
+        r.stderr.startswith(f"error: toy: {tmp_path / 'mirror' / 'bad.txt'}: text is not UTF-8")
+        and "byte offset 10" in r.stderr
+    )
     assert not (tmp_path / "data").exists() or snapshot(tmp_path / "data") == {}
 
 
@@ -128,7 +144,9 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
 def tokenized(tmp_path: Path, train: str, val: str) -> Path:
     """A char-tokenized text corpus on disk (what the tokenize stage writes)."""
     out = tmp_path / "tok"
-    tokenize_corpus(TokenizerConfig(corpus="c", kind="char"), {"train": [train], "val": [val]}, "text", out, name="c-char")
+    tokenize_corpus(
+        TokenizerConfig(corpus="c", kind="char"), {"train": [train], "val": [val]}, "text", out, name="c-char"
+    )
     return out
 
 
@@ -154,7 +172,9 @@ def test_val_split_shorter_than_one_window(tmp_path):
     assert msg.startswith(f"val split ({tok.resolve() / 'val.bin'}) has 8 tokens, fewer than block_size + 1 = 17")
     assert "set model.block_size <= 7" in msg and "a larger val fraction" in msg
     # The same split with a split name given by the caller, and one with a single token (no block_size fits).
-    with pytest.raises(BatchError, match=r"^val split has 1 token, fewer than block_size \+ 1 = 4 .*: give the split more text"):
+    with pytest.raises(
+        BatchError, match=r"^val split has 1 token, fewer than block_size \+ 1 = 4 .*: give the split more text"
+    ):
         for_model(MLPConfig(family="mlp", block_size=3), np.array([5]), "text", None, split="val")
 
 
@@ -165,8 +185,11 @@ def test_fixed_context_families_fit_their_window_to_a_short_split(tmp_path):
 
     tok = tokenized(tmp_path, "to be or not to be, that is the question", "the bias")
     vocab = load_stats(tok)["vocab_size"]
-    for model in [BigramNNConfig(family="bigram_nn"), MLPConfig(family="mlp", block_size=3),
-                  WaveNetConfig(family="wavenet", block_size=4, n_embd=4, n_hidden=8)]:
+    for model in [
+        BigramNNConfig(family="bigram_nn"),
+        MLPConfig(family="mlp", block_size=3),
+        WaveNetConfig(family="wavenet", block_size=4, n_embd=4, n_hidden=8),
+    ]:
         b = batches(tok, "val", model)
         scored = [int(t) for _, y in b.iterate(4) for t in y.flatten().tolist() if t != -1]
         assert scored == load_ids(tok, "val")[1:].tolist()  # every target once, as with long splits
@@ -255,8 +278,11 @@ def test_atomic_dir_replaces_a_file_and_an_empty_dir(tmp_path):
     for name in ("f", "d"):
         with atomic_dir(tmp_path / name) as tmp:
             fill_dir(tmp)
-    assert snapshot(tmp_path) == {f"{n}{p}": v for n in ("f", "d")
-                                  for p, v in {"": None, "/a.txt": b"new a", "/sub": None, "/sub/b.bin": b"new b"}.items()}
+    assert snapshot(tmp_path) == {
+        f"{n}{p}": v
+        for n in ("f", "d")
+        for p, v in {"": None, "/a.txt": b"new a", "/sub": None, "/sub/b.bin": b"new b"}.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -287,23 +313,33 @@ def test_tokenize_disk_full_keeps_the_previous_tokenizer(tmp_path, monkeypatch):
     tokenize_corpus(cfg, {"train": ["abc abc"], "val": ["cab"]}, "text", out)
     before = snapshot(tmp_path)
     monkeypatch.setattr("os.fsync", failing(ENOSPC, os.fsync))
-    with pytest.raises(OutputError, match=f"^cannot write {re.escape(str(out))}: No space left on device; free disk space"):
+    with pytest.raises(
+        OutputError, match=f"^cannot write {re.escape(str(out))}: No space left on device; free disk space"
+    ):
         tokenize_corpus(cfg, {"train": ["abcd abcd"], "val": ["dcba"]}, "text", out)
     assert snapshot(tmp_path) == before
 
 
 def test_fetch_disk_full_keeps_the_previous_corpus(mirror, unused_port, tmp_path, monkeypatch):
-    cfg = CorpusConfig(url=f"http://127.0.0.1:{unused_port}/names.txt", filename="names.txt", format="lines",
-                       sha256="0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-                       split=SplitConfig(train=0.8, val=0.1, test=0.1))
+    cfg = CorpusConfig(
+        url=f"http://127.0.0.1:{unused_port}/names.txt",
+        filename="names.txt",
+        format="lines",
+        sha256="0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+        split=SplitConfig(train=0.8, val=0.1, test=0.1),
+    )
     out = tmp_path / "data" / "names"
     prepare_corpus("names", cfg, 1337, out, mirror, retries=0)
     before = snapshot(tmp_path)
-    read_only = f"^cannot write {re.escape(str(out))}: Read-only file system; make {re.escape(str(out.parent))} writable"
+    read_only = (
+        f"^cannot write {re.escape(str(out))}: Read-only file system; make {re.escape(str(out.parent))} writable"
+    )
 
     # 1. the disk fills while the raw file is copied from the mirror
     monkeypatch.setattr("os.fsync", failing(ENOSPC, os.fsync))
-    with pytest.raises(DataError, match=r"cannot copy mirror file .*names.txt.*No space left on device; check permissions and free"):
+    with pytest.raises(
+        DataError, match=r"cannot copy mirror file .*names.txt.*No space left on device; check permissions and free"
+    ):
         prepare_corpus("names", cfg, 1337, out, mirror, retries=0)
     assert snapshot(tmp_path) == before
     monkeypatch.undo()
@@ -350,7 +386,9 @@ def test_stages_report_a_full_disk_in_one_line(mirror, tmp_path, monkeypatch, ca
     monkeypatch.setenv("LM_DATA_MIRROR", str(mirror))
     data, tok = tmp_path / "data" / "names", tmp_path / "tokenizers" / "names-char"
     stages.fetch.main(["names", "--out", str(data), "--params", str(tmp_path / "params.yaml")])
-    stages.tokenize.main(["names-char", "--data", str(data), "--out", str(tok), "--params", str(tmp_path / "params.yaml")])
+    stages.tokenize.main(
+        ["names-char", "--data", str(data), "--out", str(tok), "--params", str(tmp_path / "params.yaml")]
+    )
     capsys.readouterr()
     before = snapshot(tmp_path)
 
@@ -384,8 +422,14 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
     env = dvc_env(LM_DATA_MIRROR=str(mirror), PYTHONUNBUFFERED="1")
     log = tmp_path / "first.log"
     with open(log, "w") as f:
-        first = subprocess.Popen(["dvc", "repro", "fetch@names"], cwd=project, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            ["dvc", "repro", "fetch@names"],
+            cwd=project,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     stopped = False
     try:
         deadline = time.monotonic() + 120

@@ -50,7 +50,7 @@ def test_a_machine_that_slows_down_keeps_the_longest_run_inside_the_budget():
 
 def test_when_no_run_fits_the_last_one_is_returned_for_the_report_to_flag():
     # Every run takes twice its predicted time: each rescaled guess overshoots again.
-    train, calls = clock(lambda n, k: 0.1 * 2 ** k)
+    train, calls = clock(lambda n, k: 0.1 * 2**k)
     steps, spent, result = fit_to_budget(train, budget=100.0, guess=600, tries=3)
     assert len(calls) == 3 and result == "run3" and spent > 102.0
 
@@ -77,12 +77,15 @@ def test_bench_generate_prints_speed_mfu_and_rss_and_checks_the_cache(capsys, tm
     assert not (tmp_path / "reports").exists()
 
 
-@pytest.mark.parametrize("ratio, flags, warns", [
-    (4.3, {"avx512f", "avx512_bf16"}, False),  # a quiet Zen 5
-    (2.2, {"avx512f", "avx512_bf16"}, True),   # the same machine throttled or shared
-    (2.2, {"amx_bf16"}, True),
-    (1.1, {"avx2"}, False),                    # no native bf16: nothing to expect
-])
+@pytest.mark.parametrize(
+    "ratio, flags, warns",
+    [
+        (4.3, {"avx512f", "avx512_bf16"}, False),  # a quiet Zen 5
+        (2.2, {"avx512f", "avx512_bf16"}, True),  # the same machine throttled or shared
+        (2.2, {"amx_bf16"}, True),
+        (1.1, {"avx2"}, False),  # no native bf16: nothing to expect
+    ],
+)
 def test_a_throttled_bf16_peak_is_flagged_only_where_bf16_is_native(ratio, flags, warns):
     from bench.train import bf16_caveat
 

@@ -66,7 +66,9 @@ def test_cross_references(good):
     d["tokenizers"]["x"] = {"corpus": "wiki", "kind": "char"}
     d["runs"] = {"r": {"tokenizer": "nope", "model": {"family": "bigram_nn"}}}
     got = problems(d)
-    assert any(p.startswith("tokenizers.x.corpus: got 'wiki'; must be one of ['names', 'oz', 'shakespeare']") for p in got)
+    assert any(
+        p.startswith("tokenizers.x.corpus: got 'wiki'; must be one of ['names', 'oz', 'shakespeare']") for p in got
+    )
     d["tokenizers"].pop("x")
     assert problems(d)[0].startswith("runs.r.tokenizer: got 'nope'; must be one of")
 
@@ -123,7 +125,9 @@ def test_cli_fails_fast_naming_the_key(tmp_path, good):
     r = subprocess.run([sys.executable, "-m", "lm.cli", "check-params", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "corpora.shakespeare.format: got 'prose'; input should be 'lines' or 'text'" in r.stderr
-    ok = subprocess.run([sys.executable, "-m", "lm.cli", "check-params", str(ROOT / "params.yaml")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "lm.cli", "check-params", str(ROOT / "params.yaml")], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "ok" in ok.stdout
 
 

@@ -38,9 +38,20 @@ def _train(root: Path, name: str, splits: dict, fmt: str, tok: dict, model: dict
     tok_dir = root / "tokenizers" / f"{name}-tok"
     if not tok_dir.exists():
         tokenize_corpus(TokenizerConfig(corpus="c", **tok), splits, fmt, tok_dir)
-    run = RunConfig.model_validate({"tokenizer": f"{name}-tok", "model": {"family": "gpt", "block_size": 16, "n_layer": 2,
-                                    "n_head": 2, "n_embd": 16, **model}, "train": {
-        "max_steps": 20, "batch_size": 8, "lr": 3e-3, "eval_interval": 20, "eval_batches": 1, "device": "cpu"}})
+    run = RunConfig.model_validate(
+        {
+            "tokenizer": f"{name}-tok",
+            "model": {"family": "gpt", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16, **model},
+            "train": {
+                "max_steps": 20,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "eval_interval": 20,
+                "eval_batches": 1,
+                "device": "cpu",
+            },
+        }
+    )
     train_run(name, run, tok_dir, root / "models" / name, root / f"{name}.csv", progress=False)
 
 
@@ -116,17 +127,29 @@ def test_tokenizer_loads_offline_and_encodes_as_ours(runs, name):
 
 @pytest.mark.parametrize(
     "key, reason",
-    [("norm_post", "norm 'post': GPT-2 normalises before each sublayer"),
-     ("head_bias_True", "head_bias true: GPT-2's lm_head has no bias"),
-     ("pos_sinusoidal", "pos 'sinusoidal': GPT-2 adds a learned position table")],
+    [
+        ("norm_post", "norm 'post': GPT-2 normalises before each sublayer"),
+        ("head_bias_True", "head_bias true: GPT-2's lm_head has no bias"),
+        ("pos_sinusoidal", "pos 'sinusoidal': GPT-2 adds a learned position table"),
+    ],
 )
 def test_configs_gpt2_cannot_express_are_refused(runs, key, reason, capsys):
     name = f"refused-{key}"
     with pytest.raises(ExportError, match="cannot export as Hugging Face GPT-2"):
         export_hf(runs / "models" / name, runs / "tokenizers" / f"{name}-tok", runs / "hf" / name)
     assert not (runs / "hf" / name).exists()
-    code = main(["export", name, "--out", str(runs / "hf" / name), "--models-dir", str(runs / "models"),
-                 "--tokenizers-dir", str(runs / "tokenizers")])
+    code = main(
+        [
+            "export",
+            name,
+            "--out",
+            str(runs / "hf" / name),
+            "--models-dir",
+            str(runs / "models"),
+            "--tokenizers-dir",
+            str(runs / "tokenizers"),
+        ]
+    )
     assert code == 2 and reason in capsys.readouterr().err
 
 
@@ -138,11 +161,28 @@ def test_other_families_are_refused():
 
 def test_lm_export_command(runs, capsys):
     out = runs / "hf" / "cli"
-    code = main(["export", "tied-bias", "--format", "hf", "--out", str(out), "--models-dir", str(runs / "models"),
-                 "--tokenizers-dir", str(runs / "tokenizers")])
+    code = main(
+        [
+            "export",
+            "tied-bias",
+            "--format",
+            "hf",
+            "--out",
+            str(out),
+            "--models-dir",
+            str(runs / "models"),
+            "--tokenizers-dir",
+            str(runs / "tokenizers"),
+        ]
+    )
     assert code == 0 and "GPT2LMHeadModel.from_pretrained" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert main(["export", "nope", "--out", str(out), "--models-dir", str(runs / "models")]) == 2
     assert "available runs:" in capsys.readouterr().err
 
@@ -151,8 +191,12 @@ def test_state_dict_names_and_shapes():
     from lm.export import hf_state_dict
 
     torch.manual_seed(0)
-    run = RunConfig.model_validate({"tokenizer": "t", "model": {"family": "gpt", "block_size": 8, "n_layer": 1, "n_head": 2,
-                                                                "n_embd": 8, "bias": False}})
+    run = RunConfig.model_validate(
+        {
+            "tokenizer": "t",
+            "model": {"family": "gpt", "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8, "bias": False},
+        }
+    )
     model = build_model(run.model, 5)
     sd = hf_state_dict(model, run)
     assert sd["transformer.h.0.attn.c_attn.weight"].shape == (8, 24)  # Conv1D: (in, out)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import Response
+
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
 from lm.data import DataError, clean_text, fetch, load_splits, load_stats, prepare_corpus, split_corpus, write_dataset
 
@@ -106,7 +106,10 @@ def test_mirror_with_wrong_hash_is_an_error_not_a_fallback(http_server, tmp_path
     (tmp_path / "m" / "f.txt").write_bytes(b"tampered")
     url = http_server.serve("/f.txt", BODY)  # a good download is available but must not be used
     msg = fails(url, tmp_path / "d" / "f.txt", mirror=tmp_path / "m")
-    assert f"sha256 mismatch for mirror file {tmp_path / 'm' / 'f.txt'}: expected {BODY_SHA}, got {sha(b'tampered')}" in msg
+    assert (
+        f"sha256 mismatch for mirror file {tmp_path / 'm' / 'f.txt'}: expected {BODY_SHA}, got {sha(b'tampered')}"
+        in msg
+    )
     assert http_server.requests == []
 
 
@@ -212,7 +215,13 @@ def test_write_and_load_roundtrip(tmp_path):
     assert load_splits(out) == splits
     assert load_stats(out) == stats == json.loads((out / "stats.json").read_text(encoding="utf-8"))
     assert stats["corpus"] == "toy"
-    assert stats["splits"]["train"] == {"examples": 2, "characters": 4, "lines": 2, "distinct_characters": 4, "alphabet": "abc\u00e9"}
+    assert stats["splits"]["train"] == {
+        "examples": 2,
+        "characters": 4,
+        "lines": 2,
+        "distinct_characters": 4,
+        "alphabet": "abc\u00e9",
+    }
     first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     write_dataset(splits, out, meta={"corpus": "toy"})  # replaces the folder; same input → same bytes
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
@@ -222,8 +231,13 @@ def test_write_and_load_roundtrip(tmp_path):
 
 
 def test_prepare_corpus_oz(mirror, unused_port, tmp_path):
-    cfg = CorpusConfig(url=f"http://127.0.0.1:{unused_port}/oz.txt", filename="wonderful_wizard_of_oz.txt",
-                       sha256="74a6f88582b1695274607c0a65d3cf89439757a947dd5ce9b44ae6f737b118ab", format="text", split=S_TEXT)
+    cfg = CorpusConfig(
+        url=f"http://127.0.0.1:{unused_port}/oz.txt",
+        filename="wonderful_wizard_of_oz.txt",
+        sha256="74a6f88582b1695274607c0a65d3cf89439757a947dd5ce9b44ae6f737b118ab",
+        format="text",
+        split=S_TEXT,
+    )
     stats = prepare_corpus("oz", cfg, 1337, tmp_path / "oz", mirror)
     s = load_splits(tmp_path / "oz")
     assert s["train"][0] + s["val"][0] == clean_text((mirror / cfg.filename).read_bytes(), CLEAN)
@@ -238,14 +252,25 @@ def test_prepare_corpus_oz(mirror, unused_port, tmp_path):
 
 def stage(repo_root: Path, tmp_path: Path, *args: str, mirror: Path | str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "LM_DATA_MIRROR": str(mirror), "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run([sys.executable, "-m", "stages.fetch", *args], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.fetch", *args],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
 def params_file(repo_root, tmp_path) -> Path:
     data = yaml.safe_load((repo_root / "params.yaml").read_text())
-    data = {"seed": 1337, "corpora": {"names": data["corpora"]["names"]}, "tokenizers": {}, "tracking": {"enabled": False}}
+    data = {
+        "seed": 1337,
+        "corpora": {"names": data["corpora"]["names"]},
+        "tokenizers": {},
+        "tracking": {"enabled": False},
+    }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -91,7 +91,9 @@ def test_bpe_trained_on_random_text_round_trips_any_text(train, other, vocab_siz
 )
 def test_tokenize_corpus_writes_what_decodes_to_every_split(cfg, fmt, data):
     part = any_text.filter(bool) if fmt == "text" else st.lists(any_line, min_size=1, max_size=5)
-    splits = {name: data.draw(part.map(lambda p: [p] if isinstance(p, str) else p), label=name) for name in ("train", "val")}
+    splits = {
+        name: data.draw(part.map(lambda p: [p] if isinstance(p, str) else p), label=name) for name in ("train", "val")
+    }
     with tempfile.TemporaryDirectory() as d:
         stats = tokenize_corpus(cfg, splits, fmt, Path(d) / "t")
         tok = load_tokenizer(Path(d) / "t")
@@ -106,12 +108,47 @@ def test_tokenize_corpus_writes_what_decodes_to_every_split(cfg, fmt, data):
 # ----------------------------------------------------------------------------------------------
 # params
 
-KEYS = ["corpora", "tokenizers", "runs", "seed", "evaluate", "report", "tracking", "model", "train", "family",
-        "gpt", "mlp", "split", "url", "sha256", "kind", "vocab_size", "names", "lr", "block_size", "n_head", "x",
-        "weight_decay", "grad_clip", "min_lr", "smoothing", "temperature", "dropout", "step_at", "max_steps"]
+KEYS = [
+    "corpora",
+    "tokenizers",
+    "runs",
+    "seed",
+    "evaluate",
+    "report",
+    "tracking",
+    "model",
+    "train",
+    "family",
+    "gpt",
+    "mlp",
+    "split",
+    "url",
+    "sha256",
+    "kind",
+    "vocab_size",
+    "names",
+    "lr",
+    "block_size",
+    "n_head",
+    "x",
+    "weight_decay",
+    "grad_clip",
+    "min_lr",
+    "smoothing",
+    "temperature",
+    "dropout",
+    "step_at",
+    "max_steps",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20), st.sampled_from(KEYS),
-    st.binary(max_size=8), st.dates(),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(KEYS),
+    st.binary(max_size=8),
+    st.dates(),
 )
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=12), st.integers(), st.none(), st.booleans(), st.floats())
 structures = st.recursive(
@@ -174,8 +211,13 @@ def test_random_structures_are_a_config_or_a_params_error(data):
 
 
 @FAST
-@given(st.one_of(structures.map(lambda d: yaml.safe_dump(d, allow_unicode=True, sort_keys=False)), st.text(max_size=200),
-                 st.text("{}[]?:-&*!|>'\"#%@`,. \n\tab01", max_size=60)))
+@given(
+    st.one_of(
+        structures.map(lambda d: yaml.safe_dump(d, allow_unicode=True, sort_keys=False)),
+        st.text(max_size=200),
+        st.text("{}[]?:-&*!|>'\"#%@`,. \n\tab01", max_size=60),
+    )
+)
 @example("{[1, 2]: x}\n")  # a list as a key
 @example("? {a: 1}\n: 2\n")  # a mapping as a key
 @example("corpora: {? [a] : 1}\ntokenizers: {}\n")  # ... inside a section
@@ -220,7 +262,9 @@ def numbers_like(x: int | float) -> st.SearchStrategy:
         return st.one_of(st.booleans(), st.integers(-1, 2))
     if isinstance(x, int):
         return st.one_of(edge, st.integers(), st.floats(allow_nan=True, allow_infinity=True))
-    return st.one_of(edge, st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.inf, -math.inf, math.nan]))
+    return st.one_of(
+        edge, st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.inf, -math.inf, math.nan])
+    )
 
 
 @FAST
@@ -241,7 +285,9 @@ def test_mutated_real_params_are_a_config_or_a_params_error(real, data):
             del parent[key]
         elif op == "replace":
             parent[key] = data.draw(wrong_values, label="value")
-        elif op == "perturb" and isinstance(parent[key], (int, float)):  # a number of the right kind, maybe out of range
+        elif op == "perturb" and isinstance(
+            parent[key], (int, float)
+        ):  # a number of the right kind, maybe out of range
             parent[key] = data.draw(numbers_like(parent[key]), label="number")
         elif op == "add" and isinstance(parent, dict):
             parent[data.draw(keys, label="new key")] = data.draw(wrong_values, label="value")

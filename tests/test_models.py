@@ -42,8 +42,17 @@ CONFIGS = {
     "block_post": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4, norm="post", dropout=0.1),
     "gpt": GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.1),
     "gpt_post_sin_tied": GPTConfig(
-        family="gpt", block_size=8, n_embd=16, n_head=2, n_layer=2, norm="post", pos="sinusoidal",
-        tie_weights=True, qkv_bias=True, head_bias=True, bias=False,
+        family="gpt",
+        block_size=8,
+        n_embd=16,
+        n_head=2,
+        n_layer=2,
+        norm="post",
+        pos="sinusoidal",
+        tie_weights=True,
+        qkv_bias=True,
+        head_bias=True,
+        bias=False,
     ),
 }
 ALL = list(CONFIGS)
@@ -377,13 +386,17 @@ PUBLISHED = [
     ("wavenet k8 e20 h200", WaveNetConfig(family="wavenet", block_size=8, n_embd=20, n_hidden=200), 27, 175_767),
     (
         "gpt seed 000",
-        GPTConfig(family="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, bias=True, qkv_bias=False, head_bias=True),
+        GPTConfig(
+            family="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, bias=True, qkv_bias=False, head_bias=True
+        ),
         65,
         10_788_929,
     ),
     (
         "gpt-2 small",
-        GPTConfig(family="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, qkv_bias=False, head_bias=False),
+        GPTConfig(
+            family="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, qkv_bias=False, head_bias=False
+        ),
         50257,
         163_009_536,
     ),

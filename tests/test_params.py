@@ -142,8 +142,16 @@ def test_unknown_name_lists_runs_and_references(repo_root):
 def test_lm_params_table_and_json(capsys):
     assert cli.main(["params", "gpt2-small"]) == 0
     out = capsys.readouterr().out
-    for text in ("163,009,536", "124,412,160", "38,597,376", "2,360,064", "4,722,432", "621.83 MB fp32",
-                 "per block (x12)", "855,000,576"):
+    for text in (
+        "163,009,536",
+        "124,412,160",
+        "38,597,376",
+        "2,360,064",
+        "4,722,432",
+        "621.83 MB fp32",
+        "per block (x12)",
+        "855,000,576",
+    ):
         assert text in out, text
     assert cli.main(["params", "gpt2-xl", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

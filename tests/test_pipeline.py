@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import copy_project, sh
 
 pytestmark = pytest.mark.slow
@@ -31,7 +30,9 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
     for corpus in params["corpora"]:
         assert (project / "data" / corpus / "dataset" / "dataset_dict.json").is_file()
     for tok in params["tokenizers"]:
-        assert {"tokenizer.json", "train.bin", "val.bin", "stats.json"} <= {p.name for p in (project / "tokenizers" / tok).iterdir()}
+        assert {"tokenizer.json", "train.bin", "val.bin", "stats.json"} <= {
+            p.name for p in (project / "tokenizers" / tok).iterdir()
+        }
     for run in params["runs"]:
         assert (project / "models" / run / "model.safetensors").is_file()
         assert (project / "curves" / f"{run}.csv").is_file()
@@ -62,8 +63,16 @@ def test_a_second_clean_repro_is_bit_identical(project: Path, repo_root: Path, t
             assert (project / rel).read_bytes() == (other / rel).read_bytes(), rel
             compared += 1
     assert compared > 40
-    outs = lambda root: {o["path"]: o["md5"] for s in yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()  # noqa: E731
-                         for o in s.get("outs", []) if not o["path"].startswith(("curves", "reports"))}
+
+    def outs(root: Path) -> dict[str, str]:
+        stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()
+        return {
+            o["path"]: o["md5"]
+            for s in stages
+            for o in s.get("outs", [])
+            if not o["path"].startswith(("curves", "reports"))
+        }
+
     assert outs(project) == outs(other)
 
 

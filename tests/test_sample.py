@@ -18,8 +18,19 @@ from lm.models.attention import KVCache
 V = 11
 ATTENTION = {
     "gpt": GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.1),
-    "gpt_tied_sin_post": GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=2, n_layer=2, norm="post",
-                                   pos="sinusoidal", tie_weights=True, qkv_bias=True, head_bias=True, bias=False),
+    "gpt_tied_sin_post": GPTConfig(
+        family="gpt",
+        block_size=8,
+        n_embd=16,
+        n_head=2,
+        n_layer=2,
+        norm="post",
+        pos="sinusoidal",
+        tie_weights=True,
+        qkv_bias=True,
+        head_bias=True,
+        bias=False,
+    ),
     "block_pre": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4),
     "block_post": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4, norm="post"),
     "single_head": SingleHeadConfig(family="single_head", block_size=8, n_embd=16),
@@ -87,8 +98,12 @@ def test_cached_and_uncached_generation_agree(name, overflow):
     prompt = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(3))
     for kw in ({"top_k": 1}, {"temperature": 1.3}, {"top_k": 4, "top_p": 0.9}):  # greedy, sampled, filtered
         # 21 new tokens on a block_size of 8: the window overflows several times
-        runs = [generate(model, prompt, 21, generator=torch.Generator().manual_seed(7), use_cache=c, overflow=overflow, **kw)
-                for c in (True, False)]
+        runs = [
+            generate(
+                model, prompt, 21, generator=torch.Generator().manual_seed(7), use_cache=c, overflow=overflow, **kw
+            )
+            for c in (True, False)
+        ]
         assert runs[0].shape == (2, 24)
         assert torch.equal(runs[0], runs[1]), kw
 
@@ -101,7 +116,7 @@ def test_slide_without_cache_is_the_plain_cropping_loop():
     g = torch.Generator().manual_seed(5)
     ref = idx
     for _ in range(20):
-        logits, _ = model(ref[:, -model.block_size:])
+        logits, _ = model(ref[:, -model.block_size :])
         probs = torch.softmax(logits[:, -1, :].float(), dim=-1)
         ref = torch.cat([ref, torch.multinomial(probs, 1, generator=g)], dim=1)
     assert torch.equal(ours, ref)
@@ -141,9 +156,13 @@ def test_families_without_cache_still_generate():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"temperature": 0}, "temperature must be > 0"), ({"temperature": -1}, "temperature must be > 0"),
-     ({"top_k": 0}, "top_k must be >= 1"), ({"top_p": 0}, r"top_p must lie in \(0, 1\]"),
-     ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]")],
+    [
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"temperature": -1}, "temperature must be > 0"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"top_p": 0}, r"top_p must lie in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
+    ],
 )
 def test_bad_sampling_settings_are_rejected(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -190,12 +209,29 @@ def _train(root: Path, name: str, corpus_text: list[str], fmt: str, tok_cfg: dic
     from lm.tokenizer import tokenize_corpus
 
     cut = int(len(corpus_text) * 0.9) if fmt == "lines" else None
-    splits = ({"train": corpus_text[:cut], "val": corpus_text[cut:]} if fmt == "lines"
-              else {"train": [corpus_text[0][:20000]], "val": [corpus_text[0][20000:24000]]})
+    splits = (
+        {"train": corpus_text[:cut], "val": corpus_text[cut:]}
+        if fmt == "lines"
+        else {"train": [corpus_text[0][:20000]], "val": [corpus_text[0][20000:24000]]}
+    )
     tokenize_corpus(TokenizerConfig(corpus="c", **tok_cfg), splits, fmt, root / "tokenizers" / f"{name}-tok")
-    run = RunConfig.model_validate({"tokenizer": f"{name}-tok", "model": model, "train": {
-        "max_steps": 30, "batch_size": 16, "lr": 3e-3, "eval_interval": 30, "eval_batches": 1, "device": "cpu"}})
-    train_run(name, run, root / "tokenizers" / f"{name}-tok", root / "models" / name, root / f"{name}.csv", progress=False)
+    run = RunConfig.model_validate(
+        {
+            "tokenizer": f"{name}-tok",
+            "model": model,
+            "train": {
+                "max_steps": 30,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "eval_interval": 30,
+                "eval_batches": 1,
+                "device": "cpu",
+            },
+        }
+    )
+    train_run(
+        name, run, root / "tokenizers" / f"{name}-tok", root / "models" / name, root / f"{name}.csv", progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +245,30 @@ def runs(tmp_path_factory, mirror: Path) -> Path:
     _train(root, "char-gpt", [shakespeare], "text", {"kind": "char"}, gpt)
     _train(root, "bpe-gpt", [shakespeare], "text", {"kind": "bpe", "vocab_size": 300}, gpt)
     _train(root, "names-gpt", names, "lines", {"kind": "char"}, gpt)
-    _train(root, "char-mlp", [shakespeare], "text", {"kind": "char"}, {"family": "mlp", "block_size": 3, "n_embd": 4, "n_hidden": 16})
+    _train(
+        root,
+        "char-mlp",
+        [shakespeare],
+        "text",
+        {"kind": "char"},
+        {"family": "mlp", "block_size": 3, "n_embd": 4, "n_hidden": 16},
+    )
     return root
 
 
 def lm_sample(runs: Path, capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["sample", *args, "--models-dir", str(runs / "models"), "--tokenizers-dir", str(runs / "tokenizers"),
-                 "--params", str(runs / "absent.yaml")])
+    code = main(
+        [
+            "sample",
+            *args,
+            "--models-dir",
+            str(runs / "models"),
+            "--tokenizers-dir",
+            str(runs / "tokenizers"),
+            "--params",
+            str(runs / "absent.yaml"),
+        ]
+    )
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -225,21 +278,42 @@ def test_sample_streams_seeded_text(runs, capsys):
     assert code == 0 and out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 60 + 1  # char: one char per token
     assert "60 tokens" in err and "KV cache" in err
     assert lm_sample(runs, capsys, "char-gpt", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "3")[1] == out
-    assert lm_sample(runs, capsys, "char-gpt", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "3",
-                     "--no-cache")[1] == out  # the cache changes the speed, not the text
+    assert (
+        lm_sample(
+            runs, capsys, "char-gpt", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "3", "--no-cache"
+        )[1]
+        == out
+    )  # the cache changes the speed, not the text
     assert lm_sample(runs, capsys, "char-gpt", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "4")[1] != out
 
 
 def test_sample_options(runs, capsys):
-    code, out, _ = lm_sample(runs, capsys, "bpe-gpt", "--max-new-tokens", "40", "--num-samples", "2", "--top-k", "5",
-                             "--top-p", "0.9", "--temperature", "0.8", "--overflow", "refill")
+    code, out, _ = lm_sample(
+        runs,
+        capsys,
+        "bpe-gpt",
+        "--max-new-tokens",
+        "40",
+        "--num-samples",
+        "2",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "0.8",
+        "--overflow",
+        "refill",
+    )
     assert code == 0 and out.count("-" * 72) == 1
     code, out, _ = lm_sample(runs, capsys, "char-mlp", "--prompt", "To be", "--max-new-tokens", "20")
     assert code == 0 and out.startswith("To be")
 
 
 def test_sample_names_stop_at_the_boundary(runs, capsys):
-    code, out, _ = lm_sample(runs, capsys, "names-gpt", "--prompt", "em", "--num-samples", "5", "--max-new-tokens", "30")
+    code, out, _ = lm_sample(
+        runs, capsys, "names-gpt", "--prompt", "em", "--num-samples", "5", "--max-new-tokens", "30"
+    )
     lines = out.splitlines()
     assert code == 0 and len(lines) == 5
     assert all(line.startswith("em") and "." not in line for line in lines)
@@ -250,8 +324,12 @@ def test_sample_errors_name_the_problem(runs, capsys):
     assert code == 2 and "outside the char-gpt-tok vocabulary: 'é', '☃'" in err
     code, _, err = lm_sample(runs, capsys, "nope")
     assert code == 2 and "unknown run 'nope'" in err and "available runs: bpe-gpt, char-gpt, char-mlp, names-gpt" in err
-    for args, msg in [(["--temperature", "0"], "--temperature: must be > 0"), (["--top-k", "0"], "--top-k: must be >= 1"),
-                      (["--top-p", "0"], "--top-p: must lie in (0, 1]"), (["--top-p", "1.01"], "--top-p: must lie in (0, 1]")]:
+    for args, msg in [
+        (["--temperature", "0"], "--temperature: must be > 0"),
+        (["--top-k", "0"], "--top-k: must be >= 1"),
+        (["--top-p", "0"], "--top-p: must lie in (0, 1]"),
+        (["--top-p", "1.01"], "--top-p: must lie in (0, 1]"),
+    ]:
         with pytest.raises(SystemExit) as e:
             lm_sample(runs, capsys, "char-gpt", *args)
         assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -227,8 +227,19 @@ def small_bpe():
 
 def test_bpe_tricky_strings():
     tok = small_bpe()
-    for s in ["", " ", "  leading", "trailing  ", "\n\n\n", "a\r\nb\tc", "“curly” ‘quotes’ — dash", "naïve e\u0301",
-              "😀👩‍👩‍👧 中文 العربية", "\x00\x01\x7f\u200b\ufeff", "[UNK] <|endoftext|> <s>"]:
+    for s in [
+        "",
+        " ",
+        "  leading",
+        "trailing  ",
+        "\n\n\n",
+        "a\r\nb\tc",
+        "“curly” ‘quotes’ — dash",
+        "naïve e\u0301",
+        "😀👩‍👩‍👧 中文 العربية",
+        "\x00\x01\x7f\u200b\ufeff",
+        "[UNK] <|endoftext|> <s>",
+    ]:
         ids = encode_split(tok, [s], "text")
         assert tok.decode(ids.tolist()) == s, repr(s)
 
@@ -261,8 +272,13 @@ def run_stage(*args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
-        return subprocess.run([sys.executable, "-m", "stages.tokenize", *args, "--params", str(path)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "stages.tokenize", *args, "--params", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 def save_dataset(splits: dict[str, list[str]], data_dir: Path) -> None:

@@ -30,7 +30,11 @@ BIN = Path(sys.executable).parent
 EXPERIMENT = "lm-ladder-tiny"
 # The tiny preset trimmed to what the checks need (a char and a BPE corpus, a bigram and a GPT):
 # nine stages instead of twenty-four, so the module costs one short pipeline run.
-KEEP = {"corpora": ["names", "oz"], "tokenizers": ["names-char", "oz-bpe512"], "runs": ["names-bigram_nn", "oz-gpt-bpe512"]}
+KEEP = {
+    "corpora": ["names", "oz"],
+    "tokenizers": ["names-char", "oz-bpe512"],
+    "runs": ["names-bigram_nn", "oz-gpt-bpe512"],
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,24 +42,37 @@ KEEP = {"corpora": ["names", "oz"], "tokenizers": ["names-char", "oz-bpe512"], "
 
 
 def test_only_lm_tracking_imports_mlflow(repo_root: Path):
-    importers = sorted(str(p.relative_to(repo_root)) for d in ("lm", "stages") for p in (repo_root / d).rglob("*.py")
-                       if re.search(r"^\s*(import|from)\s+mlflow\b", p.read_text(), re.M))
+    importers = sorted(
+        str(p.relative_to(repo_root))
+        for d in ("lm", "stages")
+        for p in (repo_root / d).rglob("*.py")
+        if re.search(r"^\s*(import|from)\s+mlflow\b", p.read_text(), re.M)
+    )
     assert importers == ["lm/tracking.py"]
 
 
 def test_untracked_code_never_imports_mlflow():
-    code = ("import sys, lm.tracking, lm.pipeline, stages.train, stages.evaluate, stages.report, stages.fetch, "
-            "stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
-            "t = open_run(TrackingConfig(enabled=False), 'http://127.0.0.1:9', 'x', params={}, tags={}); "
-            "t.log_metrics({'a': 1.0}, 1); assert 'mlflow' not in sys.modules, 'mlflow imported'")
+    code = (
+        "import sys, lm.tracking, lm.pipeline, stages.train, stages.evaluate, stages.report, stages.fetch, "
+        "stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
+        "t = open_run(TrackingConfig(enabled=False), 'http://127.0.0.1:9', 'x', params={}, tags={}); "
+        "t.log_metrics({'a': 1.0}, 1); assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_flatten_and_numeric_leaves():
     assert flatten({"model": {"family": "gpt", "n_embd": 64}, "train": {"lr": 0.1, "step_at": [0.75]}, "x": None}) == {
-        "model.family": "gpt", "model.n_embd": "64", "train.lr": "0.1", "train.step_at": "[0.75]", "x": "None"}
+        "model.family": "gpt",
+        "model.n_embd": "64",
+        "train.lr": "0.1",
+        "train.step_at": "[0.75]",
+        "x": "None",
+    }
     assert numeric_leaves({"val/loss": 2.5, "params_by_component": {"head": 3}, "run": "a", "ok": True}) == {
-        "val/loss": 2.5, "params_by_component/head": 3.0}
+        "val/loss": 2.5,
+        "params_by_component/head": 3.0,
+    }
 
 
 def test_tracking_section_is_validated():
@@ -126,26 +143,41 @@ class Rest:
         self.url = url
 
     def get(self, endpoint: str, **query: str) -> dict:
-        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
+        with urllib.request.urlopen(
+            f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30
+        ) as r:
             return json.load(r)
 
     def post(self, endpoint: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow/{endpoint}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
     def runs(self) -> list[dict]:
         """Every run of the study's experiment, oldest first, as {name, id, status, params, tags, metrics}."""
         exp = self.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
-        raw = self.post("runs/search", {"experiment_ids": [exp], "max_results": 1000, "order_by": ["attributes.start_time ASC"]})
-        return [{"name": r["info"]["run_name"], "id": r["info"]["run_id"], "status": r["info"]["status"],
-                 "params": {p["key"]: p["value"] for p in r["data"].get("params", [])},
-                 "tags": {t["key"]: t["value"] for t in r["data"].get("tags", [])},
-                 "metrics": {m["key"]: m["value"] for m in r["data"].get("metrics", [])}} for r in raw.get("runs", [])]
+        raw = self.post(
+            "runs/search", {"experiment_ids": [exp], "max_results": 1000, "order_by": ["attributes.start_time ASC"]}
+        )
+        return [
+            {
+                "name": r["info"]["run_name"],
+                "id": r["info"]["run_id"],
+                "status": r["info"]["status"],
+                "params": {p["key"]: p["value"] for p in r["data"].get("params", [])},
+                "tags": {t["key"]: t["value"] for t in r["data"].get("tags", [])},
+                "metrics": {m["key"]: m["value"] for m in r["data"].get("metrics", [])},
+            }
+            for r in raw.get("runs", [])
+        ]
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        return [(int(m["step"]), m["value"]) for m in self.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]]
+        return [
+            (int(m["step"]), m["value"])
+            for m in self.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+        ]
 
     def artifacts(self, run_id: str, path: str = "") -> set[str]:
         """Every artifact file of a run, recursively."""
@@ -161,8 +193,20 @@ def server(tmp_path_factory, unused_port_module: int) -> Iterator[Rest]:
     d = tmp_path_factory.mktemp("mlflow")
     url = f"http://127.0.0.1:{unused_port_module}"
     log = open(d / "server.log", "w")
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(unused_port_module), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(unused_port_module),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{d / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+    ]
     # Its own process group: the CLI starts uvicorn as a child, and teardown stops both by the group's id.
     # No job runner: it would start half a dozen queue consumers this test never uses.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -206,10 +250,18 @@ def project(tmp_path_factory, repo_root: Path, mirror: Path, server: Rest) -> Pa
     """A copy of the repository with the trimmed tiny preset, after one `dvc repro` logging to `server`."""
     dst = tmp_path_factory.mktemp("tracked")
     # Tracked and new (not ignored) files: what the next commit holds, so the test runs before it too.
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo_root,
-                           capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo_root,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for f in filter(None, (f.decode() for f in files)):
-        if (repo_root / f).is_file() and not f.startswith(("metrics/", "curves/", "samples/", "reports/")) and f != "dvc.lock":
+        if (
+            (repo_root / f).is_file()
+            and not f.startswith(("metrics/", "curves/", "samples/", "reports/"))
+            and f != "dvc.lock"
+        ):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo_root / f, dst / f)
     params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
@@ -218,7 +270,11 @@ def project(tmp_path_factory, repo_root: Path, mirror: Path, server: Rest) -> Pa
     params["tracking"].update(enabled=True, experiment=EXPERIMENT)  # whatever the preset says
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["LM_DATA_MIRROR"] = str(mirror)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
+    ):
         sh(dst, *cmd)
     sh(dst, "dvc", "repro", env={"MLFLOW_TRACKING_URI": server.url})
     # Committed as a user would, so experiments start from this baseline (and the tree is clean again).
@@ -242,8 +298,18 @@ def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: R
     stages = [r for r in runs if r["tags"].get("lm.role") == "stage"]
     parents = [r for r in runs if r["tags"].get("lm.role") == "study"]
     assert sorted(r["name"] for r in stages) == sorted(
-        ["fetch@names", "fetch@oz", "tokenize@names-char", "tokenize@oz-bpe512", "train@names-bigram_nn",
-         "train@oz-gpt-bpe512", "evaluate@names-bigram_nn", "evaluate@oz-gpt-bpe512", "report"])
+        [
+            "fetch@names",
+            "fetch@oz",
+            "tokenize@names-char",
+            "tokenize@oz-bpe512",
+            "train@names-bigram_nn",
+            "train@oz-gpt-bpe512",
+            "evaluate@names-bigram_nn",
+            "evaluate@oz-gpt-bpe512",
+            "report",
+        ]
+    )
     assert len(parents) == 1 and parents[0]["name"].startswith("repro ") and parents[0]["status"] == "FINISHED"
     for r in stages:
         assert r["status"] == "FINISHED", r["name"]
@@ -276,16 +342,26 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
     head = sh(project, "git", "rev-parse", "HEAD~1").stdout.strip()  # the fixture committed the outputs since
     t = r["tags"]
     assert t["git.commit"] == t["mlflow.source.git.commit"] == head and t["git.dirty"] == "false"
-    assert t["dvc.dep.tokenizers/names-char"] == lock_md5(project, "train@names-bigram_nn", "deps", "tokenizers/names-char")
-    assert t["dvc.out.models/names-bigram_nn"] == lock_md5(project, "train@names-bigram_nn", "outs", "models/names-bigram_nn")
-    assert t["dvc.out.curves/names-bigram_nn.csv"] == lock_md5(project, "train@names-bigram_nn", "outs", "curves/names-bigram_nn.csv")
+    assert t["dvc.dep.tokenizers/names-char"] == lock_md5(
+        project, "train@names-bigram_nn", "deps", "tokenizers/names-char"
+    )
+    assert t["dvc.out.models/names-bigram_nn"] == lock_md5(
+        project, "train@names-bigram_nn", "outs", "models/names-bigram_nn"
+    )
+    assert t["dvc.out.curves/names-bigram_nn.csv"] == lock_md5(
+        project, "train@names-bigram_nn", "outs", "curves/names-bigram_nn.csv"
+    )
     assert re.fullmatch(r"[0-9a-f]{32}\.dir", t["code.md5"])
     assert (t["corpus"], t["tokenizer"], t["family"], t["device"]) == ("names", "names-char", "bigram_nn", "cpu")
     import torch
 
     assert t["torch"] == torch.__version__
-    assert server.artifacts(r["id"]) == {"checkpoint/config.json", "checkpoint/train.json", "tokenizer/tokenizer.json",
-                                         "curve/names-bigram_nn.csv"}
+    assert server.artifacts(r["id"]) == {
+        "checkpoint/config.json",
+        "checkpoint/train.json",
+        "tokenizer/tokenizer.json",
+        "curve/names-bigram_nn.csv",
+    }
     # GPT checkpoints (tracking.log_checkpoints: [gpt]) are logged with their weights.
     assert "checkpoint/model.safetensors" in server.artifacts(runs["train@oz-gpt-bpe512"]["id"])
 
@@ -301,7 +377,11 @@ def test_evaluate_and_report_runs_log_the_metrics_and_files(project: Path, serve
     assert r["params"]["model.n_embd"] == "16" and r["params"]["evaluate.batch_size"] == "256"
     # The evaluate run consumed exactly what the train run produced (dep md5 == out md5 == dvc.lock).
     produced = runs["train@oz-gpt-bpe512"]["tags"]["dvc.out.models/oz-gpt-bpe512"]
-    assert r["tags"]["dvc.dep.models/oz-gpt-bpe512"] == produced == lock_md5(project, "evaluate@oz-gpt-bpe512", "deps", "models/oz-gpt-bpe512")
+    assert (
+        r["tags"]["dvc.dep.models/oz-gpt-bpe512"]
+        == produced
+        == lock_md5(project, "evaluate@oz-gpt-bpe512", "deps", "models/oz-gpt-bpe512")
+    )
     assert server.artifacts(r["id"]) == {"metrics/oz-gpt-bpe512.json", "samples/oz-gpt-bpe512.txt"}
     report = server.artifacts(runs["report"]["id"])
     assert {"README.md", "runs.csv", "figures/loss_curves.png", "figures/bpc_vs_params.png"} <= report
@@ -320,8 +400,18 @@ def test_second_repro_logs_nothing(project: Path, server: Rest):
 @pytest.mark.slow
 def test_dead_server_fails_the_stage_before_training(project: Path, tmp_path: Path, unused_port: int):
     uri = f"http://127.0.0.1:{unused_port}"
-    args = ["-m", "stages.train", "names-bigram_nn", "--tokenizer", "tokenizers/names-char",
-            "--out", str(tmp_path / "model"), "--curve", str(tmp_path / "curve.csv"), "--no-progress"]
+    args = [
+        "-m",
+        "stages.train",
+        "names-bigram_nn",
+        "--tokenizer",
+        "tokenizers/names-char",
+        "--out",
+        str(tmp_path / "model"),
+        "--curve",
+        str(tmp_path / "curve.csv"),
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     r = sh(project, sys.executable, *args, env={"MLFLOW_TRACKING_URI": uri}, check=False)
     assert r.returncode == 1, r.stderr
@@ -341,8 +431,16 @@ def test_dead_server_fails_the_stage_before_training(project: Path, tmp_path: Pa
 def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, server: Rest):
     """`dvc exp run --temp` runs the stages in a copy under .dvc/tmp; without MLFLOW_TRACKING_URI they
     must still log into the project's own mlflow.db (DVC_ROOT), where only the named param differs."""
-    out = sh(project, "dvc", "exp", "run", "--temp", "-S", "runs.names-bigram_nn.train.lr=0.05",
-             env={"MLFLOW_TRACKING_URI": None}).stdout  # type: ignore[dict-item]
+    out = sh(
+        project,
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "-S",
+        "runs.names-bigram_nn.train.lr=0.05",
+        env={"MLFLOW_TRACKING_URI": None},
+    ).stdout  # type: ignore[dict-item]
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == ["evaluate@names-bigram_nn", "report", "train@names-bigram_nn"], out
     exp_name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)  # type: ignore[union-attr]
@@ -353,14 +451,23 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
     local = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert sorted(local) == sorted(["train@names-bigram_nn", "evaluate@names-bigram_nn", "report", f"exp {exp_name} (from "
-                                    f"{sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})"])
+    assert sorted(local) == sorted(
+        [
+            "train@names-bigram_nn",
+            "evaluate@names-bigram_nn",
+            "report",
+            f"exp {exp_name} (from {sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})",
+        ]
+    )
     new = local["train@names-bigram_nn"]
     assert new.data.tags["dvc.exp_name"] == exp_name and new.data.tags["git.dirty"] == "true"
     assert new.data.tags["git.dirty_files"] == "params.yaml"
     baseline = by_name(server.runs())["train@names-bigram_nn"]["params"]
-    changed = {k: (baseline.get(k), new.data.params.get(k)) for k in baseline.keys() | new.data.params.keys()
-               if baseline.get(k) != new.data.params.get(k)}
+    changed = {
+        k: (baseline.get(k), new.data.params.get(k))
+        for k in baseline.keys() | new.data.params.keys()
+        if baseline.get(k) != new.data.params.get(k)
+    }
     assert changed == {"train.lr": ("0.1", "0.05")}
     # Artifacts went to the project too, not into the deleted temp copy.
     artifacts = Path(urllib.parse.urlparse(new.info.artifact_uri).path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lm import checkpoint
-from lm.batches import Batches, for_model
+from lm.batches import for_model
 from lm.config import RunConfig, TrainConfig
 from lm.evaluate import generate, metrics, score
 from lm.models import build_model
@@ -35,15 +35,23 @@ TINY = {
 
 def run_cfg(family: str, **train) -> RunConfig:
     steps = {} if family == "bigram_counts" else {"max_steps": 30, "eval_interval": 10, "eval_batches": 2}
-    return RunConfig.model_validate({"tokenizer": "t", "model": TINY[family], "train": {"batch_size": 8, "lr": 3e-3, **steps, **train}})
+    return RunConfig.model_validate(
+        {"tokenizer": "t", "model": TINY[family], "train": {"batch_size": 8, "lr": 3e-3, **steps, **train}}
+    )
 
 
 def train_once(run: RunConfig, data=STREAM, fmt="text"):
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, V)
     b = lambda ids: for_model(run.model, ids, fmt, 0)  # noqa: E731
-    result = fit(model, b(data[:3000] if fmt == "text" else data), b(data[3000:] if fmt == "text" else data), run.train,
-                 device=torch.device("cpu"), progress=False)
+    result = fit(
+        model,
+        b(data[:3000] if fmt == "text" else data),
+        b(data[3000:] if fmt == "text" else data),
+        run.train,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     return model, result
 
 
@@ -120,7 +128,11 @@ def test_checkpoint_that_does_not_match_its_config_is_rejected(tmp_path):
 
 def test_metrics_definitions():
     m = metrics(total_nats=100.0, tokens=50, characters=200)
-    assert m["loss"] == 2.0 and m["ppl"] == pytest.approx(math.exp(2)) and m["bpc"] == pytest.approx(100 / (math.log(2) * 200))
+    assert (
+        m["loss"] == 2.0
+        and m["ppl"] == pytest.approx(math.exp(2))
+        and m["bpc"] == pytest.approx(100 / (math.log(2) * 200))
+    )
 
 
 def test_generate_is_seeded_and_respects_top_k():
@@ -146,8 +158,17 @@ def _fit(run: RunConfig, state_dir, fingerprint="f", on_eval=None):
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, V)
     b = lambda ids: for_model(run.model, ids, "text", 0)  # noqa: E731
-    result = fit(model, b(STREAM[:3000]), b(STREAM[3000:]), run.train, device=torch.device("cpu"), progress=False,
-                 state_dir=state_dir, fingerprint=fingerprint, on_eval=on_eval)
+    result = fit(
+        model,
+        b(STREAM[:3000]),
+        b(STREAM[3000:]),
+        run.train,
+        device=torch.device("cpu"),
+        progress=False,
+        state_dir=state_dir,
+        fingerprint=fingerprint,
+        on_eval=on_eval,
+    )
     return model, result
 
 
@@ -213,7 +234,9 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
     with pytest.raises(DivergedError) as e:
         _fit(run, state)
     saved = json.loads((state / "state.json").read_text())["step"]
-    m = re.search(r"loss became (nan|inf) at step (\d+) .*the last good checkpoint is (\S+) \(step (\d+)\)", str(e.value))
+    m = re.search(
+        r"loss became (nan|inf) at step (\d+) .*the last good checkpoint is (\S+) \(step (\d+)\)", str(e.value)
+    )
     assert m, str(e.value)
     assert m[3] == str(state) and int(m[4]) == saved and saved <= int(m[2]) < saved + 5
     checkpoint.load_state(state)  # intact and readable
@@ -225,8 +248,12 @@ def test_checkpoint_files_are_safetensors_and_tampering_is_rejected(tmp_path):
     good = (tmp_path / "model.safetensors").read_bytes()
     # A changed weight byte, a broken header, a truncated file, and a pickle under the safetensors name.
     flipped = good[:-1] + bytes([good[-1] ^ 1])
-    for bad, why in [(flipped, "has changed since it was saved"), (good[:9] + b"\xff" + good[10:], "changed"),
-                     (good[: len(good) // 2], "changed"), (b"\x80\x04\x95" + b"\0" * 64, "changed")]:
+    for bad, why in [
+        (flipped, "has changed since it was saved"),
+        (good[:9] + b"\xff" + good[10:], "changed"),
+        (good[: len(good) // 2], "changed"),
+        (b"\x80\x04\x95" + b"\0" * 64, "changed"),
+    ]:
         (tmp_path / "model.safetensors").write_bytes(bad)
         with pytest.raises(checkpoint.CheckpointError, match=why):
             checkpoint.load(tmp_path)
@@ -272,9 +299,23 @@ def test_grad_accum_gives_the_same_updates_on_uneven_rows(family):
     """Names rows differ in length (targets padded with -1): each micro-batch's loss is weighted by
     its share of the batch's targets, so 4 micro-batches of 8 make the same step as one batch of 32."""
     cfg = {**TINY[family], "batchnorm": False} if family == "mlp" else TINY[family]
-    runs = [RunConfig.model_validate({"tokenizer": "t", "model": cfg, "train": {
-        "batch_size": 32, "lr": 3e-3, "max_steps": 20, "eval_interval": 1, "eval_batches": 2, "grad_accum": a}})
-        for a in (1, 4)]
+    runs = [
+        RunConfig.model_validate(
+            {
+                "tokenizer": "t",
+                "model": cfg,
+                "train": {
+                    "batch_size": 32,
+                    "lr": 3e-3,
+                    "max_steps": 20,
+                    "eval_interval": 1,
+                    "eval_batches": 2,
+                    "grad_accum": a,
+                },
+            }
+        )
+        for a in (1, 4)
+    ]
     (m1, r1), (m4, r4) = (train_once(r, NAMES, "lines") for r in runs)
     for a, b in zip(r1.curve, r4.curve):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
@@ -282,4 +323,6 @@ def test_grad_accum_gives_the_same_updates_on_uneven_rows(family):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m4.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-5), n
     with pytest.raises(ValueError, match="not divisible by 1 processes x train.grad_accum 3"):
-        train_once(runs[0].model_copy(update={"train": runs[0].train.model_copy(update={"grad_accum": 3})}), NAMES, "lines")
+        train_once(
+            runs[0].model_copy(update={"train": runs[0].train.model_copy(update={"grad_accum": 3})}), NAMES, "lines"
+        )

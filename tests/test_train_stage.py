@@ -25,15 +25,22 @@ pytestmark = pytest.mark.slow
 RUN = {
     "tokenizer": "shakespeare-char",
     "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
-    "train": {"max_steps": 1200, "batch_size": 8, "lr": 0.003, "eval_interval": 500, "eval_batches": 2,
-              "checkpoint_interval": 100},
+    "train": {
+        "max_steps": 1200,
+        "batch_size": 8,
+        "lr": 0.003,
+        "eval_interval": 500,
+        "eval_batches": 2,
+        "checkpoint_interval": 100,
+    },
 }
 
 
 def stage(cwd: Path, *args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str, str]:
@@ -52,16 +59,28 @@ def work(tmp_path_factory, repo_root: Path, mirror: Path) -> Path:
     params["tracking"] = {"enabled": False}
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["LM_DATA_MIRROR"] = str(mirror)
-    for args in (["stages.fetch", "shakespeare", "--out", "data/shakespeare"],
-                 ["stages.tokenize", "shakespeare-char", "--data", "data/shakespeare", "--out", "tokenizers/shakespeare-char"]):
+    for args in (
+        ["stages.fetch", "shakespeare", "--out", "data/shakespeare"],
+        ["stages.tokenize", "shakespeare-char", "--data", "data/shakespeare", "--out", "tokenizers/shakespeare-char"],
+    ):
         code, _, err = finish(stage(d, *args))
         assert code == 0, err
     return d
 
 
 def train(work: Path, out: str) -> subprocess.Popen:
-    return stage(work, "stages.train", "gpt", "--tokenizer", "tokenizers/shakespeare-char", "--out", f"models/{out}",
-                 "--curve", f"curves/{out}.csv", "--no-progress")
+    return stage(
+        work,
+        "stages.train",
+        "gpt",
+        "--tokenizer",
+        "tokenizers/shakespeare-char",
+        "--out",
+        f"models/{out}",
+        "--curve",
+        f"curves/{out}.csv",
+        "--no-progress",
+    )
 
 
 def saved_step(state: Path) -> int:
@@ -133,11 +152,24 @@ def test_ctrl_c_saves_the_state_exits_cleanly_and_resumes(work, reference):
 
 def test_divergence_fails_the_stage_keeping_the_last_good_state(work):
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["runs"]["gpt"]["train"].update(optimizer="sgd", lr=100.0, warmup_steps=300, grad_clip=0.0,
-                                          max_steps=300, checkpoint_interval=5)
+    params["runs"]["gpt"]["train"].update(
+        optimizer="sgd", lr=100.0, warmup_steps=300, grad_clip=0.0, max_steps=300, checkpoint_interval=5
+    )
     (work / "diverge.yaml").write_text(yaml.safe_dump(params))
-    p = stage(work, "stages.train", "gpt", "--params", "diverge.yaml", "--tokenizer", "tokenizers/shakespeare-char",
-              "--out", "models/div", "--curve", "curves/div.csv", "--no-progress")
+    p = stage(
+        work,
+        "stages.train",
+        "gpt",
+        "--params",
+        "diverge.yaml",
+        "--tokenizer",
+        "tokenizers/shakespeare-char",
+        "--out",
+        "models/div",
+        "--curve",
+        "curves/div.csv",
+        "--no-progress",
+    )
     code, _, err = finish(p)
     assert code == 1 and "Traceback" not in err, err
     state = work / "models" / ".div.resume"
@@ -160,18 +192,40 @@ def test_torchrun_two_processes_match_one(work):
     params["runs"]["gpt"]["model"]["dropout"] = 0.0  # dropout masks would depend on the micro-batch shape
     params["runs"]["gpt"]["train"].update(max_steps=30, eval_interval=1, checkpoint_interval=10)
     (work / "ddp.yaml").write_text(yaml.safe_dump(params))
-    args = ["stages.train", "gpt", "--params", "ddp.yaml", "--tokenizer", "tokenizers/shakespeare-char", "--no-progress"]
+    args = [
+        "stages.train",
+        "gpt",
+        "--params",
+        "ddp.yaml",
+        "--tokenizer",
+        "tokenizers/shakespeare-char",
+        "--no-progress",
+    ]
     code, _, err = finish(stage(work, *args, "--out", "models/one", "--curve", "curves/one.csv"))
     assert code == 0, err
-    code, out, err = finish(stage(work, "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", *args,
-                                  "--out", "models/two", "--curve", "curves/two.csv"))
+    code, out, err = finish(
+        stage(
+            work,
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            *args,
+            "--out",
+            "models/two",
+            "--curve",
+            "curves/two.csv",
+        )
+    )
     assert code == 0, err
     assert out.count("train@gpt:") == 1  # rank 0 alone reports and writes
     one, two = curve(work / "curves" / "one.csv"), curve(work / "curves" / "two.csv")
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 31))
     gaps = {k: max((abs(a[k] - b[k]), int(a["step"])) for a, b in zip(one, two)) for k in ("train_loss", "val_loss")}
-    print(f"torchrun 2 x gloo vs 1 process, 30 steps: max |train loss gap| {gaps['train_loss'][0]:.2e}, "
-          f"max |val loss gap| {gaps['val_loss'][0]:.2e}")  # shown with pytest -s
+    print(
+        f"torchrun 2 x gloo vs 1 process, 30 steps: max |train loss gap| {gaps['train_loss'][0]:.2e}, "
+        f"max |val loss gap| {gaps['val_loss'][0]:.2e}"
+    )  # shown with pytest -s
     assert all(gap < 1e-4 for gap, _ in gaps.values()), f"largest gap (size, step) per loss: {gaps}"
     assert one[-1]["train_loss"] < one[0]["train_loss"] - 0.3  # it did learn
     assert not (work / "models" / ".two.resume").exists()
@@ -182,8 +236,11 @@ def test_bench_train_runs_and_prints_its_tables(work):
     code, out, err = finish(stage(work, "bench.train", "--run", "gpt", "--warmup", "1", "--steps", "2"))
     assert code == 0, err
     assert "Measured matmul peak" in out and "| gpt |" in out and "MFU" in out
-    code, out, err = finish(stage(work, "bench.train", "--reference", "--study-run", "gpt", "--iters", "12",
-                                  "--warmup", "1", "--steps", "2"))
+    code, out, err = finish(
+        stage(
+            work, "bench.train", "--reference", "--study-run", "gpt", "--iters", "12", "--warmup", "1", "--steps", "2"
+        )
+    )
     assert code == 0, err
     assert "Throughput ratio:" in out and "Same wall-clock as the reference's 12 iterations" in out
     assert "val loss" in out and not (work / "reports").exists()  # --write only when asked

@@ -44,7 +44,9 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, block_size: int, n_embd: int):
         super().__init__()
         pos = torch.arange(block_size, dtype=torch.float32).unsqueeze(1)  # (block_size, 1)
-        freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))  # (ceil(d/2),)
+        freq = torch.exp(
+            torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd)
+        )  # (ceil(d/2),)
         table = torch.zeros(block_size, n_embd)
         table[:, 0::2] = torch.sin(pos * freq)  # even channels
         table[:, 1::2] = torch.cos(pos * freq[: n_embd // 2])  # odd channels (one fewer if d is odd)
@@ -176,7 +178,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3; GELU as GPT-2)."""
+    """Position-wise feed-forward: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3)."""
 
     def __init__(self, n_embd: int, *, dropout: float = 0.0, bias: bool = True):
         super().__init__()
@@ -217,7 +219,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         if self.norm == "pre":
             x = x + self.attn(self.ln_1(x), cache, layer)
             x = x + self.mlp(self.ln_2(x))
@@ -280,7 +284,9 @@ class CausalLM(nn.Module):
         attns = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
         n_head = attns[0].n_head
         w = self.lm_head.weight
-        return KVCache(len(attns), batch_size, n_head, self.n_embd // n_head, self.block_size, device=w.device, dtype=w.dtype)
+        return KVCache(
+            len(attns), batch_size, n_head, self.n_embd // n_head, self.block_size, device=w.device, dtype=w.dtype
+        )
 
     @torch.no_grad()
     def _init_weights(self, n_layer: int) -> None:
@@ -341,7 +347,7 @@ class CausalLM(nn.Module):
         return logits, lm_loss(logits, targets)
 
     def get_num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied matrix counts once); ``non_embedding`` drops the learned position table, as nanoGPT."""
+        """Unique parameters (a tied matrix counts once); ``non_embedding`` drops the learned positions (nanoGPT)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and isinstance(self.transformer.wpe, nn.Embedding):
             n -= self.transformer.wpe.weight.numel()
@@ -371,7 +377,9 @@ class MultiHead(CausalLM):
 
     def __init__(self, cfg: MultiHeadConfig, vocab_size: int):
         super().__init__(cfg, vocab_size, n_embd=cfg.n_embd, block_size=cfg.block_size, head_bias=True)
-        self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, cfg.n_head, qkv_bias=False, proj=True, proj_bias=True)
+        self.transformer["attn"] = CausalSelfAttention(
+            cfg.n_embd, cfg.n_head, qkv_bias=False, proj=True, proj_bias=True
+        )
         self._init_weights(n_layer=1)
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

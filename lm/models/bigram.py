@@ -91,7 +91,8 @@ class BigramCounts(nn.Module):
         return logits, lm_loss(logits, targets)
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, smoothing={self.cfg.smoothing:g}, pairs={int(self.counts.sum()) if not self.counts.is_meta else '?'}"
+        pairs = "?" if self.counts.is_meta else int(self.counts.sum())
+        return f"vocab_size={self.vocab_size}, smoothing={self.cfg.smoothing:g}, pairs={pairs}"
 
 
 class BigramNN(nn.Module):

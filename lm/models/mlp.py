@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from lm.config import MLPConfig
-from lm.models.common import check_idx, causal_windows, lm_loss
+from lm.models.common import causal_windows, check_idx, lm_loss
 
 TANH_GAIN = 5.0 / 3.0
 """Kaiming gain for tanh (makemore part 3): keeps pre-activations near unit variance."""

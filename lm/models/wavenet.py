@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lm.config import WaveNetConfig
-from lm.models.common import check_idx, causal_windows, lm_loss
+from lm.models.common import causal_windows, check_idx, lm_loss
 from lm.models.mlp import TANH_GAIN
 
 
