@@ -4,7 +4,7 @@ Model: a trained run's checkpoint (``--run RUN`` → models/RUN, or ``--model-di
 000's 10.7M-parameter Shakespeare GPT (6 layers, 6 heads, n_embd 384, context 256, vocab 65)
 freshly initialised: speed does not depend on the weights. It samples ``--new-tokens`` tokens
 (default 500, so the sequence outgrows the 256-token window) after a ``--prompt-tokens`` prompt,
-for each overflow policy of :func:`lm.evaluate.stream`, with and without the cache, and checks
+for each overflow policy of :func:`lm.generate.stream`, with and without the cache, and checks
 that both draw the same tokens from the same seed:
 
 - ``refill``: past block_size the window restarts from its last block_size/2 tokens, so the
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lm.config import ModelConfig
-from lm.evaluate import generate, supports_cache
+from lm.generate import generate
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, str]:
@@ -46,8 +46,8 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, 
         path = args.model_dir or Path("models") / args.run
         model, run, _ = checkpoint.load(path, args.device)
         return model, run.model, f"{path} ({run.model.family}, trained)"
+    from lm.model_size import REFERENCES
     from lm.models import build_model
-    from lm.params import REFERENCES
 
     ref = REFERENCES["seed-gpt-10.7m"]
     torch.manual_seed(1337)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     model, cfg, desc = load_model(args)
-    if not supports_cache(model):
+    if not model.kv_cache:
         p.error(
             f"{type(model).__name__} has no KV cache: benchmark an attention-family run "
             "(single_head, multi_head, block, gpt)"

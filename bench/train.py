@@ -7,17 +7,17 @@ Figures, not tests: every number here is measured on the machine that runs it.
   FLOPs per second over that peak, with FLOPs per token = 6N + 12·n_layer·n_embd·ctx (PaLM,
   appendix B; `lm params` prints N).
 - **Throughput** (``--run RUN``, or the reference model): the study's own training loop
-  (`lm.train.fit`) for ``--warmup`` + ``--steps`` steps; ms/step is the median over the steps
+  (`lm.trainer.fit`) for ``--warmup`` + ``--steps`` steps; ms/step is the median over the steps
   after warm-up, tokens/s = batch tokens / median step, peak RSS is that of a fresh process per
   configuration, and the first step's excess over the median is reported as compile/warm-up time.
 - **Reference** (``--reference``): nanoGPT's CPU example (GPT 4 layers, 4 heads, n_embd 128, block
   64, batch 12, dropout 0, AdamW lr 1e-3, 2000 iterations, cosine to 1e-4, warmup 100, fp32, eager)
   implemented plainly below as the baseline, against the study's fastest path on the identical
-  model class and data (`lm.train.fit` with the ``--study-run``'s train settings, bf16 autocast,
+  model class and data (`lm.trainer.fit` with the ``--study-run``'s train settings, bf16 autocast,
   at ``--batch-size`` 32 and ``--warmup-steps`` 50, the best measured for a budget this short).
   Both are first timed, then each trains in a fresh process for the same wall-clock (the
   reference's 2000 iterations) and is scored on the whole val split by the study's one evaluation
-  path (`lm.evaluate.score`).
+  path (`lm.metrics.score`).
 - **Levers** (``--levers``): each training option on the reference model, one at a time and
   combined: bf16 autocast (with its val loss against fp32 after the same steps), torch.compile,
   the AdamW kernels, threads, batch size.
@@ -133,7 +133,7 @@ def bf16_caveat(bf16_over_fp32: float, flags: set[str]) -> str:
 
 
 def flops_per_token(model_cfg, vocab_size: int) -> int:
-    from lm.params import param_report
+    from lm.model_size import param_report
 
     return int(param_report(model_cfg, vocab_size).flops_per_token)
 
@@ -153,9 +153,9 @@ def load_tokens(tok_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
 def val_loss(model: torch.nn.Module, model_cfg, val_ids: np.ndarray) -> float:
     """Mean NLL over the whole val split, by the study's one evaluation path."""
     from lm import batches as B
-    from lm.evaluate import score
+    from lm.metrics import score
 
-    total, count = score(model, B.for_model(model_cfg, val_ids, "text", None), 256, "cpu")
+    total, count = score(model, B.for_model(model_cfg, val_ids, "text", None).iterate(256), "cpu")
     return total / count
 
 
@@ -212,10 +212,10 @@ def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_si
 
 
 def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int):
-    """`lm.train.fit` exactly as the train stage runs it (text windows, fixed val subset)."""
+    """`lm.trainer.fit` exactly as the train stage runs it (text windows, fixed val subset)."""
     from lm import batches as B
     from lm.models import build_model
-    from lm.train import fit
+    from lm.trainer import fit
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

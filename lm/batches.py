@@ -13,7 +13,7 @@ Two layouts, one interface:
   name of the split. Every position of ``.name.`` is a prediction and no context crosses names;
   fixed-context families pad the left edge with id 0 = ``.``, which is exactly makemore's ``...``.
 
-Targets equal to -1 are ignored by every loss (``ignore_index=-1``).
+Targets equal to IGNORE_INDEX (-1) are left out of every loss and score.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IGNORE = -1
+from lm.config import ModelConfig
+from lm.models.base import IGNORE_INDEX
 
 
 class BatchError(ValueError):
@@ -86,7 +87,7 @@ class Batches:
         width = int((ends - starts).max())
         n = len(starts)
         x = np.full((n, width), self.boundary_id, dtype=np.int64)
-        y = np.full((n, width), IGNORE, dtype=np.int64)
+        y = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
         for i, (s, e) in enumerate(zip(starts, ends)):
             x[i, : e - s] = ids[s:e]  # .emma
             y[i, : e - s] = ids[s + 1 : e + 1]  # emma.
@@ -98,7 +99,7 @@ class Batches:
     def num_targets(self) -> int:
         """Targets scored by one pass of `iterate` (every token but the split's first)."""
         if self.fmt == "lines":
-            return int((self._rows_y != IGNORE).sum())
+            return int((self._rows_y != IGNORE_INDEX).sum())
         return len(self.ids) - 1
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +132,10 @@ class Batches:
         chunks = np.stack([np.asarray(self.ids[s : s + T + 1], dtype=np.int64) for s in starts])
         x, y = chunks[:, :-1].copy(), chunks[:, 1:].copy()  # (B, T) each
         if self.overlap:
-            y[starts > 0, : self.overlap] = IGNORE  # their context starts before the window
+            y[starts > 0, : self.overlap] = IGNORE_INDEX  # their context starts before the window
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-FIXED_CONTEXT_FAMILIES = ("bigram_counts", "bigram_nn", "mlp", "wavenet")
 TEXT_WINDOW = 128
 """Window length for fixed-context families on text: long windows amortise the k-1 masked targets."""
 
@@ -158,25 +158,28 @@ def describe(ids: np.ndarray, split: str | None = None) -> str:
     return f"{split} split ({file})" if file else f"{split} split"
 
 
-def for_model(model_cfg, ids: np.ndarray, fmt: str, boundary_id: int | None, *, split: str | None = None) -> Batches:
-    """Batches shaped for a model family: attention families get windows of their block_size;
-    fixed-context families (receptive field k) get long windows overlapping by k-1, as long as the
+def for_model(
+    model_cfg: ModelConfig, ids: np.ndarray, fmt: str, boundary_id: int | None, *, split: str | None = None
+) -> Batches:
+    """Batches shaped for a family's declared ``context``: 'window' families get windows of their block_size;
+    'fixed' families (receptive field k = block_size) get long windows overlapping by k-1, as long as the
     split allows (a short split gets one window of the whole split).
 
     A 'text' split needs at least block_size + 1 tokens (one context and its target), or BatchError
     names the split (`split`, or the file of a memmap), its length and the block_size that would fit.
     """
-    k = getattr(model_cfg, "block_size", 1)  # bigrams: a context of one token
+    k = model_cfg.block_size
     name = describe(ids, split)
     if fmt == "text" and len(ids) < k + 1:
         n, split = len(ids), _split_and_file(ids, split)[0]
         more = f"give the split more text (a larger {split or 'split'} fraction or a larger corpus)"
-        fix = f"set model.block_size <= {n - 1}, or {more}" if hasattr(model_cfg, "block_size") and n >= 2 else more
+        settable = "block_size" in type(model_cfg).model_fields
+        fix = f"set model.block_size <= {n - 1}, or {more}" if settable and n >= 2 else more
         raise BatchError(
             f"{name} has {_tokens(n)}, fewer than block_size + 1 = {k + 1} (one window of {k} context "
             f"token{'' if k == 1 else 's'} and its target): {fix}"
         )
-    if model_cfg.family in FIXED_CONTEXT_FAMILIES:
+    if model_cfg.context == "fixed":
         seq_len = max(TEXT_WINDOW, 2 * k)
         if fmt == "text":
             seq_len = min(seq_len, len(ids) - 1)  # >= k, checked above: longer than the k-1 overlap

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
@@ -86,7 +90,12 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
 
 
 # ----------------------------------------------------------------------------------------------
-# Training state: what a killed run needs to continue exactly where its last checkpoint left it.
+# Training state: what a killed run needs to continue exactly where its last save left it.
+#
+# <state_dir>/state.safetensors: the model ("model.*"), the optimizer's per-parameter tensors ("optim.<i>.*")
+# and the torch RNGs ("rng.torch", "rng.cuda.<i>"); <state_dir>/state.json: the step, the fingerprint of what
+# the state was saved for, the optimizer's non-tensor state, the numpy and python RNG states and the loop's
+# progress (running loss, curve so far, counters).
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 
@@ -98,23 +107,93 @@ def state_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
 
-def save_state(state_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write one training state atomically: tensors (model, optimizer, torch RNG) as safetensors,
-    everything else (step, numpy/python RNG, loss history) as JSON; a crash leaves the previous one."""
+def save_training_state(
+    state_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    progress: dict,
+    fingerprint: str,
+) -> None:
+    """Write the full training state atomically (a crash leaves the previous one); `progress` is the loop's
+    JSON-able state, with its next ``step``."""
     from safetensors.torch import save_file
 
     from lm.io import atomic_dir
 
+    # Cloned: tied weights must not share storage in a safetensors file.
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    optim_scalars: dict[str, dict] = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{i}.{k}"] = v.clone()
+            else:
+                optim_scalars.setdefault(str(i), {})[k] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = st
+    version, state, gauss = random.getstate()
+    meta = {
+        "step": progress["step"],
+        "fingerprint": fingerprint,
+        "optim_scalars": optim_scalars,
+        "numpy_rng": rng.bit_generator.state,
+        "python_rng": [version, list(state), gauss],
+        "progress": progress,
+    }
     with atomic_dir(state_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
 
 
-def load_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a training state written by `save_state`; a damaged one is a CheckpointError naming it."""
+def load_training_state(
+    state_dir: Path,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+) -> dict | None:
+    """Restore model, optimizer and every RNG from `state_dir` and return the loop's progress; None (and the
+    stale state removed) when it was saved for a different `fingerprint`. A damaged state, or one that does
+    not fit the model, is a CheckpointError naming it and the fix."""
+    tensors, meta = read_training_state(Path(state_dir))
+    if meta.get("fingerprint") != fingerprint:
+        print(f"note: {state_dir} was saved for other params or data; training from scratch", file=sys.stderr)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return None
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        per_param: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                per_param.setdefault(int(i), {})[name] = v
+        for i, st in meta.get("optim_scalars", {}).items():
+            per_param.setdefault(int(i), {}).update(st)
+        # param_groups come from the current optimizer: the fingerprint guarantees the same config, and the loop
+        # sets lr itself every step.
+        optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        rng.bit_generator.state = meta["numpy_rng"]
+        version, state, gauss = meta["python_rng"]
+        random.setstate((version, tuple(state), gauss))
+        return dict(meta["progress"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"training state {state_dir} does not match this run ({' '.join(str(e).split())[:300]}): "
+            "delete it to train from scratch"
+        ) from None
+
+
+def read_training_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON of a saved training state; a damaged one is a CheckpointError naming it."""
     from safetensors.torch import load_file
 
-    state_dir = Path(state_dir)
     try:
         meta = json.loads((state_dir / STATE_JSON).read_text())
         tensors = load_file(str(state_dir / STATE_TENSORS))

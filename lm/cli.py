@@ -16,7 +16,7 @@ REFERENCE_NAMES = (
     "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (seed 003's settings), seed-gpt-10.7m, seed-gpt-cpu, "
     "seed-wavenet-176k, seed-wavenet-76k, seed-mlp, seed-mlp-bn, seed-bigram"
 )
-"""Kept in step with lm.params.REFERENCES (a test checks), so --help needs no torch import."""
+"""Kept in step with lm.model_size.REFERENCES (a test checks), so --help needs no torch import."""
 
 
 def _error(message: str, code: int = 1) -> int:
@@ -75,7 +75,7 @@ def _check_params(args: argparse.Namespace) -> int:
 def _params(args: argparse.Namespace) -> int:
     import json
 
-    from lm.params import format_report, report_for
+    from lm.model_size import format_report, report_for
 
     try:
         report = report_for(
@@ -125,9 +125,9 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from lm import checkpoint
-    from lm.evaluate import TextStream, stream, supports_cache
+    from lm.distributed import pick_device
+    from lm.generate import PASSAGE_SEPARATOR, TextStream, stream
     from lm.tokenizer import BOUNDARY, load_stats, load_tokenizer, oov_chars, unk_id
-    from lm.train import pick_device
 
     try:
         device = pick_device(args.device)
@@ -146,7 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
             f"{tok_dir} has {tokenizer.get_vocab_size()} tokens but the model expects {vocab_size}: "
             "pass the tokenizer the run was trained with (--tokenizer-dir)"
         )
-    if args.overflow == "refill" and not supports_cache(model):
+    if args.overflow == "refill" and not model.kv_cache:
         print(f"note: {run.model.family} has no KV cache; --overflow refill does not apply", file=sys.stderr)
 
     prompt, lines = args.prompt, stats["format"] == "lines"
@@ -172,7 +172,7 @@ def _sample(args: argparse.Namespace) -> int:
     total, t0 = 0, time.perf_counter()
     for i in range(args.num_samples):
         if i and not lines:
-            out.write("\n" + "-" * 72 + "\n")
+            out.write(PASSAGE_SEPARATOR.removeprefix("\n"))  # the previous sample ended with a newline
         out.write(prompt)
         out.flush()
         text = TextStream(tokenizer, context)
@@ -185,7 +185,7 @@ def _sample(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             generator=g,
-            use_cache=not args.no_cache and supports_cache(model),
+            use_cache=not args.no_cache and model.kv_cache,
             overflow=args.overflow,
         ):
             token = int(nxt)
@@ -197,7 +197,7 @@ def _sample(args: argparse.Namespace) -> int:
         out.write(text.flush() + "\n")
         out.flush()
     seconds = time.perf_counter() - t0
-    cache = "KV cache" if supports_cache(model) and not args.no_cache else "no cache"
+    cache = "KV cache" if model.kv_cache and not args.no_cache else "no cache"
     print(
         f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
         file=sys.stderr,
@@ -271,14 +271,7 @@ def _checkpoint_options(c: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lm",
-        description="A reproducible study of language models, from a bigram table to a GPT. "
-        "`dvc repro` runs the pipeline; this command inspects and uses what it produced.",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_check_params(sub) -> None:
     c = sub.add_parser(
         "check-params",
         help="validate a params file and print one line per problem",
@@ -288,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
     c.set_defaults(func=_check_params)
 
+
+def _add_params(sub) -> None:
     c = sub.add_parser(
         "params",
         help="parameter counts and shares by component, sizes and training FLOPs of a run or reference model",
@@ -318,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_params)
 
+
+def _add_sample(sub) -> None:
     c = sub.add_parser(
         "sample",
         help="stream text sampled from a trained run",
@@ -385,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_sample)
 
+
+def _add_export(sub) -> None:
     c = sub.add_parser(
         "export",
         help="export a gpt run as a Hugging Face GPT-2 directory",
@@ -400,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically if it exists)")
     c.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lm",
+        description="A reproducible study of language models, from a bigram table to a GPT. "
+        "`dvc repro` runs the pipeline; this command inspects and uses what it produced.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_check_params(sub)
+    _add_params(sub)
+    _add_sample(sub)
+    _add_export(sub)
     return p
 
 

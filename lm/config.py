@@ -18,10 +18,20 @@ import math
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 """Corpus, tokenizer and run names: they become DVC stage keys, file names and MLflow run names."""
@@ -125,27 +135,104 @@ class TokenizerConfig(Strict):
 
 
 # ----------------------------------------------------------------------------------------------
-# models: one config per family, discriminated by `family`
+# models: the base every family's config derives from, then one config per family
 
 
-class BigramCountsConfig(Strict):
+FAMILY_CONFIGS: dict[str, type[ModelConfig]] = {}
+"""Family name → config class, filled as ModelConfig subclasses are defined (in definition order)."""
+
+
+def families() -> tuple[str, ...]:
+    """Every registered family, in definition order."""
+    return tuple(FAMILY_CONFIGS)
+
+
+class ModelConfig(Strict):
+    """Base of every family's config. A subclass that narrows ``family`` to a literal registers the family;
+    its model class (``lm.models``) names the config as ``Config``.
+
+    Besides its fields, a family declares here, as class variables, what the rest of the study needs to know
+    about it without importing torch (the model class declares the rest: KV cache, component map):
+    ``fitting`` and ``context`` below, and ``block_size``, the context length in tokens (a field, or a
+    class constant where it is fixed, as the bigrams' 1)."""
+
+    family: str
+    """The family's name (the registry key, ``runs.<run>.model.family`` in params.yaml)."""
+
+    fitting: ClassVar[Literal["gradient", "counting"]] = "gradient"
+    """'gradient': trained by the optimizer for train.max_steps steps; 'counting': fitted by one counting
+    pass over the training split (no steps, no optimizer)."""
+    context: ClassVar[Literal["fixed", "window"]] = "window"
+    """'fixed': every prediction reads exactly the previous block_size tokens, left-padded with id 0 inside
+    forward, so any input length works; 'window': the model attends over its input, at most block_size."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        names = get_args(cls.model_fields["family"].annotation)
+        if len(names) != 1:
+            return  # an abstract intermediate class: no family of its own
+        if not hasattr(cls, "block_size") and "block_size" not in cls.model_fields:
+            raise TypeError(f"{cls.__name__} must declare block_size (a field, or a ClassVar if it is fixed)")
+        if names[0] in FAMILY_CONFIGS and FAMILY_CONFIGS[names[0]].__qualname__ != cls.__qualname__:
+            raise TypeError(
+                f"family {names[0]!r} is declared twice: {FAMILY_CONFIGS[names[0]].__name__}, {cls.__name__}"
+            )
+        FAMILY_CONFIGS[names[0]] = cls
+
+    @classmethod
+    def parse(cls, value: Any) -> ModelConfig:
+        """Validate a ``model`` mapping as its family's config (chosen by its ``family`` key)."""
+        if isinstance(value, ModelConfig):
+            return value
+        family = value.get("family") if isinstance(value, dict) else None
+        if family not in FAMILY_CONFIGS:
+            raise _family_error(value)
+        return FAMILY_CONFIGS[family].model_validate(value)
+
+
+def _family_error(value: Any) -> ValidationError:
+    """The error of a ``model`` mapping whose family is missing or unknown, located at ``model.family``."""
+    allowed = ", ".join(families())
+    if not isinstance(value, dict):
+        error = PydanticCustomError(
+            "model_mapping", "must be a mapping with a 'family' key ({allowed})", {"allowed": allowed}
+        )
+        return ValidationError.from_exception_data("model", [InitErrorDetails(type=error, loc=(), input=value)])
+    if "family" not in value:
+        return ValidationError.from_exception_data(
+            "model", [InitErrorDetails(type="missing", loc=("family",), input=value)]
+        )
+    error = PydanticCustomError("unknown_family", "must be one of {allowed}", {"allowed": allowed})
+    return ValidationError.from_exception_data(
+        "model", [InitErrorDetails(type=error, loc=("family",), input=value["family"])]
+    )
+
+
+class BigramCountsConfig(ModelConfig):
     """Count next-token frequencies and normalise (no gradient steps)."""
 
     family: Literal["bigram_counts"]
+    fitting: ClassVar = "counting"
+    context: ClassVar = "fixed"
+    block_size: ClassVar[int] = 1
     smoothing: float = Field(default=1.0, ge=0)
     """Add-k smoothing added to every count before normalising (1.0 = Laplace, as makemore)."""
 
 
-class BigramNNConfig(Strict):
+class BigramNNConfig(ModelConfig):
     """The bigram table learned by gradient descent: logits = one_hot(idx) @ W."""
 
     family: Literal["bigram_nn"]
+    context: ClassVar = "fixed"
+    block_size: ClassVar[int] = 1
 
 
-class MLPConfig(Strict):
+class MLPConfig(ModelConfig):
     """Bengio et al. 2003: concatenated embeddings of the previous `block_size` tokens → tanh hidden layer → logits."""
 
     family: Literal["mlp"]
+    context: ClassVar = "fixed"
     block_size: int = Field(default=3, ge=1, le=1024)
     """Context length: how many previous tokens feed each prediction."""
     n_embd: int = Field(default=10, ge=1)
@@ -156,10 +243,11 @@ class MLPConfig(Strict):
     """BatchNorm before tanh (Ioffe & Szegedy 2015); the Linear before it then has no bias."""
 
 
-class WaveNetConfig(Strict):
+class WaveNetConfig(ModelConfig):
     """Hierarchical fusion of neighbour pairs (van den Oord et al. 2016), as Linear+BatchNorm+tanh levels."""
 
     family: Literal["wavenet"]
+    context: ClassVar = "fixed"
     block_size: int = Field(default=8, ge=2, le=1024)
     """Context length; a power of two (one fusion level per halving)."""
     n_embd: int = Field(default=24, ge=1)
@@ -178,7 +266,7 @@ class WaveNetConfig(Strict):
         return v
 
 
-class SingleHeadConfig(Strict):
+class SingleHeadConfig(ModelConfig):
     """Token + position embeddings → one causal self-attention head → logits."""
 
     family: Literal["single_head"]
@@ -188,7 +276,7 @@ class SingleHeadConfig(Strict):
     """Embedding dimension; also the head size."""
 
 
-class MultiHeadConfig(Strict):
+class MultiHeadConfig(ModelConfig):
     """Several causal heads concatenated + output projection."""
 
     family: Literal["multi_head"]
@@ -234,18 +322,14 @@ class GPTConfig(BlockConfig):
     """Position embeddings: learned table (GPT-2) or fixed sinusoids (Vaswani et al. 2017)."""
 
 
-ModelConfig = Annotated[
-    BigramCountsConfig
-    | BigramNNConfig
-    | MLPConfig
-    | WaveNetConfig
-    | SingleHeadConfig
-    | MultiHeadConfig
-    | BlockConfig
-    | GPTConfig,
-    Field(discriminator="family"),
-]
-FAMILIES = ("bigram_counts", "bigram_nn", "mlp", "wavenet", "single_head", "multi_head", "block", "gpt")
+def _known_families(names: list[str]) -> list[str]:
+    if bad := [f for f in names if f not in FAMILY_CONFIGS]:
+        raise ValueError(f"unknown families {bad}; must be among {', '.join(families())}")
+    return names
+
+
+FamilyNames = Annotated[list[str], AfterValidator(_known_families)]
+"""A list of registered family names."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,14 +405,19 @@ class RunConfig(Strict):
 
     tokenizer: str
     """Name of the tokenizer (a key of `tokenizers`); it also fixes the corpus."""
-    model: ModelConfig
-    """Model family and its shape; `family` picks the config type."""
+    model: SerializeAsAny[ModelConfig]
+    """Model family and its shape; `family` picks the config class (any registered ModelConfig subclass)."""
     train: TrainConfig = TrainConfig()
     """Optimisation settings."""
 
+    @field_validator("model", mode="wrap")
+    @classmethod
+    def _family_config(cls, value: Any, handler: Any) -> ModelConfig:
+        return ModelConfig.parse(value)
+
     @model_validator(mode="after")
     def _gradient_families_take_steps(self) -> RunConfig:
-        if self.model.family != "bigram_counts" and self.train.max_steps == 0:
+        if self.model.fitting == "gradient" and self.train.max_steps == 0:
             raise ValueError(
                 f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1"
             )
@@ -361,6 +450,8 @@ class ReportConfig(Strict):
     """Title of reports/README.md."""
     samples_per_run: int = Field(default=5, ge=0)
     """Samples shown per run in the report."""
+    embedding_families: FamilyNames = ["mlp", "wavenet"]
+    """Families whose char-level token embeddings the report compares (cosine similarity, seed 000 figs. 3, 5)."""
 
 
 class TrackingConfig(Strict):
@@ -373,15 +464,8 @@ class TrackingConfig(Strict):
     """An unreachable tracking store fails the stage before any work; false warns and runs the stage untracked."""
     experiment: str = Field(default="lm-ladder", min_length=1, max_length=200)
     """MLflow experiment that holds the study's runs: one per study (presets/tiny.yaml logs to lm-ladder-tiny)."""
-    log_checkpoints: list[str] = ["gpt"]
+    log_checkpoints: FamilyNames = ["gpt"]
     """Families whose model.safetensors the train stage logs as an artifact ([]: none; config.json is always logged)."""
-
-    @field_validator("log_checkpoints")
-    @classmethod
-    def _families(cls, v: list[str]) -> list[str]:
-        if bad := [f for f in v if f not in FAMILIES]:
-            raise ValueError(f"unknown families {bad}; must be among {', '.join(FAMILIES)}")
-        return v
 
 
 class StudyConfig(Strict):
@@ -463,9 +547,7 @@ def _segment(key: Any) -> str:
 
 
 def _format_error(err: dict[str, Any]) -> str:
-    raw = err["loc"]
-    # pydantic puts the union tag (the family name) into the location: model.mlp.n_embd → model.n_embd
-    keep = [p for i, p in enumerate(raw) if not (i and raw[i - 1] == "model" and p in FAMILIES)]
+    keep = err["loc"]
     loc = [str(p) for p in keep]
     path = ".".join(map(_segment, keep)) or "<top level>"
     kind, msg, value = err["type"], err["msg"], err.get("input")
@@ -473,8 +555,6 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{path}: unknown key {loc[-1]!r}; check the spelling against the documented keys (lm/config.py)"
     if kind == "missing":
         return f"{path}: missing; this key is required"
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return f"{path}.family: got {value.get('family') if isinstance(value, dict) else value!r}; must be one of {', '.join(FAMILIES)}"
     msg = msg.removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:]
     if isinstance(value, (dict, list)):  # a whole section: the message names the values

@@ -218,15 +218,6 @@ def _write_verified(dest: Path, chunks: Iterable[bytes], sha256: str) -> None:
     fsync_dir(dest.parent)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # clean
 

@@ -1,285 +1,74 @@
-"""The only evaluation path: loss, perplexity and bits per character on a whole split, and sampling.
+"""The evaluate stage as a library call: score a checkpoint on whole splits, sample from it, write its outputs.
 
-Metric definitions (STUDY.md), used everywhere:
-  loss = mean negative log-likelihood in nats per token over every target of the split, fixed order;
-  ppl  = exp(loss), per token (not comparable across tokenizers);
-  bpc  = total nats / (ln 2 × characters the scored tokens decode to): comparable across tokenizers.
+metrics/<run>.json   val/ and test/ loss, ppl, bpc, tokens, characters; train/ summary; params by component
+samples/<run>.txt    seeded samples (lm.generate)
+
+One metrics dict feeds the JSON, the stage's MLflow run (`logger`) and the report. The metric definitions and
+the scorer are in lm/metrics.py.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import json
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lm.batches import Batches
+from lm import batches as B
+from lm import checkpoint
 from lm.config import EvaluateConfig
+from lm.generate import format_samples, samples
+from lm.io import atomic_write_text, write_json
+from lm.metrics import metrics, score
+from lm.model_size import component_counts
+from lm.tokenizer import load_ids, load_stats, load_tokenizer
+from lm.tracking import NullTracker, numeric_leaves
 
 
-@torch.no_grad()
-def score(
-    model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device | str = "cpu"
-) -> tuple[float, int]:
-    """Total nats and number of targets over the whole split, in eval mode, in a fixed order."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches.iterate(batch_size):
-        logits, _ = model(x.to(device))
-        # Sum in float64 so the total does not depend on how the split is batched.
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="none")
-        total += float(nll.double().sum())
-        count += int((y != -1).sum())
-    return total, count
-
-
-def metrics(total_nats: float, tokens: int, characters: int) -> dict[str, float]:
-    """The metrics dict for one split (see module docstring)."""
-    loss = total_nats / tokens
-    return {
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "bpc": total_nats / (math.log(2) * characters),
-        "tokens": tokens,
-        "characters": characters,
-    }
-
-
-OVERFLOW = ("slide", "refill")
-"""What generation does once the sequence outgrows the model's block_size (see :func:`stream`)."""
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the bad sampling setting and its valid range."""
-    if not temperature > 0:  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy decoding)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (1 is greedy) or None for the whole vocabulary, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
-
-
-def sample_next(
-    logits: torch.Tensor,
+def evaluate_run(
+    name: str,
+    model_dir: Path,
+    tok_dir: Path,
+    cfg: EvaluateConfig,
+    metrics_path: Path,
+    samples_path: Path,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row from the last-position ``logits`` (B, V); returns (B, 1) ids.
+    device: str = "cpu",
+    logger: NullTracker | None = None,
+) -> dict:
+    """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples;
+    `logger` gets the same numbers (params_by_component as params/<component>) and both files."""
+    logger = logger or NullTracker()
 
-    Temperature scales the logits; ``top_k`` keeps the k most likely tokens (ties at the k-th
-    kept); ``top_p`` keeps the smallest set of most likely tokens whose probability reaches p
-    (nucleus sampling, Holtzman et al. 2020). The draw runs on the CPU with ``generator``, so a
-    seed gives the same tokens on any device.
-    """
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V) each
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # back to vocab order
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)  # (B, 1)
-
-
-def supports_cache(model: torch.nn.Module) -> bool:
-    """Whether `model` has the KV-cache path (the attention families: single_head, multi_head, block, gpt)."""
-    return callable(getattr(model, "new_cache", None))
-
-
-def stream(
-    model: torch.nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool | None = None,
-    overflow: str = "slide",
-) -> Iterator[torch.Tensor]:
-    """Sample up to `max_new_tokens` tokens after the context `idx` (B, T >= 1), yielding each (B, 1) as it is drawn.
-
-    Context window. Every family predicts from at most ``model.block_size`` tokens. Token t is
-    predicted from the window ``seq[start:t]``; when the window outgrows block_size it is cut:
-
-    - ``overflow="slide"`` (default): the window is always the last block_size tokens, as
-      nanoGPT. Exact, but once the sequence is longer than block_size every step moves every
-      token to a new position, so with learned positions nothing cached stays valid and each
-      step recomputes the whole window (the cache only helps up to block_size).
-    - ``overflow="refill"``: the window restarts from the last block_size // 2 tokens and then
-      grows again to block_size. With the cache this costs one prefill per block_size // 2
-      tokens instead of one per token; predictions see between block_size // 2 and block_size
-      tokens of context. Only the attention families (fixed position table) use it; the others
-      always slide (their windows are cheap and a cut would left-pad them).
-
-    A rolling cache (dropping the oldest key and value) would be wrong with learned or
-    sinusoidal absolute positions: every cached key was computed at a position that the token
-    no longer has. So the cache is recomputed, never shifted.
-
-    KV cache. ``use_cache=None`` uses it when the model has one (:func:`supports_cache`): the
-    window is prefilled once, then each step feeds one token. Under either overflow policy the
-    cached and uncached paths compute the same windows, hence the same tokens for a seed (up to
-    float rounding in the logits, which does not change an argmax or a draw in practice).
-    """
-    # Checked here, when stream() is called, rather than at the first next().
-    check_sampling(temperature, top_k, top_p)
-    if overflow not in OVERFLOW:
-        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
-    if idx.dim() != 2 or idx.size(1) < 1:
-        raise ValueError(
-            f"idx must be (B, T) with T >= 1 context tokens (e.g. a boundary or newline id), got {tuple(idx.shape)}"
-        )
-    cached = supports_cache(model) if use_cache is None else use_cache
-    if cached and not supports_cache(model):
-        raise ValueError(
-            f"{type(model).__name__} has no KV cache (only the attention families do); pass use_cache=False"
-        )
-    bs = model.block_size
-    keep = max(1, bs // 2) if overflow == "refill" and supports_cache(model) else bs  # window length after a cut
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    return _stream(model, idx, max_new_tokens, keep, cached, sampling)
-
-
-@torch.no_grad()
-def _stream(
-    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, keep: int, cached: bool, sampling: dict
-) -> Iterator[torch.Tensor]:
-    """The loop of :func:`stream`: ``keep`` is the window length after a cut (block_size for 'slide')."""
-    model.eval()
-    B, T0 = idx.shape
-    bs = model.block_size
-    cache = model.new_cache(B) if cached else None
-    seq = idx
-    start = max(0, T0 - bs)  # first position of the current window
-    for _ in range(max_new_tokens):
-        if seq.size(1) - start > bs:  # the window is full: cut it
-            start = seq.size(1) - keep
-            if cache is not None:
-                cache.reset()
-        if cache is None:
-            logits, _ = model(seq[:, start:])  # (B, window, V)
-        else:
-            logits, _ = model(seq[:, start + cache.length :], cache=cache)  # only what the cache lacks
-        nxt = sample_next(logits[:, -1, :], **sampling)  # (B, 1)
-        seq = torch.cat([seq, nxt], dim=1)  # (B, T+1)
-        yield nxt
-
-
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    stop_id: int | None = None,
-    use_cache: bool | None = None,
-    overflow: str = "slide",
-) -> torch.Tensor:
-    """Append up to `max_new_tokens` sampled tokens to `idx` (B, T) and return it (B, T + n).
-
-    With `stop_id`, stops once every row has produced it. Sampling, the context window and the
-    KV cache (used by default for the attention families) are those of :func:`stream`.
-    """
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    new = []
-    for nxt in stream(
-        model,
-        idx,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-        use_cache=use_cache,
-        overflow=overflow,
-    ):
-        new.append(nxt)
-        if stop_id is not None:
-            done |= nxt.squeeze(1) == stop_id
-            if bool(done.all()):
-                break
-    return torch.cat([idx, *new], dim=1)
-
-
-class TextStream:
-    """Turn a growing list of token ids into printable text increments.
-
-    Byte-level BPE tokens can end in the middle of a UTF-8 character, which decodes to U+FFFD
-    until the next token completes it. :meth:`push` decodes the whole sequence and returns only
-    the new text, holding back trailing U+FFFD until it resolves; :meth:`flush` returns whatever
-    is left at the end (a dangling partial character then prints as U+FFFD).
-    """
-
-    def __init__(self, tokenizer, ids: list[int] | None = None):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = list(ids or [])
-        self.printed = tokenizer.decode(self.ids) if self.ids else ""
-
-    def _diff(self, text: str) -> str:
-        common = 0  # length of the prefix already printed (all of it, unless the decoder rewrote earlier text)
-        if text.startswith(self.printed):
-            common = len(self.printed)
-        else:
-            while common < min(len(text), len(self.printed)) and text[common] == self.printed[common]:
-                common += 1
-        self.printed = text
-        return text[common:]
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text it completes (possibly empty)."""
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        return self._diff(text.rstrip("\ufffd"))
-
-    def flush(self) -> str:
-        """Return the rest of the text, partial characters included."""
-        return self._diff(self.tokenizer.decode(self.ids)) if self.ids else ""
-
-
-def samples(model, tokenizer, fmt: str, boundary_id: int | None, cfg: EvaluateConfig, device="cpu") -> list[str]:
-    """Seeded samples: `num_names` names for 'lines' corpora, `num_passages` passages of
-    `passage_chars` characters for 'text' corpora."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    kw = {"temperature": cfg.temperature, "top_k": cfg.top_k, "generator": g}
-    if fmt == "lines":
-        out = []
-        for _ in range(cfg.num_names):
-            start = torch.tensor([[boundary_id]], device=device)
-            ids = generate(model, start, 64, stop_id=boundary_id, **kw)[0, 1:].tolist()
-            name = tokenizer.decode(ids[: ids.index(boundary_id)] if boundary_id in ids else ids)
-            out.append(name)
-        return out
-    try:  # passages start after a newline, as a fresh paragraph; a vocabulary without one starts at id 0
-        start_ids = tokenizer.encode("\n").ids or [0]
-    except Exception:
-        start_ids = [0]
-    passages = []
-    for _ in range(cfg.num_passages):
-        idx = torch.tensor([start_ids], device=device)
-        text = ""
-        while len(text) < cfg.passage_chars:  # tokens are 1 to many characters: grow until long enough
-            idx = generate(model, idx, 256, **kw)
-            text = tokenizer.decode(idx[0, len(start_ids) :].tolist())
-        passages.append(text[: cfg.passage_chars])
-    return passages
-
-
-def parameter_distribution(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts by component, for the components the model has; see :func:`lm.params.component_counts`
-    (the one implementation, shared with ``lm params`` and the report)."""
-    from lm.params import component_counts
-
-    return component_counts(model)
+    model, run, vocab_size = checkpoint.load(model_dir, device)
+    stats, tokenizer = load_stats(tok_dir), load_tokenizer(tok_dir)
+    out: dict = {"run": name, "family": run.model.family, "tokenizer": run.tokenizer, "vocab_size": vocab_size}
+    for split in ("val", "test"):
+        if split not in stats["splits"]:
+            continue
+        ids = load_ids(tok_dir, split)
+        batches = B.for_model(run.model, ids, stats["format"], stats.get("boundary_id"))
+        total, count = score(model, batches.iterate(cfg.batch_size), device)
+        # Every token but the split's first is scored: bpc divides by the characters those decode to.
+        characters = stats["splits"][split]["characters"] - len(tokenizer.decode([int(ids[0])]))
+        for k, v in metrics(total, count, characters).items():
+            out[f"{split}/{k}"] = v
+    train_info = model_dir / "train.json"
+    if train_info.exists():
+        t = json.loads(train_info.read_text())
+        out.update({"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]})
+    dist = component_counts(model)
+    out["params"] = sum(dist.values())
+    out["params_by_component"] = dist
+    texts = samples(model, tokenizer, stats["format"], stats.get("boundary_id"), cfg, device)
+    write_json(metrics_path, out)
+    atomic_write_text(samples_path, format_samples(texts, stats["format"]))
+    # One metrics dict feeds the JSON, MLflow and the report (train/steps is the run's last step).
+    logger.log_metrics(
+        {k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
+        step=int(out.get("train/steps", 0)),
+    )
+    logger.set_tags({"device": str(device), "torch": torch.__version__})
+    logger.log_artifact(metrics_path, "metrics")
+    logger.log_artifact(samples_path, "samples")
+    return out

@@ -42,8 +42,6 @@ from lm import checkpoint
 from lm.config import RunConfig
 from lm.io import atomic_dir
 
-FORMATS = ("hf",)
-
 
 class ExportError(ValueError):
     """A run cannot be exported in the requested format (the message says why)."""

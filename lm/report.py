@@ -16,9 +16,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from lm.config import StudyConfig  # noqa: E402
+from lm.generate import parse_samples  # noqa: E402
 from lm.io import atomic_write_text  # noqa: E402
+from lm.models import COMPONENTS  # noqa: E402
 
-COMPONENTS = ["token_embedding", "position_embedding", "attention", "feed_forward", "norm", "head", "other"]
 FIGURES = {
     "loss_curves": "Loss curves per corpus",
     "bigram_heatmaps": "Names bigram table: counted vs learned",
@@ -28,13 +29,16 @@ FIGURES = {
 }
 
 
-def run_table(study: StudyConfig, metrics_dir: Path, curves_dir: Path) -> pd.DataFrame:
-    """One row per run, in params.yaml order; the numbers are those of metrics/<run>.json, the
-    timing that of the last row of curves/<run>.csv (wall clock is not part of the metrics)."""
+def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
+    """One row per run, in params.yaml order, from metrics/<run>.json. The cost of a run is its training
+    tokens and FLOPs (6N + attention per token, lm.model_size): numbers a rerun reproduces, unlike wall-clock
+    time, which MLflow records."""
+    from lm.model_size import param_report
+
     rows = []
     for name, run in study.runs.items():
         m = json.loads((metrics_dir / f"{name}.json").read_text())
-        last = pd.read_csv(curves_dir / f"{name}.csv").iloc[-1]
+        flops = param_report(run.model, m["vocab_size"]).flops_per_token
         tok = study.tokenizers[run.tokenizer]
         rows.append(
             {
@@ -47,8 +51,8 @@ def run_table(study: StudyConfig, metrics_dir: Path, curves_dir: Path) -> pd.Dat
                 "val bpc": m["val/bpc"],
                 "val ppl": m["val/ppl"],
                 "test loss": m.get("test/loss", math.nan),
-                "train s": float(last["elapsed_s"]),
-                "tokens/s": float(last["tokens_per_s"]),
+                "train tokens": m["train/tokens"],
+                "train FLOPs": math.nan if flops is None else float(flops) * m["train/tokens"],
                 "params_by_component": m["params_by_component"],
             }
         )
@@ -58,13 +62,13 @@ def run_table(study: StudyConfig, metrics_dir: Path, curves_dir: Path) -> pd.Dat
 def _markdown_table(df: pd.DataFrame) -> str:
     shown = df.drop(columns=["params_by_component"]).copy()
     shown["params"] = shown["params"].map("{:,}".format)
+    shown["train tokens"] = shown["train tokens"].map("{:,}".format)
     for col, fmt in [
         ("val loss", "{:.4f}"),
         ("val bpc", "{:.4f}"),
         ("val ppl", "{:.2f}"),
         ("test loss", "{:.4f}"),
-        ("train s", "{:.1f}"),
-        ("tokens/s", "{:,.0f}"),
+        ("train FLOPs", "{:.3g}"),
     ]:
         shown[col] = shown[col].map(lambda v, f=fmt: "" if pd.isna(v) else f.format(v))
     return shown.to_markdown(index=False)
@@ -175,99 +179,152 @@ def write_report(
     out_dir: Path,
 ) -> pd.DataFrame:
     """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table."""
-    from lm import checkpoint
-    from lm.tokenizer import load_tokenizer
-
     fig_dir = out_dir / "figures"
-    table = run_table(study, metrics_dir, curves_dir)
+    table = run_table(study, metrics_dir)
     plot_loss_curves(study, curves_dir, fig_dir / "loss_curves.png")
     plot_bpc_vs_params(table, fig_dir / "bpc_vs_params.png")
     shares = dict(zip(table["run"], table["params_by_component"]))
     shares.update(reference_shares())
     plot_param_shares(shares, fig_dir / "param_shares.png")
     made = ["loss_curves", "bpc_vs_params", "param_shares"]
-
-    # Figures that need trained weights: the names bigram tables and character embeddings.
-    by_family = {}
-    for name, run in study.runs.items():
-        by_family.setdefault((run.tokenizer, run.model.family), name)
-    labels_cache = {}
-
-    def weights(name):
-        model, run, v = checkpoint.load(models_dir / name)
-        if run.tokenizer not in labels_cache:
-            labels_cache[run.tokenizer] = _char_labels(load_tokenizer(tokenizers_dir / run.tokenizer), v)
-        return model, labels_cache[run.tokenizer]
-
-    pair = next(
-        (
-            (tok, by_family[(tok, "bigram_counts")], by_family[(tok, "bigram_nn")])
-            for tok, fam in by_family
-            if fam == "bigram_counts" and (tok, "bigram_nn") in by_family and study.tokenizers[tok].kind == "char"
-        ),
-        None,
-    )
-    if pair:
-        tok, counted_run, learned_run = pair
-        counted, labels = weights(counted_run)
-        learned, _ = weights(learned_run)
-        probs = [
-            torch.softmax(m(torch.arange(len(labels))[:, None])[0][:, 0].float(), dim=-1).detach()
-            for m in (counted, learned)
-        ]
-        plot_bigram_heatmaps(probs[0], probs[1], labels, fig_dir / "bigram_heatmaps.png")
+    weights = _Weights(models_dir, tokenizers_dir)
+    if pair := _bigram_pair(study):
+        (counted, labels), (learned, _) = weights.load(pair[0]), weights.load(pair[1])
+        plot_bigram_heatmaps(
+            _next_token_probs(counted), _next_token_probs(learned), labels, fig_dir / "bigram_heatmaps.png"
+        )
         made.append("bigram_heatmaps")
     emb_runs = [
         n
         for n, r in study.runs.items()
-        if r.model.family in ("mlp", "wavenet") and study.tokenizers[r.tokenizer].kind == "char"
+        if r.model.family in study.report.embedding_families and study.tokenizers[r.tokenizer].kind == "char"
     ]
     if emb_runs:
-        embeddings, labels = {}, None
-        for n in emb_runs:
-            model, labels = weights(n)
-            embeddings[n] = token_embedding(model)
-        plot_embedding_similarity(embeddings, labels, fig_dir / "embedding_similarity.png")
+        loaded = {n: weights.load(n) for n in emb_runs}
+        embeddings = {n: token_embedding(model) for n, (model, _) in loaded.items()}
+        plot_embedding_similarity(embeddings, loaded[emb_runs[-1]][1], fig_dir / "embedding_similarity.png")
         made.append("embedding_similarity")
 
     table.drop(columns=["params_by_component"]).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
-    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, samples_dir))
+    anchors = published_anchors(study, tokenizers_dir)
+    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir))
     return table
 
 
-def token_embedding(model: torch.nn.Module) -> torch.Tensor:
-    from lm.models import component_of
+class _Weights:
+    """Trained checkpoints for the figures that show weights, with their tokenizer's token labels."""
 
+    def __init__(self, models_dir: Path, tokenizers_dir: Path):
+        self.models_dir, self.tokenizers_dir = models_dir, tokenizers_dir
+        self._labels: dict[str, list[str]] = {}
+
+    def load(self, run_name: str) -> tuple[torch.nn.Module, list[str]]:
+        from lm import checkpoint
+        from lm.tokenizer import load_tokenizer
+
+        model, run, vocab_size = checkpoint.load(self.models_dir / run_name)
+        if run.tokenizer not in self._labels:
+            tokenizer = load_tokenizer(self.tokenizers_dir / run.tokenizer)
+            self._labels[run.tokenizer] = _char_labels(tokenizer, vocab_size)
+        return model, self._labels[run.tokenizer]
+
+
+BIGRAM_PAIR = ("bigram_counts", "bigram_nn")
+"""The counted and the learned table of seed 000's figs. 1-2: two runs of these families on one char tokenizer."""
+
+
+def _bigram_pair(study: StudyConfig) -> tuple[str, str] | None:
+    """The first (counted, learned) pair of runs that share a char tokenizer, if any."""
+    first: dict[tuple[str, str], str] = {}
+    for name, run in study.runs.items():
+        first.setdefault((run.tokenizer, run.model.family), name)
+    for tok in dict.fromkeys(run.tokenizer for run in study.runs.values()):
+        runs = [first.get((tok, family)) for family in BIGRAM_PAIR]
+        if all(runs) and study.tokenizers[tok].kind == "char":
+            return runs[0], runs[1]
+    return None
+
+
+@torch.no_grad()
+def _next_token_probs(model: torch.nn.Module) -> torch.Tensor:
+    """P(next | current) for every current token of a bigram model: (V, V)."""
+    logits, _ = model(torch.arange(model.vocab_size)[:, None])  # (V, 1) ids -> (V, 1, V)
+    return torch.softmax(logits[:, 0].float(), dim=-1)
+
+
+def token_embedding(model: torch.nn.Module) -> torch.Tensor:
+    """The model's token-embedding matrix (the parameter its family maps to 'token_embedding')."""
     for name, p in model.named_parameters():
-        if component_of(name) == "token_embedding":
+        if model.component_of(name) == "token_embedding":
             return p.detach()
     raise ValueError("model has no token embedding")
 
 
 def reference_shares() -> dict[str, dict[str, int]]:
-    """GPT-2 small as seed 003 counts it (lm.params, on the meta device): untied as configured
+    """GPT-2 small as seed 003 counts it (lm.model_size, on the meta device): untied as configured
     (163,009,536) and with the head tied to the token embedding (124,412,160; the model whose shares
     seed 003 quotes: token embedding 31 %, feed-forward 45 %, attention 23 %)."""
-    from lm.params import report_for
+    from lm.model_size import report_for
 
     r = report_for("gpt2-small")
     return {"gpt2-small (reference, untied)": r.untied.components, "gpt2-small (reference, tied)": r.tied.components}
 
 
-def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], samples_dir: Path) -> str:
+MAKEMORE_BIGRAM_NLL = {1.0: 2.4544, 0.0: 2.4541}
+"""makemore lecture 1: NLL of the count bigram over every bigram of names.txt (+1 smoothing; unsmoothed as
+measured in STUDY.md), summed one float32 log-probability at a time."""
+
+
+def published_anchors(study: StudyConfig, tokenizers_dir: Path) -> list[str]:
+    """Published numbers recomputed on the real corpora, as markdown table rows: makemore's count bigram over
+    all bigrams of names.txt (every split), for each counting run on a char tokenizer of a 'lines' corpus."""
+    from lm.batches import Batches
+    from lm.metrics import score
+    from lm.models import build_model
+    from lm.tokenizer import load_ids, load_stats
+
+    rows = []
+    for name, run in study.runs.items():
+        tok = study.tokenizers[run.tokenizer]
+        smoothing = getattr(run.model, "smoothing", None)
+        if run.model.family != "bigram_counts" or tok.kind != "char" or study.corpus_of(name).format != "lines":
+            continue
+        stats = load_stats(tokenizers_dir / run.tokenizer)
+        model = build_model(run.model, int(stats["vocab_size"]))
+        ids = [load_ids(tokenizers_dir / run.tokenizer, split) for split in stats["splits"]]
+        splits = [Batches(i, "lines", 0, boundary_id=stats["boundary_id"]) for i in ids]
+        for batches in splits:
+            for x, y in batches.iterate(4096):
+                model.accumulate(x, y)
+        scored = [score(model, batches.iterate(4096)) for batches in splits]
+        total, count = sum(t for t, _ in scored), sum(c for _, c in scored)
+        published = MAKEMORE_BIGRAM_NLL.get(smoothing)
+        rows.append(
+            f"| {name}: count bigram (smoothing {smoothing:g}) over all {count:,} bigrams of {tok.corpus} "
+            f"| {total / count:.6f} | {'' if published is None else f'{published} (makemore, float32 sum)'} |"
+        )
+    return rows
+
+
+def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], anchors: list[str], samples_dir: Path) -> str:
     lines = [
         f"# {study.report.title}",
         "",
         "Generated by `dvc repro` (stage `report`) from `metrics/*.json`, `curves/*.csv` and the checkpoints; "
         "do not edit by hand. Metric definitions: loss = mean NLL in nats per token over the whole split "
         "in fixed order; ppl = exp(loss) (per token, not comparable across tokenizers); "
-        "bpc = total nats / (ln 2 × characters), comparable across tokenizers.",
+        "bpc = total nats / (ln 2 × characters), comparable across tokenizers. Training cost is given in "
+        "target tokens and FLOPs (6N + 12·n_layer·n_embd·ctx per token, N without the embedding lookups: a "
+        "bigram_nn table is all lookup, so 0; a counted table takes none), which a rerun reproduces; "
+        "wall-clock times are in MLflow (`make ui`).",
         "",
         "## Runs",
         "",
         _markdown_table(table),
         "",
     ]
+    if anchors:
+        lines += ["## Published numbers", "", "| what | this study (nats) | published |", "|---|---|---|", *anchors, ""]
     for key in made:
         lines += [f"## {FIGURES[key]}", "", f"![{FIGURES[key]}](figures/{key}.png)", ""]
     if study.report.samples_per_run:
@@ -276,12 +333,11 @@ def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], samples_
             path = samples_dir / f"{name}.txt"
             if not path.exists():
                 continue
-            text = path.read_text()
-            fmt = study.corpora[study.tokenizers[study.runs[name].tokenizer].corpus].format
+            fmt = study.corpus_of(name).format
+            texts = parse_samples(path.read_text(), fmt)
             if fmt == "lines":
-                shown = ", ".join(text.split()[: study.report.samples_per_run])
-                lines += [f"**{name}**: {shown}", ""]
+                names = [t for t in texts if t][: study.report.samples_per_run]  # an empty name shows as nothing
+                lines += [f"**{name}**: {', '.join(names)}", ""]
             else:
-                first = text.split("\n\n" + "-" * 72 + "\n\n")[0]
-                lines += [f"**{name}**", "", "```text", first.rstrip(), "```", ""]
+                lines += [f"**{name}**", "", "```text", texts[0].rstrip(), "```", ""]
     return "\n".join(lines)

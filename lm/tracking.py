@@ -2,7 +2,7 @@
 
 Every stage instance (``fetch@names``, ``train@names-mlp``, ``report``, ...) opens one MLflow run
 with :func:`open_run`, named after its DVC stage, in one experiment per study. The returned
-:class:`Tracker` is also the :class:`lm.train.Logger` the training loop reports to: it buffers the
+:class:`Tracker` is also the :class:`lm.trainer.Logger` the training loop reports to: it buffers the
 per-evaluation metrics and sends them with ``MlflowClient.log_batch`` (one call per flush, not one
 per metric and step). The stage runs of one ``dvc repro`` / ``dvc exp run`` are children of one
 parent run (a :class:`Group`), so the UI shows the pipeline as one progression.
@@ -142,7 +142,7 @@ def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
 
 
 class NullTracker:
-    """Tracking off (or unreachable and not required): every call is a no-op; also a `lm.train.Logger`."""
+    """Tracking off (or unreachable and not required): every call is a no-op; also a `lm.trainer.Logger`."""
 
     run_id: str | None = None
 

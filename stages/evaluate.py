@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     from lm.checkpoint import CheckpointError
-    from lm.pipeline import evaluate_run
+    from lm.evaluate import evaluate_run
 
     deterministic()
     with tracked:

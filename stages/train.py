@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm import distributed
     from lm.checkpoint import CheckpointError
-    from lm.pipeline import train_run
     from lm.tracking import NullTracker
-    from lm.train import DivergedError, Interrupted
+    from lm.train import train_run
+    from lm.trainer import DivergedError, Interrupted
 
     deterministic()
     distributed.init(rank, world, int(os.environ.get("LOCAL_RANK", "0")), run.train.device)

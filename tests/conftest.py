@@ -1,5 +1,9 @@
-"""Shared fixtures: the repo root, the read-only corpora mirror, a loopback HTTP server, and temporary
-copies of the project for real `dvc` runs."""
+"""Shared fixtures: the repo root, the fixture corpora (served as the corpora mirror), a loopback HTTP server,
+and temporary copies of the project for real `dvc` runs.
+
+Tests never read ../shared/corpora: they use the short excerpts in tests/fixtures/corpora (same file names,
+their own sha256s), so every test runs, the same way, on any clone.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FIXTURE_CORPORA = ROOT / "tests" / "fixtures" / "corpora"
+FIXTURE_SHA256 = dict(
+    reversed(line.split("  ")) for line in (FIXTURE_CORPORA / "SHA256SUMS").read_text().splitlines() if line
+)
+"""File name → sha256 of each fixture corpus."""
 
 # As the Makefile: Hugging Face caches stay inside the project, never ~/.cache, and never the network,
 # also when pytest is run directly rather than through `make test`.
@@ -28,6 +38,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Tests start their own tracking servers; a developer's exported URI must not capture their runs.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("LM_STUDY_RUN", None)
+# Stages run by tests read the fixture corpora, never a mirror the Makefile found beside the clone.
+os.environ["LM_DATA_MIRROR"] = str(FIXTURE_CORPORA)
+
+
+def on_fixtures(params: dict) -> dict:
+    """`params` with every corpus pointing at its fixture excerpt (same file name, the fixture's sha256)."""
+    for corpus in params["corpora"].values():
+        corpus["sha256"] = FIXTURE_SHA256[corpus["filename"]]
+    return params
+
+
+def tiny_params() -> dict:
+    """presets/tiny.yaml on the fixture corpora."""
+    return on_fixtures(yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +62,8 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    """The read-only corpora mirror ../shared/corpora beside the clone (skips the test where absent)."""
-    path = ROOT.parent / "shared" / "corpora"
-    if not (path / "names.txt").is_file():
-        pytest.skip(f"corpora mirror {path} not found (it holds names.txt, tinyshakespeare.txt, ...)")
-    return path
+    """The fixture corpora folder, used as the corpora mirror (names.txt, tinyshakespeare.txt, ...)."""
+    return FIXTURE_CORPORA
 
 
 @dataclass
@@ -151,12 +172,15 @@ GENERATED = ("dvc.lock", "metrics", "curves", "samples", "reports")
 """Pipeline outputs tracked by git: a project copy starts without them."""
 
 
-def copy_project(repo_root: Path, dst: Path, params: str) -> Path:
+def copy_project(repo_root: Path, dst: Path, params: str | dict | None = None) -> Path:
     """`dst` as a user's fresh clone: the git-tracked files (working-tree versions) without the pipeline's
-    outputs, `params` as params.yaml, committed in a git repo of its own. Returns `dst`."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout.split(
-        b"\0"
-    )
+    outputs, `params` (default: the tiny preset on the fixture corpora) as params.yaml, committed in a git
+    repo of its own. Returns `dst`."""
+    params = tiny_params() if params is None else params
+    params = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
+    # Tracked and new (not ignored) files: what the next commit holds, so tests run before it too.
+    cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(cmd, cwd=repo_root, capture_output=True, check=True).stdout.split(b"\0")
     for f in filter(None, files):
         src = repo_root / f.decode()
         if src.is_file():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import copy_project, dvc_env, sh
+from conftest import FIXTURE_SHA256, copy_project, dvc_env, sh, tiny_params
 
 from lm.batches import BatchError, for_model
 from lm.config import (
@@ -325,7 +325,7 @@ def test_fetch_disk_full_keeps_the_previous_corpus(mirror, unused_port, tmp_path
         url=f"http://127.0.0.1:{unused_port}/names.txt",
         filename="names.txt",
         format="lines",
-        sha256="0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+        sha256=FIXTURE_SHA256["names.txt"],
         split=SplitConfig(train=0.8, val=0.1, test=0.1),
     )
     out = tmp_path / "data" / "names"
@@ -380,7 +380,7 @@ def test_stages_report_a_full_disk_in_one_line(mirror, tmp_path, monkeypatch, ca
     import stages.fetch
     import stages.tokenize
 
-    params = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+    params = tiny_params()
     params["tracking"] = {"enabled": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setenv("LM_DATA_MIRROR", str(mirror))
@@ -416,7 +416,7 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
     DVC 3 releases its repository lock (.dvc/tmp/lock) while a stage's command runs and keeps the
     stage's outputs write-locked in .dvc/tmp/rwlock instead (dvc/stage/run.py: unlocked_repo(cmd_run)),
     so the second one fails on the rwlock, naming the first one's PID."""
-    params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
+    params = tiny_params()
     params["tracking"] = {"enabled": False}  # no MLflow: seconds, not tens of seconds
     project = copy_project(repo_root, tmp_path / "project", yaml.safe_dump(params, sort_keys=False))
     env = dvc_env(LM_DATA_MIRROR=str(mirror), PYTHONUNBUFFERED="1")

@@ -14,8 +14,8 @@ import torch
 from lm import checkpoint
 from lm.cli import main
 from lm.config import RunConfig, TokenizerConfig
-from lm.evaluate import generate
 from lm.export import ExportError, export_hf, gpt2_problems
+from lm.generate import generate
 from lm.models import build_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of the export")
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(root: Path, name: str, splits: dict, fmt: str, tok: dict, model: dict) -> None:
-    from lm.pipeline import train_run
     from lm.tokenizer import tokenize_corpus
+    from lm.train import train_run
 
     tok_dir = root / "tokenizers" / f"{name}-tok"
     if not tok_dir.exists():

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Response
+from conftest import FIXTURE_SHA256, Response, on_fixtures
 
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
 from lm.data import DataError, clean_text, fetch, load_splits, load_stats, prepare_corpus, split_corpus, write_dataset
 
-NAMES_SHA = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+NAMES_SHA = FIXTURE_SHA256["names.txt"]
 BODY = b"emma\nolivia\nava\n" * 100
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
 
@@ -178,9 +178,9 @@ def names_text(mirror) -> str:
 
 def test_names_split(names_text):
     s = split_corpus(names_text, "lines", S_NAMES, seed=1337)
-    assert {k: len(v) for k, v in s.items()} == {"train": 25626, "val": 3203, "test": 3204}
+    assert {k: len(v) for k, v in s.items()} == {"train": 1600, "val": 200, "test": 200}
     everything = names_text.split("\n")
-    assert len(everything) == 32033 and sum(map(len, s.values())) == 32033
+    assert len(everything) == 2000 and sum(map(len, s.values())) == 2000
     # disjoint as a partition of the list (names repeat, so compare multisets)
     assert Counter(s["train"]) + Counter(s["val"]) + Counter(s["test"]) == Counter(everything)
     assert split_corpus(names_text, "lines", S_NAMES, seed=1337) == s
@@ -191,7 +191,7 @@ def test_shakespeare_split_is_contiguous(mirror):
     text = clean_text((mirror / "tinyshakespeare.txt").read_bytes(), CLEAN)
     s = split_corpus(text, "text", S_TEXT, seed=0)
     assert list(s) == ["train", "val"] and all(len(v) == 1 for v in s.values())
-    assert len(text) == 1115394 and len(s["train"][0]) == int(len(text) * 0.9) == 1003854
+    assert len(text) == 40105 and len(s["train"][0]) == int(len(text) * 0.9) == 36094
     assert s["train"][0] + s["val"][0] == text
     assert split_corpus(text, "text", S_TEXT, seed=1) == s  # the seed plays no part
 
@@ -234,7 +234,7 @@ def test_prepare_corpus_oz(mirror, unused_port, tmp_path):
     cfg = CorpusConfig(
         url=f"http://127.0.0.1:{unused_port}/oz.txt",
         filename="wonderful_wizard_of_oz.txt",
-        sha256="74a6f88582b1695274607c0a65d3cf89439757a947dd5ce9b44ae6f737b118ab",
+        sha256=FIXTURE_SHA256["wonderful_wizard_of_oz.txt"],
         format="text",
         split=S_TEXT,
     )
@@ -264,7 +264,7 @@ def stage(repo_root: Path, tmp_path: Path, *args: str, mirror: Path | str = "") 
 
 @pytest.fixture
 def params_file(repo_root, tmp_path) -> Path:
-    data = yaml.safe_load((repo_root / "params.yaml").read_text())
+    data = on_fixtures(yaml.safe_load((repo_root / "params.yaml").read_text()))
     data = {
         "seed": 1337,
         "corpora": {"names": data["corpora"]["names"]},
@@ -280,9 +280,9 @@ def test_stage_names(repo_root, mirror, tmp_path, params_file):
     out = tmp_path / "data" / "names"
     r = stage(repo_root, tmp_path, "names", "--out", str(out), "--params", str(params_file), mirror=mirror)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("names: names.txt (mirror") and "train 25,626 / val 3,203 / test 3,204" in r.stdout
+    assert r.stdout.startswith("names: names.txt (mirror") and "train 1,600 / val 200 / test 200" in r.stdout
     assert sorted(os.listdir(out)) == ["dataset", "stats.json"]
-    assert {k: len(v) for k, v in load_splits(out).items()} == {"train": 25626, "val": 3203, "test": 3204}
+    assert {k: len(v) for k, v in load_splits(out).items()} == {"train": 1600, "val": 200, "test": 200}
     stats = load_stats(out)
     assert stats["source"]["sha256"] == NAMES_SHA and stats["splits"]["train"]["distinct_characters"] == 26
     assert not (tmp_path / "hf").exists()  # storing the dataset wrote no Hugging Face cache

@@ -316,7 +316,7 @@ def numeric_fields(real: dict) -> list[tuple[tuple, str]]:
                 out.append(name)
         return out
 
-    families = {cls.model_fields["family"].annotation.__args__[0]: cls for cls in get_args(get_args(C.ModelConfig)[0])}
+    families = dict(C.FAMILY_CONFIGS)
     sections = [(("evaluate",), C.EvaluateConfig), (("report",), C.ReportConfig), ((), C.StudyConfig)]
     sections += [(("corpora", c, "split"), C.SplitConfig) for c in real["corpora"]]
     sections += [(("tokenizers", t), C.TokenizerConfig) for t in real["tokenizers"]]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from lm.config import (
-    FAMILIES,
     BigramCountsConfig,
     BigramNNConfig,
     BlockConfig,
@@ -24,8 +23,9 @@ from lm.config import (
     MultiHeadConfig,
     SingleHeadConfig,
     WaveNetConfig,
+    families,
 )
-from lm.models import COMPONENTS, REGISTRY, build_model, component_of
+from lm.models import COMPONENTS, REGISTRY, build_model
 
 V = 11
 B = 4
@@ -56,10 +56,10 @@ CONFIGS = {
     ),
 }
 ALL = list(CONFIGS)
-ATTENTION = [k for k, c in CONFIGS.items() if c.family in ("single_head", "multi_head", "block", "gpt")]
-FIXED_CONTEXT = ["mlp", "mlp_bn", "wavenet"]
+ATTENTION = [k for k, c in CONFIGS.items() if c.context == "window"]
+FIXED_CONTEXT = [k for k, c in CONFIGS.items() if c.context == "fixed" and c.block_size > 1]
 BATCHNORM = ["mlp_bn", "wavenet"]
-TRAINABLE = [k for k in ALL if k != "bigram_counts"]
+TRAINABLE = [k for k, c in CONFIGS.items() if c.fitting == "gradient"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,9 +70,9 @@ def make(name: str, seed: int = 0, vocab_size: int = V, fit: bool = True):
     ``fit`` is False, since unfitted it is exactly uniform and its logits ignore the input."""
     torch.manual_seed(seed)
     m = build_model(CONFIGS[name], vocab_size)
-    if fit and name == "bigram_counts":
+    if fit and m.cfg.fitting == "counting":
         x, y = batch(1000 + seed, b=16)
-        m.fit(x, y)
+        m.accumulate(x, y)
     return m
 
 
@@ -90,15 +90,24 @@ def n_params(model) -> int:
 
 
 def test_registry_has_every_family():
-    assert set(REGISTRY) == set(FAMILIES)
-    assert {c.family for c in CONFIGS.values()} == set(FAMILIES)
+    assert set(REGISTRY) == set(families())
+    assert {c.family for c in CONFIGS.values()} == set(families())
+
+
+def test_declared_contract():
+    """What each family declares, read back: the bigrams count / see one token, the attention families
+    window their input and cache keys and values."""
+    assert [f for f in families() if REGISTRY[f].Config.fitting == "counting"] == ["bigram_counts"]
+    assert [f for f in families() if REGISTRY[f].kv_cache] == ["single_head", "multi_head", "block", "gpt"]
+    assert all(REGISTRY[f].kv_cache == (REGISTRY[f].Config.context == "window") for f in families())
+    assert BigramNNConfig(family="bigram_nn").block_size == 1 == BigramCountsConfig(family="bigram_counts").block_size
 
 
 def test_build_model_rejects_unknown_family():
     class Fake:
         family = "trigram"
 
-    with pytest.raises(ValueError, match="bigram_counts.*gpt"):
+    with pytest.raises(ValueError, match="unknown model family 'trigram'; must be one of bigram_counts.*gpt"):
         build_model(Fake(), V)
 
 
@@ -108,7 +117,7 @@ def test_contract_attributes(name):
     cfg = CONFIGS[name]
     assert m.cfg is cfg
     assert isinstance(m, REGISTRY[cfg.family])
-    assert m.block_size == (1 if cfg.family.startswith("bigram") else cfg.block_size)
+    assert m.block_size == cfg.block_size == (1 if cfg.family.startswith("bigram") else cfg.block_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,27 +256,27 @@ def test_bigram_counts_fit_reaches_empirical_entropy():
     m = build_model(BigramCountsConfig(family="bigram_counts", smoothing=0.0), V)
     x, y = batch(5)
     y[:, -2:] = -1  # padding pairs are not counted
-    m.fit(x, y)
+    m.accumulate(x, y)
     assert m.counts.sum().item() == (y != -1).sum().item()
     loss = m(x, y)[1].item()
     assert math.isclose(loss, bigram_entropy(x, y), rel_tol=1e-5)
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 0  # counted, not trained
     # Refitting accumulates.
-    m.fit(x, y)
+    m.accumulate(x, y)
     assert m.counts.sum().item() == 2 * (y != -1).sum().item()
     assert math.isclose(m(x, y)[1].item(), bigram_entropy(x, y), rel_tol=1e-5)
 
 
 def test_bigram_counts_smoothing_and_empty_rows():
     m = build_model(BigramCountsConfig(family="bigram_counts", smoothing=0.0), V)
-    m.fit(torch.tensor([1, 1, 2]), torch.tensor([2, 3, -1]))
+    m.accumulate(torch.tensor([1, 1, 2]), torch.tensor([2, 3, -1]))
     lp = m.log_probs
     assert torch.isfinite(lp[0]).all() and torch.allclose(lp[0].exp(), torch.full((V,), 1 / V))  # unseen row: uniform
     torch.testing.assert_close(lp[1, [2, 3]].exp(), torch.tensor([0.5, 0.5]))
     assert not torch.isnan(lp).any()
     # add-1 smoothing as makemore: (count + 1) / (row + V)
     m1 = build_model(BigramCountsConfig(family="bigram_counts", smoothing=1.0), V)
-    m1.fit(torch.tensor([1, 1, 2]), torch.tensor([2, 3, 4]))
+    m1.accumulate(torch.tensor([1, 1, 2]), torch.tensor([2, 3, 4]))
     torch.testing.assert_close(m1.log_probs[1, 2].exp().item(), 2 / (2 + V))
     # The fitted table survives a state-dict round trip.
     m2 = build_model(BigramCountsConfig(family="bigram_counts", smoothing=1.0), V)
@@ -453,26 +462,34 @@ def test_gpt_variants():
 def test_every_parameter_has_a_component(name):
     m = make(name)
     for pname, _ in m.named_parameters():
-        assert component_of(pname) in COMPONENTS
-        assert component_of(pname) != "other", pname
+        assert m.component_of(pname) in COMPONENTS
+        assert m.component_of(pname) != "other", pname
 
 
-def test_component_names():
-    assert component_of("transformer.wte.weight") == "token_embedding"
-    assert component_of("_orig_mod.transformer.wpe.weight") == "position_embedding"
-    assert component_of("transformer.h.3.attn.c_attn.weight") == "attention"
-    assert component_of("transformer.h.3.attn.c_proj.bias") == "attention"
-    assert component_of("transformer.h.3.mlp.c_fc.weight") == "feed_forward"
-    assert component_of("transformer.h.3.mlp.c_proj.weight") == "feed_forward"
-    assert component_of("transformer.h.3.ln_1.weight") == "norm"
-    assert component_of("transformer.ln_f.bias") == "norm"
-    assert component_of("levels.0.bn.weight") == "norm"
-    assert component_of("levels.0.fc.weight") == "feed_forward"
-    assert component_of("hidden.weight") == "feed_forward"
-    assert component_of("bn.bias") == "norm"
-    assert component_of("lm_head.weight") == "head"
-    assert component_of("log_probs") == "token_embedding"
-    assert component_of("something.else") == "other"
+@pytest.mark.parametrize(
+    "family, name, component",
+    [
+        ("gpt", "transformer.wte.weight", "token_embedding"),
+        ("gpt", "_orig_mod.transformer.wpe.weight", "position_embedding"),
+        ("gpt", "transformer.h.3.attn.c_attn.weight", "attention"),
+        ("gpt", "transformer.h.3.attn.c_proj.bias", "attention"),
+        ("gpt", "transformer.h.3.mlp.c_fc.weight", "feed_forward"),
+        ("gpt", "module.transformer.h.3.mlp.c_proj.weight", "feed_forward"),
+        ("gpt", "transformer.h.3.ln_1.weight", "norm"),
+        ("gpt", "transformer.ln_f.bias", "norm"),
+        ("single_head", "transformer.attn.c_attn.weight", "attention"),
+        ("wavenet", "levels.0.bn.weight", "norm"),
+        ("wavenet", "levels.0.fc.weight", "feed_forward"),
+        ("mlp", "hidden.weight", "feed_forward"),
+        ("mlp", "bn.bias", "norm"),
+        ("mlp", "lm_head.weight", "head"),
+        ("bigram_counts", "log_probs", "token_embedding"),
+        ("bigram_nn", "wte.weight", "token_embedding"),
+        ("gpt", "something.else", "other"),
+    ],
+)
+def test_component_maps(family, name, component):
+    assert REGISTRY[family].component_of(name) == component
 
 
 def test_gpt2_small_distribution_matches_seed_003():
@@ -481,7 +498,7 @@ def test_gpt2_small_distribution_matches_seed_003():
         m = build_model(cfg, 50257)
     shares = Counter()
     for pname, p in m.named_parameters():
-        shares[component_of(pname)] += p.numel()
+        shares[m.component_of(pname)] += p.numel()
     assert shares["token_embedding"] == 38_597_376
     assert shares["feed_forward"] == 12 * 4_722_432
     assert shares["attention"] == 12 * 2_360_064

@@ -11,7 +11,7 @@ import torch
 
 from lm.cli import main
 from lm.config import BlockConfig, GPTConfig, MultiHeadConfig, RunConfig, SingleHeadConfig, TokenizerConfig
-from lm.evaluate import TextStream, check_sampling, generate, sample_next, stream, supports_cache
+from lm.generate import TextStream, check_sampling, generate, sample_next, stream
 from lm.models import build_model
 from lm.models.attention import KVCache
 
@@ -84,7 +84,7 @@ def test_forward_contract_without_cache_is_unchanged():
     logits, loss = model(x, x)
     assert logits.shape == (2, 8, V) and loss.ndim == 0
     assert isinstance(model.new_cache(2), KVCache)
-    assert supports_cache(model) and not supports_cache(torch.nn.Linear(2, 2))
+    assert model.kv_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +205,8 @@ def test_text_stream_holds_back_partial_utf8():
 
 
 def _train(root: Path, name: str, corpus_text: list[str], fmt: str, tok_cfg: dict, model: dict) -> None:
-    from lm.pipeline import train_run
     from lm.tokenizer import tokenize_corpus
+    from lm.train import train_run
 
     cut = int(len(corpus_text) * 0.9) if fmt == "lines" else None
     splits = (

@@ -29,7 +29,7 @@ from lm.tokenizer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPORA = ROOT.parent / "shared" / "corpora"
+CORPORA = ROOT / "tests" / "fixtures" / "corpora"
 FORMAT = {"names": "lines", "shakespeare": "text", "oz": "text"}
 
 
@@ -43,12 +43,9 @@ def bpe(vocab_size: int, corpus: str = "c") -> TokenizerConfig:
 
 @functools.cache
 def corpus(name: str) -> dict[str, list[str]]:
-    """The study's splits, built here so these tests do not depend on lm/data.py."""
+    """The study's splits of the fixture corpora, built here so these tests do not depend on lm/data.py."""
     file = {"names": "names.txt", "shakespeare": "tinyshakespeare.txt", "oz": "wonderful_wizard_of_oz.txt"}[name]
-    path = CORPORA / file
-    if not path.is_file():
-        pytest.skip(f"corpus {path} not found")
-    text = path.read_text(encoding="utf-8")
+    text = (CORPORA / file).read_text(encoding="utf-8")
     if name == "names":
         names = text.split()
         random.Random(1337).shuffle(names)
@@ -87,15 +84,18 @@ def test_names_char_vocab_is_makemore(tmp_path):
     assert stats["vocab_size"] == len(vocab) == 27
     assert vocab["."] == 0 and vocab["a"] == 1 and vocab["z"] == 26
     assert stats["boundary_id"] == 0 and stats["unk_id"] is None and stats["dtype"] == "uint16"
-    # 32,033 names + their boundaries: tokens - 1 per split are the makemore bigrams (228,146 in all).
-    assert sum(s["tokens"] - 1 for s in stats["splits"].values()) == 228_146
+    # The names and their boundaries: tokens - 1 per split are the makemore bigrams, len(name) + 1 per name
+    # (228,146 on the whole names.txt: metrics/names-*.json count them on the real corpus).
+    names = [n for texts in corpus("names").values() for n in texts]
+    assert sum(s["tokens"] - 1 for s in stats["splits"].values()) == sum(len(n) + 1 for n in names) == 14_035
     check_round_trip(tmp_path / "t", corpus("names"), "lines")
 
 
-def test_shakespeare_char_vocab_is_65():
+def test_shakespeare_char_vocab_is_its_characters():
+    """One token per distinct training character (65 on the whole Tiny Shakespeare, 58 on the fixture)."""
     tok = train_tokenizer(char("shakespeare"), corpus("shakespeare"), "text")
     vocab = tok.get_vocab()
-    assert len(vocab) == 65
+    assert len(vocab) == len(set(corpus("shakespeare")["train"][0])) == 58
     assert [c for c, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == sorted(vocab)  # code-point order
     assert vocab["\n"] == 0 and vocab[" "] == 1
 
@@ -110,7 +110,7 @@ def test_char_is_one_token_per_character_without_normalisation():
 
 
 # ----------------------------------------------------------------------------------------------
-# round trips on the real corpora
+# round trips on the corpora (their fixture excerpts)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_params
 
 from lm.config import TrackingConfig, parse_params
 from lm.tracking import NullTracker, TrackingError, dvc_md5, flatten, numeric_leaves, open_run, probe
@@ -53,7 +54,7 @@ def test_only_lm_tracking_imports_mlflow(repo_root: Path):
 
 def test_untracked_code_never_imports_mlflow():
     code = (
-        "import sys, lm.tracking, lm.pipeline, stages.train, stages.evaluate, stages.report, stages.fetch, "
+        "import sys, lm.tracking, lm.train, lm.evaluate, stages.train, stages.evaluate, stages.report, stages.fetch, "
         "stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
         "t = open_run(TrackingConfig(enabled=False), 'http://127.0.0.1:9', 'x', params={}, tags={}); "
         "t.log_metrics({'a': 1.0}, 1); assert 'mlflow' not in sys.modules, 'mlflow imported'"
@@ -264,7 +265,7 @@ def project(tmp_path_factory, repo_root: Path, mirror: Path, server: Rest) -> Pa
         ):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo_root / f, dst / f)
-    params = yaml.safe_load((repo_root / "presets" / "tiny.yaml").read_text())
+    params = tiny_params()
     for section, names in KEEP.items():
         params[section] = {k: v for k, v in params[section].items() if k in names}
     params["tracking"].update(enabled=True, experiment=EXPERIMENT)  # whatever the preset says
@@ -333,10 +334,12 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
     with open(project / "curves" / "names-bigram_nn.csv") as f:
         curve = list(csv.DictReader(f))
     assert len(curve) == entry["train"]["max_steps"] // entry["train"]["eval_interval"] == 2
-    for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+    for key in ("tokens", "train_loss", "val_loss", "lr"):
         history = server.history(r["id"], key)
         assert [s for s, _ in history] == [int(row["step"]) for row in curve], key
         assert [v for _, v in history] == pytest.approx([float(row[key]) for row in curve], rel=1e-6), key
+    # Wall-clock figures go to MLflow only, never into the tracked curve.
+    assert all(v > 0 for _, v in server.history(r["id"], "tokens_per_s")) and "tokens_per_s" not in curve[0]
     assert r["metrics"]["params"] == 729 and r["metrics"]["train_seconds"] > 0 and r["metrics"]["steps"] == 20
     # Lineage: the commit, a clean tree, and the md5 of every dep and out exactly as dvc.lock has them.
     head = sh(project, "git", "rev-parse", "HEAD~1").stdout.strip()  # the fixture committed the outputs since

@@ -1,19 +1,15 @@
-"""Self-attention models: one head, several heads, one transformer block, and the shared pieces.
+"""Causal self-attention and the frame of every attention family; the two bare attention models.
 
-References: A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (scaled dot-product
-attention, multi-head attention, the post-norm block, sinusoidal positions); A. Radford et al.,
-"Language Models are Unsupervised Multitask Learners", 2019 (GPT-2: decoder-only, pre-norm,
-final LayerNorm, init N(0, 0.02) with residual projections scaled by 1/sqrt(2*n_layer));
-J. L. Ba, J. R. Kiros, G. E. Hinton, "Layer Normalization", 2016.
+References: A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (scaled dot-product attention,
+multi-head attention, sinusoidal positions); A. Radford et al., "Language Models are Unsupervised Multitask
+Learners", 2019 (GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layer)).
 
-Inference can carry a :class:`KVCache` (``model(idx, cache=cache)``): each attention layer then
-computes keys and values for the new tokens only and attends over the cached ones, so sampling
-costs one token's work per step instead of a whole window's (see :func:`lm.evaluate.stream`).
+Inference can carry a :class:`KVCache` (``model(idx, cache=cache)``): each attention layer then computes keys
+and values for the new tokens only and attends over the cached ones, so sampling costs one token's work per
+step instead of a whole window's (see :func:`lm.generate.stream`).
 
-Module names follow nanoGPT (``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}``,
-``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_1``, ``ln_2``,
-``transformer.ln_f``, ``lm_head``) in *every* attention family, so checkpoints read alike and
-:func:`lm.models.component_of` classifies every parameter the same way.
+Module names follow nanoGPT (``transformer.wte``, ``transformer.wpe``, ``attn.c_attn``, ``attn.c_proj``,
+``lm_head``) in every attention family, so checkpoints read alike and one component map serves them all.
 """
 
 from __future__ import annotations
@@ -24,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.config import BlockConfig, MultiHeadConfig, SingleHeadConfig
-from lm.models.common import check_idx, lm_loss
+from lm.config import MultiHeadConfig, SingleHeadConfig
+from lm.models.base import LanguageModel, check_idx, lm_loss
 
 INIT_STD = 0.02
 """GPT-2's init: every Linear and Embedding weight ~ N(0, 0.02²), biases 0 (Radford et al. 2019)."""
@@ -113,17 +109,13 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (Vaswani et al. 2017, §3.2) with nanoGPT's layout.
 
-    ``c_attn`` is the query, key and value projections stacked into one Linear(n_embd,
-    3*n_embd) (same numbers as three separate bias-free Linears, one matmul instead of three);
-    ``c_proj`` the output projection (left out for the bare single/multi-head models of the
-    lecture when ``proj=False``). Heads have size n_embd / n_head. The attention itself is
-    ``F.scaled_dot_product_attention(is_causal=True)``: softmax(q kᵀ / sqrt(hs)) v with the
-    upper triangle masked, so position t only sees positions <= t; dropout on the attention
-    weights only while training.
+    ``c_attn`` stacks the query, key and value projections into one Linear(n_embd, 3*n_embd) (one matmul
+    instead of three); ``c_proj`` is the output projection (``proj=False``: none, as the lecture's bare
+    heads). Heads have size n_embd / n_head; ``F.scaled_dot_product_attention`` masks the upper triangle.
 
-    With a :class:`KVCache` (inference), ``x`` holds only the new positions: their keys/values
-    are appended to the cache's layer ``layer`` and their queries attend over every cached
-    position plus the new ones up to themselves.
+    With a :class:`KVCache`, ``x`` holds only the new positions: their keys/values are appended to the
+    cache's layer ``layer`` and their queries attend over every cached position and the new ones up to
+    themselves.
     """
 
     def __init__(
@@ -177,64 +169,11 @@ class CausalSelfAttention(nn.Module):
         return y
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3)."""
-
-    def __init__(self, n_embd: int, *, dropout: float = 0.0, bias: bool = True):
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-
-
-class Block(nn.Module):
-    """Transformer block: attention and feed-forward sublayers, each with a residual and a LayerNorm.
-
-    ``norm='pre'`` (GPT-2): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
-    never normalised, so the model needs a final LayerNorm (``ln_f``) before the head.
-    ``norm='post'`` (Vaswani et al. 2017, seed 002): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
-    The output is already normalised, so no ``ln_f``.
-    """
-
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        *,
-        dropout: float = 0.0,
-        bias: bool = True,
-        qkv_bias: bool = False,
-        norm: str = "pre",
-    ):
-        super().__init__()
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
-        self.norm = norm
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, qkv_bias=qkv_bias, proj=True, proj_bias=bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
-
-    def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        if self.norm == "pre":
-            x = x + self.attn(self.ln_1(x), cache, layer)
-            x = x + self.mlp(self.ln_2(x))
-        else:
-            x = self.ln_1(x + self.attn(x, cache, layer))
-            x = self.ln_2(x + self.mlp(x))
-        return x
-
-
-class CausalLM(nn.Module):
+class CausalLM(LanguageModel):
     """Shared frame of the attention families: token + position embeddings → body → LM head.
 
-    Subclasses add their body modules to ``self.transformer`` and implement :meth:`body`.
+    Subclasses add their body modules to ``self.transformer``, implement :meth:`body` and call
+    :meth:`_init_weights` last.
     The input may be any length T <= ``block_size`` (the position table has ``block_size``
     rows); longer inputs raise ValueError, so callers crop the context when sampling.
 
@@ -243,21 +182,21 @@ class CausalLM(nn.Module):
     positions ``cache.length ..``, and the cache grows by T (cache.length + T <= block_size).
     """
 
-    def __init__(
-        self,
-        cfg,
-        vocab_size: int,
-        *,
-        n_embd: int,
-        block_size: int,
-        pos: str = "learned",
-        dropout: float = 0.0,
-        head_bias: bool = True,
-    ):
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.block_size = block_size
+    kv_cache = True
+    components = {
+        "wte": "token_embedding",
+        "wpe": "position_embedding",
+        "attn": "attention",
+        "mlp": "feed_forward",
+        "ln_1": "norm",
+        "ln_2": "norm",
+        "ln_f": "norm",
+        "lm_head": "head",
+    }
+
+    def __init__(self, cfg, vocab_size: int, *, pos: str = "learned", dropout: float = 0.0, head_bias: bool = True):
+        super().__init__(cfg, vocab_size)
+        block_size, n_embd = cfg.block_size, cfg.n_embd
         self.n_embd = n_embd
         if pos == "learned":
             wpe: nn.Module = nn.Embedding(block_size, n_embd)
@@ -278,6 +217,10 @@ class CausalLM(nn.Module):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         raise NotImplementedError
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """The Linears whose outputs are added to a residual stream (none without residual blocks)."""
+        return []
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty :class:`KVCache` for this model (one layer per attention module), on its device and dtype."""
@@ -316,10 +259,8 @@ class CausalLM(nn.Module):
                     nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if "h" in self.transformer:
-            for block in self.transformer.h:
-                for proj in (block.attn.c_proj, block.mlp.c_proj):
-                    nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * n_layer))
+        for proj in self.residual_projections():
+            nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * n_layer))
         if not self.tied:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=min(INIT_STD, HEAD_LOGIT_STD / math.sqrt(self.n_embd)))
 
@@ -334,7 +275,7 @@ class CausalLM(nn.Module):
                 )
             raise ValueError(
                 f"the KV cache holds {start} positions and {T} more exceed block_size {self.block_size}; "
-                f"reset it and refill it from a cropped window (as lm.evaluate.stream does)"
+                f"reset it and refill it from a cropped window (as lm.generate.stream does)"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
@@ -346,13 +287,6 @@ class CausalLM(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         return logits, lm_loss(logits, targets)
 
-    def get_num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied matrix counts once); ``non_embedding`` drops the learned positions (nanoGPT)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and isinstance(self.transformer.wpe, nn.Embedding):
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
 
 class SingleHead(CausalLM):
     """Token + position embeddings → one causal self-attention head of size n_embd → LM head.
@@ -362,8 +296,10 @@ class SingleHead(CausalLM):
     Parameters: V*C + block_size*C + 3*C² + C*V + V.
     """
 
+    Config = SingleHeadConfig
+
     def __init__(self, cfg: SingleHeadConfig, vocab_size: int):
-        super().__init__(cfg, vocab_size, n_embd=cfg.n_embd, block_size=cfg.block_size, head_bias=True)
+        super().__init__(cfg, vocab_size, head_bias=True)
         self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, 1, qkv_bias=False, proj=False)
         self._init_weights(n_layer=1)
 
@@ -375,8 +311,10 @@ class MultiHead(CausalLM):
     """Token + position embeddings → n_head causal heads of size n_embd/n_head, concatenated →
     output projection Linear(n_embd, n_embd) → LM head (no residual, no norm yet)."""
 
+    Config = MultiHeadConfig
+
     def __init__(self, cfg: MultiHeadConfig, vocab_size: int):
-        super().__init__(cfg, vocab_size, n_embd=cfg.n_embd, block_size=cfg.block_size, head_bias=True)
+        super().__init__(cfg, vocab_size, head_bias=True)
         self.transformer["attn"] = CausalSelfAttention(
             cfg.n_embd, cfg.n_head, qkv_bias=False, proj=True, proj_bias=True
         )
@@ -384,74 +322,3 @@ class MultiHead(CausalLM):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return self.transformer.attn(x, cache)  # (B, T, C)
-
-
-class TransformerLM(CausalLM):
-    """A stack of :class:`Block` s (the body shared by ``block`` and ``gpt``).
-
-    Pre-norm adds a final LayerNorm ``transformer.ln_f`` before the head; post-norm does not
-    (its blocks already end in a LayerNorm).
-    """
-
-    def __init__(
-        self,
-        cfg,
-        vocab_size: int,
-        *,
-        n_layer: int,
-        n_head: int,
-        n_embd: int,
-        block_size: int,
-        dropout: float = 0.0,
-        norm: str = "pre",
-        bias: bool = True,
-        qkv_bias: bool = False,
-        head_bias: bool = True,
-        tie_weights: bool = False,
-        pos: str = "learned",
-    ):
-        super().__init__(
-            cfg, vocab_size, n_embd=n_embd, block_size=block_size, pos=pos, dropout=dropout, head_bias=head_bias
-        )
-        self.n_layer = n_layer
-        self.norm = norm
-        self.transformer["h"] = nn.ModuleList(
-            Block(n_embd, n_head, dropout=dropout, bias=bias, qkv_bias=qkv_bias, norm=norm) for _ in range(n_layer)
-        )
-        self.final_norm = norm == "pre"  # a plain bool, so forward has no dict lookups to trace
-        if self.final_norm:
-            self.transformer["ln_f"] = nn.LayerNorm(n_embd, bias=bias)
-        if tie_weights:
-            self.tie_weights()
-        self._init_weights(n_layer=n_layer)
-
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)  # (B, T, C)
-        if self.final_norm:
-            x = self.transformer.ln_f(x)  # (B, T, C)
-        return x
-
-
-class BlockLM(TransformerLM):
-    """Embeddings → one transformer :class:`Block` (attention + 4x GELU feed-forward, residuals,
-    LayerNorm, ``norm`` pre or post) → [final LayerNorm if pre] → LM head.
-
-    As the lecture's block: bias-free query/key/value, biases in the projections, the
-    feed-forward, the LayerNorms and the LM head; learned positions; untied head.
-    """
-
-    def __init__(self, cfg: BlockConfig, vocab_size: int):
-        super().__init__(
-            cfg,
-            vocab_size,
-            n_layer=1,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            block_size=cfg.block_size,
-            dropout=cfg.dropout,
-            norm=cfg.norm,
-            bias=True,
-            qkv_bias=False,
-            head_bias=True,
-        )

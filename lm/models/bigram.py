@@ -5,16 +5,14 @@ Both predict token t+1 from token t alone (``block_size`` = 1), as makemore part
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from lm.config import BigramCountsConfig, BigramNNConfig
-from lm.models.common import IGNORE_INDEX, check_idx, lm_loss
+from lm.models.base import IGNORE_INDEX, LanguageModel, check_idx, lm_loss
 
 
-class BigramCounts(nn.Module):
+class BigramCounts(LanguageModel):
     """Count bigram frequencies and normalise with add-k smoothing (no gradient steps).
 
     ``counts`` (buffer, float64, (V, V)) holds count[x, y]: how often token y followed token x.
@@ -25,7 +23,7 @@ class BigramCounts(nn.Module):
     model's 729 (V*V) numbers, and the study counts parameters uniformly with
     ``sum(p.numel() for p in model.parameters())``. As a frozen parameter it is counted (and
     shows up in ``named_parameters`` for the parameter distribution) but no optimiser can move
-    it; it is only ever rewritten by :meth:`fit`. ``counts`` stays a float64 buffer so that
+    it; it is only ever rewritten by :meth:`accumulate`. ``counts`` stays a float64 buffer so that
     counting 228k bigrams is exact and the table can be refitted / inspected.
 
     Rows never seen in fitting (possible only with ``smoothing`` 0) fall back to the uniform
@@ -34,28 +32,21 @@ class BigramCounts(nn.Module):
     honestly infinite.
     """
 
+    Config = BigramCountsConfig
+    components = {"log_probs": "token_embedding"}
+
     def __init__(self, cfg: BigramCountsConfig, vocab_size: int):
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.block_size = 1
+        super().__init__(cfg, vocab_size)
         self.register_buffer("counts", torch.zeros(vocab_size, vocab_size, dtype=torch.float64))
         self.log_probs = nn.Parameter(torch.empty(vocab_size, vocab_size), requires_grad=False)
         self._normalise()
 
     @torch.no_grad()
-    def reset(self) -> BigramCounts:
-        """Forget all counts (the table goes back to uniform / smoothing only)."""
-        self.counts.zero_()
-        self._normalise()
-        return self
-
-    @torch.no_grad()
-    def fit(self, x: torch.Tensor, y: torch.Tensor) -> BigramCounts:
-        """Accumulate count[x, y] for every pair with y != -1 (and x != -1); renormalise.
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add count[x, y] for every pair with y != -1 (and x != -1); renormalise.
 
         ``x`` and ``y`` are integer tensors of the same shape (e.g. a (B, T) batch and its
-        targets, or two 1-D views of a token stream shifted by one). Calling ``fit`` again adds
+        targets, or two 1-D views of a token stream shifted by one). Calling it again adds
         to the counts, so a split can be fitted batch by batch.
         """
         if x.shape != y.shape:
@@ -70,7 +61,6 @@ class BigramCounts(nn.Module):
         flat = torch.bincount(x * V + y, minlength=V * V).to(torch.float64)
         self.counts += flat.view(V, V)  # (V*V,) -> (V, V)
         self._normalise()
-        return self
 
     @torch.no_grad()
     def _normalise(self) -> None:
@@ -95,7 +85,7 @@ class BigramCounts(nn.Module):
         return f"vocab_size={self.vocab_size}, smoothing={self.cfg.smoothing:g}, pairs={pairs}"
 
 
-class BigramNN(nn.Module):
+class BigramNN(LanguageModel):
     """The bigram table learned by gradient descent: logits = one_hot(idx) @ W (makemore part 1).
 
     The one-hot product just selects row idx of W, so W is stored as an ``nn.Embedding(V, V)``
@@ -104,11 +94,11 @@ class BigramNN(nn.Module):
     (makemore starts from N(0, 1), which costs a few tenths of a nat of "hockey stick").
     """
 
+    Config = BigramNNConfig
+    components = {"wte": "token_embedding"}
+
     def __init__(self, cfg: BigramNNConfig, vocab_size: int):
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.block_size = 1
+        super().__init__(cfg, vocab_size)
         self.wte = nn.Embedding(vocab_size, vocab_size)
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.01)
 
@@ -116,8 +106,3 @@ class BigramNN(nn.Module):
         check_idx(idx)
         logits = self.wte(idx)  # (B, T) -> (B, T, V); same as F.one_hot(idx, V).float() @ W
         return logits, lm_loss(logits, targets)
-
-
-def uniform_loss(vocab_size: int) -> float:
-    """ln V: the loss of the uniform prediction (every model's starting point)."""
-    return math.log(vocab_size)

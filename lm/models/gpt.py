@@ -1,56 +1,132 @@
-"""A decoder-only transformer in the shape of nanoGPT's ``model.py`` (GPT-2 style).
+"""A decoder-only transformer in the shape of nanoGPT's ``model.py`` (GPT-2 style), and the one-block model.
 
 References: A. Radford, J. Wu, R. Child, D. Luan, D. Amodei, I. Sutskever, "Language Models are
-Unsupervised Multitask Learners", 2019 (GPT-2); A. Vaswani et al., "Attention Is All You Need",
-NeurIPS 2017; O. Press, L. Wolf, "Using the Output Embedding to Improve Language Models", EACL
-2017 (weight tying).
+Unsupervised Multitask Learners", 2019 (GPT-2: decoder-only, pre-norm, final LayerNorm); A. Vaswani et
+al., "Attention Is All You Need", NeurIPS 2017 (the post-norm block); J. L. Ba, J. R. Kiros, G. E.
+Hinton, "Layer Normalization", 2016; O. Press, L. Wolf, "Using the Output Embedding to Improve Language
+Models", EACL 2017 (weight tying).
 
-Parameter names are nanoGPT's: ``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}``
-(``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``),
-``transformer.ln_f``, ``lm_head``.
+Parameter names are nanoGPT's: ``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}`` (``ln_1``,
+``attn.c_attn``, ``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``), ``transformer.ln_f``, ``lm_head``.
 
-Counts (unique parameters): V=65, 6 layers, 6 heads, 384, context 256, bias, no qkv bias,
-head bias, untied → 10,788,929 (seed 000). GPT-2 small (V 50257, ctx 1024, 768, 12 layers,
-12 heads, no qkv bias, no head bias) → 163,009,536 untied, 124,412,160 tied.
+Counts (unique parameters): V=65, 6 layers, 6 heads, 384, context 256, bias, no qkv bias, head bias, untied
+→ 10,788,929 (seed 000). GPT-2 small (V 50257, ctx 1024, 768, 12 layers, 12 heads, no qkv bias, no head
+bias) → 163,009,536 untied, 124,412,160 tied.
 """
 
 from __future__ import annotations
 
-from lm.config import GPTConfig
-from lm.models.attention import TransformerLM
+import torch
+import torch.nn as nn
+
+from lm.config import BlockConfig, GPTConfig
+from lm.models.attention import CausalLM, CausalSelfAttention, KVCache
 
 
-class GPT(TransformerLM):
-    """Token + position embeddings → ``n_layer`` transformer blocks → final LayerNorm → LM head.
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3)."""
 
-    Config fields: ``n_layer``, ``n_head``, ``n_embd``, ``block_size``, ``dropout`` (embeddings,
-    attention weights, residual branches; training only), ``bias`` (attention output
-    projection, feed-forward Linears, LayerNorms), ``qkv_bias`` (``c_attn``), ``head_bias``
-    (``lm_head``), ``tie_weights`` (``lm_head.weight`` is ``transformer.wte.weight``), ``pos``
-    (``learned`` table or fixed ``sinusoidal`` buffer, no parameters), ``norm`` (``pre``: GPT-2,
-    with ``ln_f``; ``post``: LayerNorm after each residual add, no ``ln_f``).
+    def __init__(self, n_embd: int, *, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
 
-    Init: GPT-2's (see :meth:`lm.models.attention.CausalLM._init_weights`), with the untied
-    LM head's std capped so the initial loss stays within ~0.05 nats of ln V.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
-    Sampling: ``forward(idx, cache=model.new_cache(B))`` is the incremental path (a
-    :class:`~lm.models.attention.KVCache` of every block's keys and values): prefill the prompt
-    once, then feed one token per step. ``forward(idx, targets)`` without a cache is unchanged.
+
+class Block(nn.Module):
+    """Transformer block: attention and feed-forward sublayers, each with a residual and a LayerNorm.
+
+    ``norm='pre'`` (GPT-2): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
+    never normalised, so the model needs a final LayerNorm (``ln_f``) before the head.
+    ``norm='post'`` (Vaswani et al. 2017, seed 002): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
+    The output is already normalised, so no ``ln_f``.
     """
 
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        qkv_bias: bool = False,
+        norm: str = "pre",
+    ):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        self.norm = norm
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, qkv_bias=qkv_bias, proj=True, proj_bias=bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.norm == "pre":
+            x = x + self.attn(self.ln_1(x), cache, layer)
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            x = self.ln_1(x + self.attn(x, cache, layer))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class GPT(CausalLM):
+    """Token + position embeddings → ``n_layer`` transformer :class:`Block` s → final LayerNorm → LM head.
+
+    Config fields: ``n_layer``, ``n_head``, ``n_embd``, ``block_size``, ``dropout`` (embeddings, attention
+    weights, residual branches; training only), ``bias`` (attention output projection, feed-forward Linears,
+    LayerNorms), ``qkv_bias`` (``c_attn``), ``head_bias`` (``lm_head``), ``tie_weights`` (``lm_head.weight`` is
+    ``transformer.wte.weight``), ``pos`` (``learned`` table or fixed ``sinusoidal`` buffer), ``norm`` (``pre``:
+    GPT-2, with ``ln_f``; ``post``: LayerNorm after each residual add, so no ``ln_f``).
+
+    Init: GPT-2's (:meth:`lm.models.attention.CausalLM._init_weights`), with the untied LM head's std capped
+    so the initial loss stays within ~0.05 nats of ln V.
+    """
+
+    Config = GPTConfig
+
     def __init__(self, cfg: GPTConfig, vocab_size: int):
-        super().__init__(
-            cfg,
-            vocab_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            block_size=cfg.block_size,
-            dropout=cfg.dropout,
-            norm=cfg.norm,
-            bias=cfg.bias,
-            qkv_bias=cfg.qkv_bias,
-            head_bias=cfg.head_bias,
-            tie_weights=cfg.tie_weights,
-            pos=cfg.pos,
+        super().__init__(cfg, vocab_size, pos=cfg.pos, dropout=cfg.dropout, head_bias=cfg.head_bias)
+        self.transformer["h"] = nn.ModuleList(
+            Block(cfg.n_embd, cfg.n_head, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias, norm=cfg.norm)
+            for _ in range(cfg.n_layer)
         )
+        self.final_norm = cfg.norm == "pre"  # a plain bool, so forward has no dict lookups to trace
+        if self.final_norm:
+            self.transformer["ln_f"] = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        if cfg.tie_weights:
+            self.tie_weights()
+        self._init_weights(n_layer=cfg.n_layer)
+
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (B, T, C)
+        if self.final_norm:
+            x = self.transformer.ln_f(x)  # (B, T, C)
+        return x
+
+    def residual_projections(self) -> list[nn.Linear]:
+        # Each block adds two projections to the residual stream (GPT-2 scales their init by 1/sqrt(2*n_layer)).
+        return [proj for block in self.transformer.h for proj in (block.attn.c_proj, block.mlp.c_proj)]
+
+
+class BlockLM(GPT):
+    """Embeddings → one transformer :class:`Block` (``norm`` pre or post) → [final LayerNorm if pre] → LM head.
+
+    The lecture's block is a one-layer GPT with fixed settings: bias-free query/key/value, biases in the
+    projections, the feed-forward, the LayerNorms and the LM head; learned positions; an untied head.
+    """
+
+    Config = BlockConfig
+
+    def __init__(self, cfg: BlockConfig, vocab_size: int):
+        as_gpt = GPTConfig(**cfg.model_dump(exclude={"family"}), family="gpt", n_layer=1, head_bias=True)
+        super().__init__(as_gpt, vocab_size)
+        self.cfg = cfg

@@ -13,40 +13,32 @@ import torch
 import torch.nn as nn
 
 from lm.config import MLPConfig
-from lm.models.common import causal_windows, check_idx, lm_loss
+from lm.models.base import LanguageModel, causal_windows, check_idx, lm_loss
 
 TANH_GAIN = 5.0 / 3.0
 """Kaiming gain for tanh (makemore part 3): keeps pre-activations near unit variance."""
 
 
-class MLP(nn.Module):
+class MLP(LanguageModel):
     """Concatenated embeddings of the previous ``block_size`` tokens → tanh hidden layer → logits.
 
-    Modules (names chosen so :func:`lm.models.component_of` classifies them):
-    ``wte`` (Bengio's / makemore's C, (V, n_embd)), ``hidden`` (Linear(k*n_embd, n_hidden);
-    no bias when BatchNorm follows, since BatchNorm's shift replaces it), ``bn`` (optional
-    BatchNorm1d), ``lm_head`` (Linear(n_hidden, V)).
+    ``wte`` is Bengio's / makemore's C; ``hidden`` has no bias when BatchNorm (``bn``) follows, whose shift
+    replaces it. Every position t of a (B, T) input is predicted from its window idx[:, t-k+1 .. t] (id 0
+    before the start: makemore's '...'), so all T positions train at once, like the transformers.
 
-    Every position t of a (B, T) input gets a prediction from the window idx[:, t-k+1 .. t],
-    with positions before the start filled with id 0 (makemore's '...' context on names),
-    so the model is trained on all T positions of a sequence at once, like the transformers.
+    Why padding may pass through BatchNorm: positions whose target is ignored (after a short name) still
+    enter the batch statistics, but their inputs are real '.' tokens, the loss ignores them, and eval mode
+    uses the running statistics, so this shifts the statistics slightly and costs no correctness.
 
-    BatchNorm treats all B*T positions as the batch. Positions whose target is -1 (padding
-    after the end of a short name) still flow through it and contribute to the batch
-    statistics and running averages; their inputs are real tokens ('.' padding), so this only
-    shifts the statistics slightly and costs no correctness: the loss ignores them, and eval
-    mode uses the running statistics, so each prediction then depends on its own window only.
-
-    Parameter count: V*n_embd + k*n_embd*n_hidden (+ n_hidden bias, or + 2*n_hidden BatchNorm
-    gain/shift) + n_hidden*V + V. Names: k=3, emb 5, hidden 200 → 8,762; emb 10 with
-    BatchNorm → 12,097.
+    Parameters: V*n_embd + k*n_embd*n_hidden (+ n_hidden bias, or + 2*n_hidden BatchNorm) + n_hidden*V + V;
+    names, k 3, emb 5, hidden 200 → 8,762; emb 10 with BatchNorm → 12,097.
     """
 
+    Config = MLPConfig
+    components = {"wte": "token_embedding", "hidden": "feed_forward", "bn": "norm", "lm_head": "head"}
+
     def __init__(self, cfg: MLPConfig, vocab_size: int):
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.block_size = cfg.block_size
+        super().__init__(cfg, vocab_size)
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.hidden = nn.Linear(cfg.block_size * cfg.n_embd, cfg.n_hidden, bias=not cfg.batchnorm)
         self.bn = nn.BatchNorm1d(cfg.n_hidden) if cfg.batchnorm else None

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lm.config import WaveNetConfig
-from lm.models.common import causal_windows, check_idx, lm_loss
+from lm.models.base import LanguageModel, causal_windows, check_idx, lm_loss
 from lm.models.mlp import TANH_GAIN
 
 
@@ -53,30 +53,24 @@ class FusionLevel(nn.Module):
         return torch.tanh(x)
 
 
-class WaveNet(nn.Module):
+class WaveNet(LanguageModel):
     """Embeddings → log2(k) fusion levels (pairs of neighbours, then pairs of pairs, ...) → logits.
 
-    Modules: ``wte`` (V, n_embd), ``levels.{i}`` (:class:`FusionLevel`: ``fc`` Linear + ``bn``
-    BatchNorm1d), ``lm_head`` Linear(n_hidden, V).
+    Every position t of a (B, T) input is predicted from its own window idx[:, t-k+1 .. t] (id 0 before
+    the start), so the B*T windows are one batch of independent examples, exactly makemore's. A real WaveNet
+    would share the lower levels of overlapping windows (dilated convolutions); recomputing them per window
+    keeps the BatchNorm statistics identical to makemore's. Padding flows through BatchNorm as in
+    :class:`lm.models.mlp.MLP`.
 
-    Every position t of a (B, T) input is predicted from its own window idx[:, t-k+1 .. t]
-    (ids before the start are 0, makemore's '.' padding), so all B*T windows are one batch of
-    independent examples, exactly the examples makemore builds by hand. (A real WaveNet would
-    share the lower-level features of overlapping windows via dilated convolutions; recomputing
-    them per window keeps the BatchNorm statistics identical to makemore's.) Padding positions
-    (targets -1) still flow through BatchNorm, see :class:`lm.models.mlp.MLP`.
-
-    ``bias``: whether the fusion Linears keep their biases. Seed 000's 175,767-parameter net
-    (k 8, emb 20, hidden 200) keeps them; makemore part 5's 76,579-parameter net (k 8, emb 24,
-    hidden 128, val 1.9937) has ``bias=False`` (BatchNorm's shift makes a bias before it
-    redundant).
+    ``bias``: seed 000's 175,767-parameter net (k 8, emb 20, hidden 200) keeps the fusion Linears' biases;
+    makemore part 5's 76,579-parameter net (k 8, emb 24, hidden 128, val 1.9937) drops them.
     """
 
+    Config = WaveNetConfig
+    components = {"wte": "token_embedding", "levels": "feed_forward", "bn": "norm", "lm_head": "head"}
+
     def __init__(self, cfg: WaveNetConfig, vocab_size: int):
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.block_size = cfg.block_size
+        super().__init__(cfg, vocab_size)
         bias = cfg.bias
         n_levels = int(math.log2(cfg.block_size))
         if 2**n_levels != cfg.block_size:

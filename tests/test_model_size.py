@@ -1,4 +1,4 @@
-"""`lm params` and lm/params.py: seed 003's GPT-2 numbers exactly, every reference configuration's
+"""`lm params` and lm/model_size.py: seed 003's GPT-2 numbers exactly, every reference configuration's
 published count, tied/untied views, sizes, FLOPs, run lookup, and the `lm` command's help and
 import cost."""
 
@@ -13,8 +13,8 @@ import torch
 
 from lm import cli
 from lm.config import BigramCountsConfig, GPTConfig
+from lm.model_size import REFERENCES, build_meta, component_counts, format_report, param_report, report_for, resolve
 from lm.models import COMPONENTS, build_model
-from lm.params import REFERENCES, build_meta, component_counts, format_report, param_report, report_for, resolve
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,10 @@ def test_non_gpt_families_have_one_view():
 
 
 def test_parameter_distribution_is_this_implementation():
-    from lm.evaluate import parameter_distribution
 
     torch.manual_seed(0)
     model = build_model(GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=2, n_layer=2, tie_weights=True), 11)
-    dist = parameter_distribution(model)
+    dist = component_counts(model)
     assert dist == component_counts(model)
     assert sum(dist.values()) == sum(p.numel() for p in model.parameters())
     assert "head" not in dist  # the tied matrix is the token embedding; no head bias

@@ -3,9 +3,9 @@ bytes, and training FLOPs per token. The one implementation behind ``lm params``
 stage's ``params_by_component`` and the report's parameter-share figure.
 
 Models are built on the ``meta`` device (shapes, no storage), so counting GPT-2 XL's 1.6 B
-parameters costs no memory and well under a second. Components are those of
-:func:`lm.models.component_of`: token embedding, position embedding, attention, feed-forward,
-norm, head, other.
+parameters costs no memory and well under a second. Components are those each family declares
+(``LanguageModel.components``): token embedding, position embedding, attention, feed-forward, norm,
+head, other.
 
 Weight tying (Press & Wolf 2017) shares the LM head's matrix with the token embedding. For the
 ``gpt`` family both variants are counted (the config builds one, the other is the same config
@@ -23,7 +23,7 @@ discounted, as in PaLM. **N counts every parameter except the token and position
 tables**: a lookup is not a matmul. The LM head *is* a matmul (n_embd x vocab per token), so its
 matrix counts even when it is tied to the token embedding; biases and norm gains count too
 (negligible). For a tied GPT this N is nanoGPT's ``get_num_params(non_embedding=True)`` used in
-its MFU estimate (GPT-2 small: 123,625,728). bigram_counts is fitted by counting: no FLOPs.
+its MFU estimate (GPT-2 small: 123,625,728). A counting family (bigram_counts) takes no FLOPs.
 
 Sizes are the parameters' bytes (4 per parameter in fp32, 2 in bf16) in MB of 2**20 bytes, as
 seed 003 (GPT-2 small untied: 163,009,536 x 4 / 2**20 = 621.83 MB); optimizer state and
@@ -48,7 +48,7 @@ from lm.config import (
     WaveNetConfig,
     load_params,
 )
-from lm.models import COMPONENTS, build_model, component_of
+from lm.models import COMPONENTS, build_model
 from lm.models.attention import CausalSelfAttention
 
 MB = 2**20
@@ -175,14 +175,18 @@ def component_counts(model: torch.nn.Module) -> dict[str, int]:
     token embedding). This is what the evaluate stage writes as ``params_by_component``.
     """
     counts: dict[str, int] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        comp = component_of(name)
-        counts[comp] = counts.get(comp, 0) + p.numel()
+    for _, comp, n in _parameters(model):
+        counts[comp] = counts.get(comp, 0) + n
     return counts
+
+
+def _parameters(model: torch.nn.Module):
+    """(name, component, numel) of every unique parameter (a tied tensor once, under its first name)."""
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, model.component_of(name), p.numel()
 
 
 @dataclass(frozen=True)
@@ -219,15 +223,10 @@ def count(model: torch.nn.Module) -> Counts:
     """Unique parameters of ``model`` by component, in total and per transformer block."""
     components = dict.fromkeys(COMPONENTS, 0)
     blocks: dict[int, dict[str, int]] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        comp = component_of(name)
-        components[comp] += p.numel()
+    for name, comp, n in _parameters(model):
+        components[comp] += n
         if m := _BLOCK.search(name):
-            blocks.setdefault(int(m.group(1)), dict.fromkeys(COMPONENTS, 0))[comp] += p.numel()
+            blocks.setdefault(int(m.group(1)), dict.fromkeys(COMPONENTS, 0))[comp] += n
     return Counts(components, [blocks[i] for i in sorted(blocks)])
 
 
@@ -250,9 +249,9 @@ class ParamReport:
     counts: Counts
     """As configured."""
     untied: Counts | None
-    """GPT only: the head with its own matrix (None for families without a tie_weights option)."""
+    """Families with a tie_weights option: the head with its own matrix (else None)."""
     tied: Counts | None
-    """GPT only: the head sharing the token embedding."""
+    """Families with a tie_weights option: the head sharing the token embedding (else None)."""
     flops_n: int | None
     """N of the FLOPs estimate (see the module docstring); None for bigram_counts."""
     flops_attention: int | None
@@ -305,12 +304,12 @@ def param_report(
     model = build_meta(cfg, vocab_size)
     counts = count(model)
     untied = tied = None
-    if isinstance(cfg, GPTConfig):
+    if "tie_weights" in type(cfg).model_fields:  # count the other choice too
         other = count(build_meta(cfg.model_copy(update={"tie_weights": not cfg.tie_weights}), vocab_size))
         untied, tied = (other, counts) if cfg.tie_weights else (counts, other)
     attns = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
     flops_n = flops_attention = None
-    if cfg.family != "bigram_counts":
+    if cfg.fitting == "gradient":
         matmuls = untied or counts  # the head is a matmul whether or not its matrix is shared
         flops_n = matmuls.total - matmuls.components["token_embedding"] - matmuls.components["position_embedding"]
         flops_attention = sum(12 * m.n_embd * cfg.block_size for m in attns)  # per layer: 12 · n_embd · ctx
@@ -392,7 +391,7 @@ def _shape(cfg: Any) -> str:
         for k, label in keys
         if hasattr(cfg, k)
     ]
-    if hasattr(cfg, "block_size"):
+    if "block_size" in type(cfg).model_fields:
         parts.insert(0, f"context {cfg.block_size:,}")
     return ", ".join(parts)
 

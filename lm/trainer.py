@@ -1,0 +1,386 @@
+"""The only training loop (minGPT's trainer). It knows nothing about the family: it needs a model with
+``forward(idx, targets) -> (logits, loss)`` and two `Batches`.
+
+A counting family (``model.cfg.fitting == 'counting'``, the count bigram) goes through the same entry point:
+`fit` accumulates its counts over one fixed-order pass of the training split instead of taking steps.
+
+`fit` reads like nanoGPT's loop: set the lr, compute the gradient of a batch, check the loss, update,
+evaluate every ``eval_interval`` steps, save every ``checkpoint_interval``. Data parallelism (`_Replica`),
+resuming and saving (`_Saver`) and Ctrl-C (`_StopFlag`) are small helpers below it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lm import checkpoint, distributed
+from lm.batches import Batches
+from lm.config import TrainConfig
+from lm.distributed import pick_device
+from lm.metrics import autocast, score
+from lm.models import IGNORE_INDEX
+
+
+class Logger(Protocol):
+    """What the loop reports to (the stage's MLflow run in the pipeline)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the training state at the step it stopped at was saved first."""
+
+
+@dataclass
+class FitResult:
+    curve: list[dict[str, float]] = field(default_factory=list)
+    """One row per evaluation: step, tokens, train_loss, val_loss, lr (numbers a rerun reproduces exactly)."""
+    steps: int = 0
+    train_seconds: float = 0.0
+    tokens: int = 0
+    """Target tokens seen by the optimizer (or counted, for a counting family)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall-clock seconds of each step this call ran (batch, forward, backward, update; no evaluation)."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step` (0-based): linear warmup, then cosine / step / constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        drops = sum(step >= f * cfg.max_steps for f in cfg.step_at)
+        return cfg.lr * cfg.step_gamma**drops
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (nanoGPT: not on biases and norm gains), or SGD."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[cfg.adamw_impl]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
+
+
+def fit(
+    model: torch.nn.Module,
+    train: Batches,
+    val: Batches,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    logger: Logger | None = None,
+    progress: bool = True,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
+    state_dir: Path | None = None,
+    fingerprint: str = "",
+) -> FitResult:
+    """Train `model` in place and return its curve. Seeds its own batch sampler from `cfg.seed` (the caller
+    seeds torch before building the model, so init and batches are both reproducible).
+
+    With `state_dir`, the full training state is saved there every `cfg.checkpoint_interval` steps and on
+    SIGINT/SIGTERM, and a state found there (saved with the same `fingerprint`) is resumed: the result is
+    bit-identical to an uninterrupted run on the same device. The caller removes the state once the final
+    outputs are written.
+
+    Under torch.distributed (torchrun) every rank trains on its share of each batch (see `_Replica`) and
+    returns the same curve; rank 0 alone saves states and logs.
+    """
+    device = device or pick_device(cfg.device)
+    model.to(device)
+    if model.cfg.fitting == "counting":
+        return _fit_by_counting(model, train, val, cfg, device, logger)
+
+    replica = _Replica.join(model, device, cfg)
+    # A fixed validation subset, drawn once from its own stream so it never depends on training.
+    val_rng = np.random.default_rng([cfg.seed, 1])
+    val_batches = [val.sample(val_rng, cfg.batch_size) for _ in range(cfg.eval_batches)]
+    rng = np.random.default_rng([cfg.seed, 0])
+    optimizer = make_optimizer(model, cfg)
+    random.seed(cfg.seed)
+    saver = _Saver(state_dir, fingerprint, cfg, replica)
+    prog = saver.resume(model, optimizer, rng)
+    replica.wrap(cfg)
+    step_seconds: list[float] = []
+    model.train()
+
+    with _StopFlag() as stop, _progress_bar(prog.step, cfg, enabled=progress and replica.rank == 0) as bar:
+        for step in range(prog.step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            x, y = train.sample(rng, cfg.batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss, stop_asked = replica.backward(x, y, cfg, stop.set)
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"loss became {loss} at step {step} (lr {lr:.3g}); {saver.last_good()}: "
+                    "lower train.lr or raise train.warmup_steps"
+                )
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step_seconds.append(time.perf_counter() - t0)
+            prog.record(loss, int((y != IGNORE_INDEX).sum()), step_seconds[-1])
+            bar.update()
+
+            if prog.step % cfg.eval_interval == 0 or prog.step == cfg.max_steps:
+                row = prog.evaluate(model, val_batches, device, cfg.dtype, lr)
+                if logger and replica.rank == 0:
+                    logger.log_metrics({**row, **prog.timing()}, step=prog.step)
+                bar.set_postfix(
+                    train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{prog.tok_s:.0f}"
+                )
+                if on_eval:
+                    on_eval(row)
+            if prog.step < cfg.max_steps:
+                if stop_asked:
+                    saver.interrupt(model, optimizer, rng, prog)
+                elif saver.due(prog.step):
+                    saver.save(model, optimizer, rng, prog)
+    model.eval()
+    return FitResult(prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop's state and helpers
+
+
+@dataclass
+class _Progress:
+    """Everything besides model, optimizer and RNGs that a resumed run needs to continue exactly: the next
+    step, the running train-loss window, the curve so far and the counters."""
+
+    step: int = 0
+    running: float = 0.0
+    running_n: int = 0
+    t_train: float = 0.0
+    tokens: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, loss: float, tokens: int, seconds: float) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        self.running, self.running_n = self.running + loss, self.running_n + 1
+        self.tokens += tokens
+        self.t_train += seconds
+
+    def evaluate(self, model: torch.nn.Module, val_batches: list, device, dtype: str, lr: float) -> dict[str, float]:
+        """A curve row: the mean train loss since the last row and the loss on the fixed val subset."""
+        total, count = score(model, val_batches, device, dtype)
+        row = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_loss": self.running / self.running_n,
+            "val_loss": total / max(count, 1),
+            "lr": lr,
+        }
+        self.running, self.running_n = 0.0, 0
+        self.curve.append(row)
+        return row
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.t_train if self.t_train else 0.0
+
+    def timing(self) -> dict[str, float]:
+        """Wall-clock figures: logged, never part of the curve (a rerun does not reproduce them)."""
+        return {"tokens_per_s": self.tok_s, "elapsed_s": self.t_train}
+
+
+@dataclass
+class _Replica:
+    """This process's part in (possibly data-parallel) training.
+
+    Every rank samples the same global batch (same seed) and trains on its slice: the batch is cut into
+    ``world x grad_accum`` micro-batches, each weighted by its share of the batch's target tokens, so the
+    update equals the single-process one up to floating-point summation order. DDP averages the gradients
+    once per step (on the last micro-batch)."""
+
+    model: torch.nn.Module
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    accum: int = 1
+    ddp: torch.nn.Module | None = None
+    forward: Callable | None = None
+
+    @classmethod
+    def join(cls, model: torch.nn.Module, device: torch.device, cfg: TrainConfig) -> _Replica:
+        rank, world = distributed.rank(), distributed.world_size()
+        chunks = world * cfg.grad_accum
+        if cfg.batch_size % chunks:
+            raise ValueError(
+                f"train.batch_size {cfg.batch_size} is not divisible by {world} processes x train.grad_accum "
+                f"{cfg.grad_accum}: choose a batch size that is a multiple of {chunks}"
+            )
+        return cls(model, device, rank, world, cfg.grad_accum)
+
+    def wrap(self, cfg: TrainConfig) -> None:
+        """DDP across processes, then torch.compile if asked (after a resume has loaded the weights)."""
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, stop: bool) -> tuple[float, bool]:
+        """Accumulate the gradient of the global batch (x, y); return its mean loss and whether any rank was
+        asked to stop. Reading the loss syncs the device, so the caller's step timing is honest."""
+        n_total = int((y != IGNORE_INDEX).sum())
+        chunks, size = self.world * self.accum, cfg.batch_size // (self.world * self.accum)
+        loss_sum = torch.zeros((), device=self.device)
+        for j, c in enumerate(range(self.rank * self.accum, (self.rank + 1) * self.accum)):
+            xc = x[c * size : (c + 1) * size].to(self.device, non_blocking=True)
+            yc = y[c * size : (c + 1) * size].to(self.device, non_blocking=True)
+            last = j == self.accum - 1
+            with self.ddp.no_sync() if self.world > 1 and not last else nullcontext():
+                with autocast(self.device, cfg.dtype):
+                    _, loss = self.forward(xc, yc)
+                if chunks > 1:
+                    # Weighted by its share of the batch's targets (times `world`: DDP averages the ranks).
+                    loss = loss * (int((yc != IGNORE_INDEX).sum()) * self.world / n_total)
+                loss.backward()
+            loss_sum += loss.detach() / self.world
+        signals = torch.stack([loss_sum.float(), torch.tensor(float(stop), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(signals)  # the global loss, and whether any rank was asked to stop
+        return float(signals[0]), bool(signals[1])
+
+
+class _Saver:
+    """Resuming from and saving to the training state directory (rank 0 writes; every rank waits)."""
+
+    def __init__(self, state_dir: Path | None, fingerprint: str, cfg: TrainConfig, replica: _Replica):
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.fingerprint, self.cfg, self.replica = fingerprint, cfg, replica
+        self.last_saved: int | None = None
+
+    def resume(self, model, optimizer, rng: np.random.Generator) -> _Progress:
+        """The saved progress if a state for this fingerprint exists (model, optimizer, RNGs restored)."""
+        if self.state_dir is None or not self.state_dir.exists():
+            return _Progress()
+        saved = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
+        if saved is None:
+            return _Progress()
+        prog = _Progress(**saved)
+        self.last_saved = prog.step
+        if self.replica.rank == 0:
+            print(f"resuming from {self.state_dir} at step {prog.step}/{self.cfg.max_steps}", file=sys.stderr)
+        return prog
+
+    def due(self, step: int) -> bool:
+        return (
+            self.state_dir is not None and self.cfg.checkpoint_interval > 0 and step % self.cfg.checkpoint_interval == 0
+        )
+
+    def save(self, model, optimizer, rng: np.random.Generator, prog: _Progress) -> None:
+        if self.replica.rank == 0:
+            checkpoint.save_training_state(self.state_dir, model, optimizer, rng, asdict(prog), self.fingerprint)
+        if self.replica.world > 1:
+            dist.barrier()
+        self.last_saved = prog.step
+
+    def interrupt(self, model, optimizer, rng: np.random.Generator, prog: _Progress) -> None:
+        """Save (where there is a state directory) and raise Interrupted naming where to resume from."""
+        where = f"{prog.step}/{self.cfg.max_steps}"
+        if self.state_dir is None:
+            raise Interrupted(f"interrupted at step {where} (no state directory to save to)")
+        self.save(model, optimizer, rng, prog)
+        raise Interrupted(
+            f"interrupted at step {where}; the training state is saved in {self.state_dir}: "
+            "run the stage again to resume from there"
+        )
+
+    def last_good(self) -> str:
+        if self.last_saved is None:
+            return "no checkpoint was saved before it"
+        return f"the last good checkpoint is {self.state_dir} (step {self.last_saved})"
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the step, save, stop. A second one aborts at once (the last saved state is
+    intact either way: states are written atomically)."""
+
+    def __init__(self) -> None:
+        self.set, self._old = False, {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _progress_bar(start: int, cfg: TrainConfig, enabled: bool) -> tqdm:
+    return tqdm(
+        initial=start, total=cfg.max_steps, desc="train", disable=not enabled, mininterval=1.0, dynamic_ncols=True
+    )
+
+
+def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, device, logger) -> FitResult:
+    """Fit a counting family with one pass over the training split in fixed order."""
+    result = FitResult()
+    t0 = time.perf_counter()
+    for x, y in train.iterate(4096):
+        model.accumulate(x.to(device), y.to(device))
+        result.tokens += int((y != IGNORE_INDEX).sum())
+    result.train_seconds = time.perf_counter() - t0
+    model.eval()
+    row = {
+        "step": 0,
+        "tokens": result.tokens,
+        "train_loss": _mean_loss(model, train.iterate(4096), device),
+        "val_loss": _mean_loss(model, val.iterate(cfg.batch_size), device),
+        "lr": 0.0,
+    }
+    result.curve.append(row)
+    if logger:
+        logger.log_metrics({**row, "tokens_per_s": result.tokens_per_s, "elapsed_s": result.train_seconds}, step=0)
+    return result
+
+
+def _mean_loss(model, batches: Iterator, device) -> float:
+    total, count = score(model, batches, device)
+    return total / max(count, 1)
