@@ -31,12 +31,16 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
+# Params first: a broken params.yaml (a run naming a missing tokenizer, a typo) gets its one-line-per-problem
+# message before DVC resolves the DAG, where it could only say that a path is missing.
 repro: install
+	$(BIN)/lm check-params params.yaml
 	$(BIN)/dvc repro
 
 # Re-run every stage from scratch and fail if any committed output changed: how a reader checks that the
 # committed results are what this code produces (on the same kind of machine; see README, Reproducibility).
 verify: install
+	$(BIN)/lm check-params params.yaml
 	$(BIN)/dvc repro --force
 	@changed="$$(git status --porcelain --untracked-files=all -- $(TRACKED_OUTPUTS))"; \
 	if [ -n "$$changed" ]; then \

@@ -8,11 +8,14 @@ weights file changed after it was written is rejected with the reason.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
-import shutil
-import sys
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,8 @@ def save(model: torch.nn.Module, run: RunConfig, vocab_size: int, out_dir: Path)
     """Write the model's tensors and config into `out_dir` (which the caller renames into place)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_model de-duplicates tied tensors (lm_head.weight is wte.weight), which save_file refuses.
-    save_model(model, str(out_dir / WEIGHTS))
+    with _write_errors_as_os_errors():
+        save_model(model, str(out_dir / WEIGHTS))
     meta = {
         "run": run.model_dump(mode="json"),
         "vocab_size": vocab_size,
@@ -94,10 +98,14 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
 #
 # <state_dir>/state.safetensors: the model ("model.*"), the optimizer's per-parameter tensors ("optim.<i>.*")
 # and the torch RNGs ("rng.torch", "rng.cuda.<i>"); <state_dir>/state.json: the step, the fingerprint of what
-# the state was saved for, the optimizer's non-tensor state, the numpy and python RNG states and the loop's
-# progress (running loss, curve so far, counters).
+# the state was saved for (params, training tokens, code), the sha256 of every tensor, the optimizer's
+# non-tensor state, the numpy and python RNG states and the loop's progress (running loss, curve, counters).
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+
+
+class StaleState(Exception):
+    """A saved training state that must not be resumed; the message says why (one line)."""
 
 
 def state_dir_for(out: Path) -> Path:
@@ -107,13 +115,24 @@ def state_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
 
+def lock_path_for(out: Path) -> Path:
+    """The lock file of the run writing `out` (`models/.<run>.lock`): one trainer per run at a time."""
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (any dtype, any device)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def save_training_state(
     state_dir: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
     progress: dict,
-    fingerprint: str,
+    fingerprint: dict,
 ) -> None:
     """Write the full training state atomically (a crash leaves the previous one); `progress` is the loop's
     JSON-able state, with its next ``step``."""
@@ -134,35 +153,49 @@ def save_training_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, st in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = st
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     version, state, gauss = random.getstate()
     meta = {
         "step": progress["step"],
         "fingerprint": fingerprint,
+        "sha256": {k: tensor_sha256(v) for k, v in tensors.items()},
         "optim_scalars": optim_scalars,
         "numpy_rng": rng.bit_generator.state,
         "python_rng": [version, list(state), gauss],
         "progress": progress,
     }
     with atomic_dir(state_dir) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        with _write_errors_as_os_errors():
+            save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
 
 
 def load_training_state(
     state_dir: Path,
-    fingerprint: str,
+    fingerprint: dict,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
-) -> dict | None:
-    """Restore model, optimizer and every RNG from `state_dir` and return the loop's progress; None (and the
-    stale state removed) when it was saved for a different `fingerprint`. A damaged state, or one that does
-    not fit the model, is a CheckpointError naming it and the fix."""
+) -> dict:
+    """Restore model, optimizer and every RNG from `state_dir` and return the loop's progress.
+
+    Raises StaleState, before anything is restored, when the state cannot be resumed: unreadable, a tensor
+    whose bytes do not match the sha256 saved with it, or saved for other params, tokens or code (the message
+    names what differs). The caller then trains from scratch.
+    """
     tensors, meta = read_training_state(Path(state_dir))
-    if meta.get("fingerprint") != fingerprint:
-        print(f"note: {state_dir} was saved for other params or data; training from scratch", file=sys.stderr)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        return None
+    _check_fingerprint(meta.get("fingerprint"), fingerprint)
+    saved = meta.get("sha256")
+    if not isinstance(saved, dict) or set(saved) != set(tensors):
+        raise StaleState("it has no sha256 for every tensor (saved by an older version)")
+    if bad := [k for k, t in tensors.items() if tensor_sha256(t) != saved[k]]:
+        raise StaleState(
+            f"it is damaged: tensor {bad[0]!r} does not match its sha256"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    expected = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
+    if {k: v.shape for k, v in tensors.items() if k.startswith("model.")} != expected:
+        raise StaleState("its model tensors do not fit this model")
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
         per_param: dict[int, dict] = {}
@@ -183,24 +216,46 @@ def load_training_state(
         version, state, gauss = meta["python_rng"]
         random.setstate((version, tuple(state), gauss))
         return dict(meta["progress"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:  # the model may be half-restored: stop here
         raise CheckpointError(
-            f"training state {state_dir} does not match this run ({' '.join(str(e).split())[:300]}): "
+            f"training state {state_dir} passed its checks but does not load ({' '.join(str(e).split())[:300]}): "
             "delete it to train from scratch"
         ) from None
 
 
+def _check_fingerprint(saved: object, current: dict) -> None:
+    if not isinstance(saved, dict):
+        raise StaleState("it was saved by an older version (no code fingerprint)")
+    if saved.get("config") != current["config"]:
+        raise StaleState("it was saved for other params")
+    if saved.get("tokens") != current["tokens"]:
+        raise StaleState("it was saved for other training tokens")
+    old, new = saved.get("code", {}), current["code"]
+    if changed := sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f)):
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise StaleState(f"it was saved by other code ({', '.join(changed[:3])}{more} changed since)")
+
+
 def read_training_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and JSON of a saved training state; a damaged one is a CheckpointError naming it."""
+    """The tensors and JSON of a saved training state; StaleState if it is unreadable."""
     from safetensors.torch import load_file
 
     try:
         meta = json.loads((state_dir / STATE_JSON).read_text())
         tensors = load_file(str(state_dir / STATE_TENSORS))
     except (OSError, ValueError, SafetensorError) as e:
-        raise CheckpointError(
-            f"training state {state_dir} is unreadable ({e}): delete it to train from scratch"
-        ) from None
+        raise StaleState(f"it is unreadable ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(meta, dict) or "step" not in meta:
-        raise CheckpointError(f"training state {state_dir}/{STATE_JSON} has no step: delete it to train from scratch")
+        raise StaleState(f"its {STATE_JSON} has no step")
     return tensors, meta
+
+
+@contextmanager
+def _write_errors_as_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write as a SafetensorError ('... IoError(Os { code: 28, kind: StorageFull
+    ...'), not an OSError: turn it into the OSError it is, so callers report it as any failed write (path, fix)."""
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"code: (\d+)", str(e))
+        raise OSError(int(code[1]) if code else errno.EIO, os.strerror(int(code[1])) if code else str(e)) from e

@@ -49,7 +49,7 @@ def _checked(kind: type, ok, rule: str):
     return parse
 
 
-_temperature = _checked(float, lambda v: v > 0, "must be > 0 (for greedy decoding use --top-k 1)")
+_temperature = _checked(float, lambda v: 0 < v < float("inf"), "must be a finite number > 0 (--top-k 1 is greedy)")
 _top_k = _checked(int, lambda v: v >= 1, "must be >= 1 (1 is greedy decoding)")
 _top_p = _checked(float, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 keeps every token)")
 _positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer")
@@ -134,6 +134,8 @@ def _sample(args: argparse.Namespace) -> int:
         model, run, vocab_size = checkpoint.load(model_dir, device)
     except (checkpoint.CheckpointError, RuntimeError) as e:
         return _error(str(e))
+    if args.model_dir is None and (note := _stale_note(args, run)):
+        print(note, file=sys.stderr)
     tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
     if not (tok_dir / "tokenizer.json").is_file():
         return _error(
@@ -205,15 +207,43 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stale_note(args: argparse.Namespace, trained) -> str | None:
+    """A note when the checkpoint of RUN was trained with other settings than RUN in the params file now has
+    (edited since the last `dvc repro`): the sample comes from the old model."""
+    from lm.config import ParamsError, load_params
+    from lm.tracking import flatten
+
+    try:
+        current = load_params(args.params).runs.get(args.run)
+    except (ParamsError, OSError):
+        return None
+    if current is None or current == trained:
+        return None
+    old, new = flatten(trained.model_dump(mode="json")), flatten(current.model_dump(mode="json"))
+    diff = [
+        f"{k} {old.get(k, '-')} → {new.get(k, '-')}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return (
+        f"note: {args.models_dir / args.run} was trained with other settings than runs.{args.run} in {args.params} "
+        f"now has ({'; '.join(diff[:3])}{more}): sampling the trained model; `dvc repro` retrains it"
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
     model_dir = _find_checkpoint(args)
     if model_dir is None:
         return 2
     from lm.checkpoint import CheckpointError, load
-    from lm.export import ExportError, export_hf, gpt2_problems
+    from lm.export import ExportError, check_target, export_hf, gpt2_problems
 
     try:
+        check_target(args.out, args.force)  # before any work: nothing of the user's is replaced by mistake
         _, run, _ = load(model_dir)
+    except ExportError as e:
+        return _error(str(e), 2)
     except CheckpointError as e:
         return _error(str(e))
     if problems := gpt2_problems(run):
@@ -226,7 +256,7 @@ def _export(args: argparse.Namespace) -> int:
             f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
         )
     try:
-        out = export_hf(model_dir, tok_dir, args.out)
+        out = export_hf(model_dir, tok_dir, args.out, force=args.force)
     except (ExportError, CheckpointError, OSError) as e:
         return _error(str(e))
     print(
@@ -397,7 +427,15 @@ def _add_export(sub) -> None:
     c.add_argument(
         "--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face GPT-2; the only one)"
     )
-    c.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically if it exists)")
+    c.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory to write; an earlier export there is replaced atomically, anything else is refused",
+    )
+    c.add_argument(
+        "--force", action="store_true", help="replace --out even if it is a file or a folder that is not an lm export"
+    )
     c.set_defaults(func=_export)
 
 

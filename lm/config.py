@@ -461,7 +461,8 @@ class TrackingConfig(Strict):
     enabled: bool = True
     """Log every stage instance as an MLflow run; false runs the pipeline untracked (no mlflow import)."""
     required: bool = True
-    """An unreachable tracking store fails the stage before any work; false warns and runs the stage untracked."""
+    """An unreachable tracking store fails the stage before any work; false warns and runs the stage untracked.
+    Once a run is open, a failing store is always a warning: finished work is never lost over logging."""
     experiment: str = Field(default="lm-ladder", min_length=1, max_length=200)
     """MLflow experiment that holds the study's runs: one per study (presets/tiny.yaml logs to lm-ladder-tiny)."""
     log_checkpoints: FamilyNames = ["gpt"]

@@ -116,7 +116,26 @@ def fetch(
                     f"cannot copy mirror file {src} to {dest}: {e}; check permissions and free disk space"
                 ) from e
             return dest
+    try:
+        return _download(url, sha256, dest, filename, where, timeout, retries, backoff, progress)
+    except DataError as e:
+        if mirror is None:
+            raise
+        raise DataError(f"{e}; {filename} is not in the mirror folder {mirror} either (LM_DATA_MIRROR)") from None
 
+
+def _download(
+    url: str,
+    sha256: str,
+    dest: Path,
+    filename: str,
+    where: str,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    progress: bool,
+) -> Path:
+    """Download `url` into `dest` with retries (see :func:`fetch`)."""
     attempts = max(1, retries + 1)
     for attempt in range(attempts):
         try:

@@ -63,12 +63,20 @@ def evaluate_run(
     texts = samples(model, tokenizer, stats["format"], stats.get("boundary_id"), cfg, device)
     write_json(metrics_path, out)
     atomic_write_text(samples_path, format_samples(texts, stats["format"]))
-    # One metrics dict feeds the JSON, MLflow and the report (train/steps is the run's last step).
+    logger.set_tags({"device": str(device), "torch": torch.__version__})
+    log_outputs(logger, metrics_path, samples_path)
+    return out
+
+
+def log_outputs(logger: NullTracker, metrics_path: Path, samples_path: Path) -> None:
+    """Log an evaluate stage's written outputs: the metrics JSON as metrics (params_by_component as
+    params/<component>, at the run's last training step) and both files as artifacts. The stage calls it
+    after writing them; `python -m stages.evaluate ... --log-only` calls it again later to re-log a run."""
+    out = json.loads(Path(metrics_path).read_text())
+    # One metrics dict feeds the JSON, MLflow and the report.
     logger.log_metrics(
         {k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
         step=int(out.get("train/steps", 0)),
     )
-    logger.set_tags({"device": str(device), "torch": torch.__version__})
     logger.log_artifact(metrics_path, "metrics")
     logger.log_artifact(samples_path, "samples")
-    return out

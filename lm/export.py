@@ -153,12 +153,41 @@ def tokenizer_config(block_size: int, boundary: str | None) -> dict[str, Any]:
     return cfg
 
 
-def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
-    """Write the Hugging Face GPT-2 directory of the checkpoint in ``model_dir`` to ``out`` (replaced atomically).
+MARKER = "lm_export.json"
+"""Written into every export: which run it holds. A folder with it is an export `lm export` may replace."""
 
-    Raises ExportError (the run cannot be a GPT-2, with the reasons) or CheckpointError.
+
+def check_target(out: Path, force: bool = False) -> None:
+    """Refuse an `--out` that holds something else than an earlier export: a non-empty folder of the user's, a
+    file, or the current directory (or one above it), unless `force` (then replaced, the current directory
+    never). An empty or missing folder is fine."""
+    out = Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ExportError(f"--out {out} is the current directory or one above it: name a new folder, e.g. exports/run")
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(
+            f"--out {out} is a file, not an export folder: name a new folder, or pass --force to replace it"
+        )
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ExportError(
+            f"--out {out} is a non-empty folder that is not an lm export (no {MARKER}): name a new folder, "
+            "or pass --force to replace it and everything in it"
+        )
+
+
+def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = False) -> Path:
+    """Write the Hugging Face GPT-2 directory of the checkpoint in ``model_dir`` to ``out`` (replaced atomically:
+    only an earlier export, an empty folder or, with ``force``, anything but the current directory).
+
+    Raises ExportError (a target it must not replace; a run that cannot be a GPT-2, with the reasons) or
+    CheckpointError.
     """
     from lm.tokenizer import load_stats, load_tokenizer
+
+    check_target(out, force)
 
     model, run, vocab_size = checkpoint.load(Path(model_dir))
     problems = gpt2_problems(run)
@@ -180,6 +209,8 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
+        marker = {"format": "hf", "checkpoint": str(model_dir), "tokenizer": str(tokenizer_dir)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(run.model.block_size, boundary), indent=2) + "\n"
         )

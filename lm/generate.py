@@ -6,6 +6,7 @@ once and then feed one token per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -21,8 +22,8 @@ OVERFLOW = ("slide", "refill")
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the bad sampling setting and its valid range."""
-    if not temperature > 0:  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy decoding)")
+    if not 0 < temperature < math.inf:  # also rejects NaN
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature} (top_k=1 is greedy decoding)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (1 is greedy) or None for the whole vocabulary, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

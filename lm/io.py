@@ -18,6 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+"""Every output is created with the modes of a plain file or folder under the process's umask (0644 / 0755 with
+the usual 022): readable by others on a shared machine, as results are meant to be. The temporary files that
+atomic writes go through would otherwise keep mkstemp's private 0600."""
+
+
 class OutputError(OSError):
     """An output could not be written; ``path`` is the output, ``cause`` the OSError behind it.
 
@@ -57,6 +69,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except OSError as e:
         raise OutputError(out, e) from e
     try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private (0700)
         yield tmp
         for p in tmp.rglob("*"):  # durable before the rename publishes it
             if p.is_file():
@@ -128,6 +141,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as e:
         raise OutputError(path, e) from e
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -143,3 +157,36 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock of the work this process was about to do."""
+
+
+@contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created beside the work it guards, holding the holder's pid)
+    for the duration; if another process holds it, raise Busy naming `what`, that process and the fix. The
+    kernel drops the lock when the holder exits, however it exits (a stale lock file is harmless)."""
+    import fcntl
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise Busy(
+                f"{what} is already running in another process (pid {holder}, lock {lock}): wait for it to finish "
+                f"or stop it (kill {holder}); a second one would train on the same saved state"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -167,32 +169,46 @@ class NullTracker:
 
 class Tracker(NullTracker):
     """One MLflow run (a stage instance); use as a context manager: it ends the run FINISHED, FAILED
-    (an exception, incl. a stage's SystemExit) or KILLED (Ctrl-C), and its parent with it."""
+    (an exception, incl. a stage's SystemExit) or KILLED (Ctrl-C), and its parent with it.
+
+    Once the run is open, tracking never fails the stage: the first failed call (a store that died mid-run)
+    is one warning, with `relog` (the command that logs the run again from the stage's outputs), and the rest
+    of the run is not logged. Work that is done is never thrown away over a log line."""
 
     def __init__(
-        self, client: Any, run_id: str, parent_id: str | None, uri: str, required: bool, warn: Callable[[str], None]
+        self,
+        client: Any,
+        run_id: str,
+        parent_id: str | None,
+        uri: str,
+        required: bool,
+        warn: Callable[[str], None],
+        relog: str | None = None,
     ):
         self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
-        self.required, self.warn = required, warn
+        self.required, self.warn, self.relog = required, warn, relog
         from mlflow.entities import Metric, RunTag
 
         self._metric, self._tag = Metric, RunTag
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
-        self._broken = False
+        self.failed: str | None = None
+        """The first failure's message, once a call has failed (nothing is logged after it)."""
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run a client call; a failure raises (tracking required) or warns once and stops tracking."""
-        if self._broken:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, fatal: bool = False, **kwargs: Any) -> None:
+        """Run a client call; a failure raises TrackingError if `fatal` (while opening a required run), else
+        warns once and stops tracking."""
+        if self.failed:
             return
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (MlflowException, OSError, database errors, ...)
             message = f"MLflow tracking at {self.uri} failed to {what}: {' '.join(str(e).split())[:500]}"
-            if self.required:
+            if fatal:
                 raise TrackingError(f"{message}; fix the store or set tracking.required: false to run untracked") from e
-            self._broken = True
-            self.warn(f"{message}; tracking.required is false: the rest of this run is not logged")
+            self.failed = message
+            again = f"; log it again later with: {self.relog}" if self.relog else ""
+            self.warn(f"{message}; the rest of this run is not logged (the stage's outputs are not affected){again}")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -225,16 +241,11 @@ class Tracker(NullTracker):
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             status = "FINISHED"
-        try:
-            self.flush()
-            self._call("end the run", self.client.set_terminated, self.run_id, status)
-            if self.parent_id:
-                # The parent ends with each stage: after the last one it spans the whole invocation.
-                self._call("end the parent run", self.client.set_terminated, self.parent_id, status)
-        except TrackingError as e:
-            if kind is None:
-                raise
-            self.warn(str(e))  # the stage's own error is the one to report
+        self.flush()
+        self._call("end the run", self.client.set_terminated, self.run_id, status)
+        if self.parent_id:
+            # The parent ends with each stage: after the last one it spans the whole invocation.
+            self._call("end the parent run", self.client.set_terminated, self.parent_id, status)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +306,43 @@ def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
     return client.create_run(experiment_id, run_name=group.name, tags=tags).info.run_id
 
 
+def _process_tags() -> dict[str, str]:
+    """Which process a run belongs to: host, pid and the pid's start time (pids are reused)."""
+    import psutil
+
+    return {
+        "lm.host": socket.gethostname(),
+        "lm.pid": str(os.getpid()),
+        "lm.pid_start": f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def _alive(pid: str, start: str) -> bool:
+    import psutil
+
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == start
+    except (psutil.Error, ValueError):
+        return False
+
+
+def _end_orphans(client: Any, experiment_id: str, name: str) -> None:
+    """Mark KILLED the RUNNING runs named `name` whose process (on this host) is gone."""
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    running = client.search_runs(
+        [experiment_id], f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING'", max_results=50
+    )
+    for run in running:
+        t = run.data.tags
+        if (
+            t.get("lm.host") == socket.gethostname()
+            and "lm.pid" in t
+            and not _alive(t["lm.pid"], t.get("lm.pid_start", ""))
+        ):
+            client.set_tag(run.info.run_id, "lm.ended_by", "the next start of the same stage (its process was gone)")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 def open_run(
     cfg: TrackingConfig,
     uri: str,
@@ -306,8 +354,13 @@ def open_run(
     artifact_root: Path | None = None,
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = print,
+    relog: str | None = None,
 ) -> NullTracker:
     """Start the MLflow run `name` (the DVC stage, e.g. 'train@names-mlp') with its params and tags.
+
+    Runs of the same name left RUNNING by a process of this machine that no longer exists (killed with
+    SIGKILL, or its machine rebooted) are marked KILLED first. `relog` is the command that logs the run again
+    from the stage's outputs, quoted in the warning if tracking fails after the run is open.
 
     `artifact_root`: where a *new* experiment keeps its artifacts when the store is local (sqlite):
     an absolute path, so runs from DVC's temp directories land in the project, not in a deleted
@@ -326,7 +379,8 @@ def open_run(
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, cfg.experiment, artifact_root)
         parent_id = _parent_run(client, experiment_id, group) if group else None
-        run_tags = {**tags, "lm.role": STAGE_ROLE}
+        _end_orphans(client, experiment_id, name)
+        run_tags = {**tags, "lm.role": STAGE_ROLE, **_process_tags()}
         if group:
             run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
         run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
@@ -338,8 +392,9 @@ def open_run(
             f"store is reachable and writable"
         )
     else:
-        tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn)
-        tracker._call("log params", client.log_batch, run_id, params=[Param(k, v) for k, v in params.items()])
+        tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog)
+        params_batch = [Param(k, v) for k, v in params.items()]
+        tracker._call("log params", client.log_batch, run_id, params=params_batch, fatal=cfg.required)
         where = (
             f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
             if probe_able(uri)

@@ -15,6 +15,8 @@ import io
 import json
 import platform
 import shutil
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 from lm import batches as B
 from lm import checkpoint, distributed
 from lm.config import RunConfig
-from lm.io import atomic_dir, atomic_write_text, write_json
+from lm.io import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.models import build_model
 from lm.tokenizer import load_ids, load_stats
 from lm.tracking import NullTracker
@@ -37,15 +39,19 @@ def _split_batches(run: RunConfig, tok_dir: Path, split: str) -> B.Batches:
     return B.for_model(run.model, load_ids(tok_dir, split), stats["format"], stats.get("boundary_id"))
 
 
-def fingerprint(run: RunConfig, tok_dir: Path) -> str:
+def fingerprint(run: RunConfig, tok_dir: Path, code: Mapping[str, str] | None = None) -> dict:
     """What a saved training state must match to be resumed: the run's config (except how often it
-    checkpoints and which device it runs on) and the exact training tokens."""
+    checkpoints and which device it runs on), the exact training tokens, and the code that shapes training
+    (`code`: sha256 by file, lm.provenance.code_digests of the stage's module)."""
     cfg = run.model_dump(mode="json")
     for key in ("checkpoint_interval", "device"):
         cfg["train"].pop(key)
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(load_ids(tok_dir, "train")).tobytes())
-    return h.hexdigest()
+    tokens = np.ascontiguousarray(load_ids(tok_dir, "train")).tobytes()
+    return {
+        "config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+        "tokens": hashlib.sha256(tokens).hexdigest(),
+        "code": dict(code or {}),
+    }
 
 
 def train_run(
@@ -58,71 +64,107 @@ def train_run(
     logger: NullTracker | None = None,
     log_weights: bool = False,
     progress: bool = True,
+    code: Mapping[str, str] | None = None,
 ) -> dict:
-    """Build, fit and checkpoint one run; every output appears at once (atomic directory). `logger` gets
-    the curve as it is made, then the summary and the files (model.safetensors only if `log_weights`).
+    """Build, fit and checkpoint one run; every output appears at once (atomic writes). `logger` gets the
+    curve as it is made, then the summary and the files (model.safetensors only if `log_weights`).
 
-    The resumable state lives beside `out` (`checkpoint.state_dir_for`) while training runs; it is
-    resumed by the next call if this one is killed, and removed once the outputs are in place. Under
-    torchrun every rank trains, rank 0 alone writes."""
+    The resumable state lives beside `out` (`checkpoint.state_dir_for`) while training runs; it is resumed by
+    the next call if this one is killed (when params, tokens and `code`, the digests of the code that runs,
+    still match), and removed once the outputs are in place. One process at a time trains a run (a lock
+    beside `out`). Under torchrun every rank trains, rank 0 alone writes."""
     logger = logger or NullTracker()
-    stats = load_stats(tok_dir)
-    vocab_size = int(stats["vocab_size"])
-    # Shapes are checked (too-short splits, too-long names) before any model is built.
-    train, val = _split_batches(run, tok_dir, "train"), _split_batches(run, tok_dir, "val")
-    device = distributed.pick_device(run.train.device)
     rank = distributed.rank()
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
-    torch.manual_seed(run.train.seed)
-    model = build_model(run.model, vocab_size)
-    state = checkpoint.state_dir_for(out)
-    result = fit(
-        model,
-        train,
-        val,
-        run.train,
-        device=device,
-        logger=logger,
-        progress=progress,
-        state_dir=state,
-        fingerprint=fingerprint(run, tok_dir),
-    )
-    # Only numbers that a rerun reproduces bit for bit: timing goes to MLflow alone.
-    summary = {
-        "run": name,
-        "family": run.model.family,
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": result.steps,
-        "train_loss": result.curve[-1]["train_loss"],
-        "val_loss": result.curve[-1]["val_loss"],
-        "tokens": result.tokens,
-    }
-    timing = {
-        "train_seconds": result.train_seconds,
-        "tokens_per_s": result.tokens_per_s,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
-    if rank != 0:
-        return {**summary, **timing}
-    with atomic_dir(out) as tmp:
-        checkpoint.save(model.cpu(), run, vocab_size, tmp)
-        write_json(tmp / "train.json", summary)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(result.curve)
-    atomic_write_text(curve, buf.getvalue())
+    with exclusive(checkpoint.lock_path_for(out), f"train@{name}") if rank == 0 else nullcontext():
+        stats = load_stats(tok_dir)
+        vocab_size = int(stats["vocab_size"])
+        # Shapes are checked (too-short splits, too-long names) before any model is built.
+        train, val = _split_batches(run, tok_dir, "train"), _split_batches(run, tok_dir, "val")
+        device = distributed.pick_device(run.train.device)
+        if run.train.threads:
+            torch.set_num_threads(run.train.threads)
+        torch.manual_seed(run.train.seed)
+        model = build_model(run.model, vocab_size)
+        state = checkpoint.state_dir_for(out)
+        fp = fingerprint(run, tok_dir, code)
+        result = fit(
+            model,
+            train,
+            val,
+            run.train,
+            device=device,
+            logger=logger,
+            progress=progress,
+            state_dir=state,
+            fingerprint=fp,
+        )
+        # Only numbers that a rerun reproduces bit for bit: timing goes to MLflow alone.
+        summary = {
+            "run": name,
+            "family": run.model.family,
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps": result.steps,
+            "train_loss": result.curve[-1]["train_loss"],
+            "val_loss": result.curve[-1]["val_loss"],
+            "tokens": result.tokens,
+        }
+        timing = {
+            "train_seconds": result.train_seconds,
+            "tokens_per_s": result.tokens_per_s,
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        }
+        if rank == 0:
+            _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state)
+    if rank == 0:
+        logger.log_metrics({"train_seconds": timing["train_seconds"]}, step=result.steps)
+        logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
+        log_outputs(logger, out, curve, tok_dir, log_weights=log_weights)
+    return {**summary, **timing}
+
+
+def _write_outputs(
+    model, run: RunConfig, vocab_size: int, summary: dict, rows: list, out: Path, curve: Path, state: Path
+) -> None:
+    """Checkpoint + train.json (one atomic directory) and the curve CSV; then the training state goes."""
+    try:
+        with atomic_dir(out) as tmp:
+            checkpoint.save(model, run, vocab_size, tmp)
+            write_json(tmp / "train.json", summary)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(curve, buf.getvalue())
+    except OSError as e:
+        raise NotWritten(
+            f"{e}. The trained model is kept in {state} (step {summary['steps']}): run the stage again once the "
+            "problem is fixed; it resumes there and only writes the outputs"
+        ) from e
     shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
+
+
+class NotWritten(RuntimeError):
+    """Training finished but its outputs could not be written; the message says where the model is kept."""
+
+
+def log_outputs(
+    logger: NullTracker, out: Path, curve: Path, tok_dir: Path, *, log_weights: bool = False, history: bool = False
+) -> None:
+    """Log a train stage's written outputs: the final numbers of train.json, the files as artifacts
+    (model.safetensors only if `log_weights`) and, with `history`, the curve CSV as step metrics (the stage
+    logs those live while training). `python -m stages.train ... --log-only` calls it with `history` to
+    re-log a run whose tracking failed, from the outputs alone (wall-clock figures are not among them)."""
+    summary = json.loads((Path(out) / "train.json").read_text())
+    if history:
+        with open(curve, newline="") as f:
+            for row in csv.DictReader(f):
+                logger.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=int(row["step"]))
     # Final numbers under their own names (the curve's `tokens` history already ends at the total).
-    final = {"params": summary["params"], "steps": summary["steps"], "train_seconds": timing["train_seconds"]}
-    logger.log_metrics(final, step=result.steps)
-    logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
+    logger.log_metrics({"params": summary["params"], "steps": summary["steps"]}, step=summary["steps"])
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
     for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
-        logger.log_artifact(out / f, "checkpoint")
+        logger.log_artifact(Path(out) / f, "checkpoint")
     logger.log_artifact(curve, "curve")
-    return {**summary, **timing}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -102,15 +103,15 @@ def fit(
     progress: bool = True,
     on_eval: Callable[[dict[str, float]], None] | None = None,
     state_dir: Path | None = None,
-    fingerprint: str = "",
+    fingerprint: dict | None = None,
 ) -> FitResult:
     """Train `model` in place and return its curve. Seeds its own batch sampler from `cfg.seed` (the caller
     seeds torch before building the model, so init and batches are both reproducible).
 
-    With `state_dir`, the full training state is saved there every `cfg.checkpoint_interval` steps and on
-    SIGINT/SIGTERM, and a state found there (saved with the same `fingerprint`) is resumed: the result is
-    bit-identical to an uninterrupted run on the same device. The caller removes the state once the final
-    outputs are written.
+    With `state_dir`, the full training state is saved there every `cfg.checkpoint_interval` steps, on
+    SIGINT/SIGTERM and after the last step, and a state found there (saved with the same `fingerprint`:
+    params, tokens and code, see lm.train.fingerprint) is resumed: the result is bit-identical to an
+    uninterrupted run on the same device. The caller removes the state once the final outputs are written.
 
     Under torch.distributed (torchrun) every rank trains on its share of each batch (see `_Replica`) and
     returns the same curve; rank 0 alone saves states and logs.
@@ -168,6 +169,7 @@ def fit(
                     saver.interrupt(model, optimizer, rng, prog)
                 elif saver.due(prog.step):
                     saver.save(model, optimizer, rng, prog)
+    saver.save_final(model, optimizer, rng, prog)  # kept until the caller has written the outputs
     model.eval()
     return FitResult(prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds)
 
@@ -283,17 +285,23 @@ class _Replica:
 class _Saver:
     """Resuming from and saving to the training state directory (rank 0 writes; every rank waits)."""
 
-    def __init__(self, state_dir: Path | None, fingerprint: str, cfg: TrainConfig, replica: _Replica):
+    def __init__(self, state_dir: Path | None, fingerprint: dict | None, cfg: TrainConfig, replica: _Replica):
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.fingerprint, self.cfg, self.replica = fingerprint, cfg, replica
+        self.fingerprint = fingerprint or {"config": "", "tokens": "", "code": {}}
+        self.cfg, self.replica = cfg, replica
         self.last_saved: int | None = None
 
     def resume(self, model, optimizer, rng: np.random.Generator) -> _Progress:
-        """The saved progress if a state for this fingerprint exists (model, optimizer, RNGs restored)."""
+        """The saved progress if a resumable state exists (model, optimizer, RNGs restored); otherwise a fresh
+        start, with one line saying why a state that exists is not resumed (it is removed)."""
         if self.state_dir is None or not self.state_dir.exists():
             return _Progress()
-        saved = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
-        if saved is None:
+        try:
+            saved = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
+        except checkpoint.StaleState as why:
+            if self.replica.rank == 0:
+                print(f"note: not resuming from {self.state_dir}: {why}; training from scratch", file=sys.stderr)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
             return _Progress()
         prog = _Progress(**saved)
         self.last_saved = prog.step
@@ -306,19 +314,35 @@ class _Saver:
             self.state_dir is not None and self.cfg.checkpoint_interval > 0 and step % self.cfg.checkpoint_interval == 0
         )
 
-    def save(self, model, optimizer, rng: np.random.Generator, prog: _Progress) -> None:
-        if self.replica.rank == 0:
-            checkpoint.save_training_state(self.state_dir, model, optimizer, rng, asdict(prog), self.fingerprint)
-        if self.replica.world > 1:
-            dist.barrier()
+    def save(self, model, optimizer, rng: np.random.Generator, prog: _Progress, *, must: bool = False) -> None:
+        """Save the state. A failed write (a full disk) is a warning and training goes on, unless `must` (an
+        interrupt: the state is all the user will have), when it raises OutputError naming the path and fix."""
+        try:
+            if self.replica.rank == 0:
+                checkpoint.save_training_state(self.state_dir, model, optimizer, rng, asdict(prog), self.fingerprint)
+        except OSError as e:
+            if must:
+                raise
+            since = f"step {self.last_saved}" if self.last_saved is not None else "scratch"
+            print(f"warning: {e}; training goes on, but a crash now restarts from {since}", file=sys.stderr)
+            return
+        finally:
+            if self.replica.world > 1:
+                dist.barrier()
         self.last_saved = prog.step
+
+    def save_final(self, model, optimizer, rng: np.random.Generator, prog: _Progress) -> None:
+        """The state after the last step, so that outputs that fail to be written (a full disk) are not lost:
+        a re-run resumes at the end and only writes them."""
+        if self.state_dir is not None and self.last_saved != prog.step:
+            self.save(model, optimizer, rng, prog)
 
     def interrupt(self, model, optimizer, rng: np.random.Generator, prog: _Progress) -> None:
         """Save (where there is a state directory) and raise Interrupted naming where to resume from."""
         where = f"{prog.step}/{self.cfg.max_steps}"
         if self.state_dir is None:
             raise Interrupted(f"interrupted at step {where} (no state directory to save to)")
-        self.save(model, optimizer, rng, prog)
+        self.save(model, optimizer, rng, prog, must=True)
         raise Interrupted(
             f"interrupted at step {where}; the training state is saved in {self.state_dir}: "
             "run the stage again to resume from there"

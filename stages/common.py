@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,16 +30,56 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+MLFLOW_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""MLflow's HTTP client retries 7 times with exponential backoff (~8 minutes) by default; a stage gives a dead
+server a few seconds (each setting can be overridden in the environment)."""
+
+
 def study(path: str) -> StudyConfig:
-    """Load and validate params; on any problem print one line per problem and exit 2."""
+    """Load and validate params (on any problem print one line per problem and exit 2); prepare the process:
+    MLflow's settings, and a stop when the `dvc` that runs this stage dies (see :func:`stop_with_dvc`)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The stage prints one line with its run's address itself (MLflow would print two per run).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for key, value in MLFLOW_HTTP.items():
+        os.environ.setdefault(key, value)
     try:
-        return load_params(path)
+        cfg = load_params(path)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    stop_with_dvc()
+    return cfg
+
+
+def stop_with_dvc(poll_s: float = 0.5) -> None:
+    """When this stage runs under `dvc` and that process dies (SIGTERM, SIGKILL), send ourselves SIGTERM: DVC
+    does not pass the signal on, and an orphaned stage would keep training and writing outputs that no
+    dvc.lock will record. The trainer saves its state and stops; other stages stop (their outputs are atomic)."""
+    proc = _dvc_process()
+    if proc is None:
+        return
+
+    def watch() -> None:
+        import psutil
+
+        while True:
+            time.sleep(poll_s)
+            try:
+                dvc = psutil.Process(proc[0])
+                if dvc.create_time() == proc[1] and dvc.status() != psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+                    continue
+            except psutil.Error:
+                pass
+            print(f"warning: dvc (pid {proc[0]}) is gone: stopping this stage", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
 
 
 def entry(section: Mapping[str, Any], name: str, what: str, params: str) -> Any:
@@ -138,12 +181,15 @@ def tracker(
     *,
     tags: Mapping[str, str] | None = None,
     deps: Sequence[Path] = (),
+    relog: bool = False,
 ) -> NullTracker:
     """Open this stage instance's MLflow run (a no-op tracker when tracking is off); exit 1 with a
     message naming the URI, before any work, when the store is unreachable and tracking is required.
 
     `params`: nested, logged flattened ('train.lr'); `deps`: the data the stage reads, tagged
-    dvc.dep.<path> with the md5 dvc.lock records; `tags`: stage-specific tags (corpus, family, ...)."""
+    dvc.dep.<path> with the md5 dvc.lock records; `tags`: stage-specific tags (corpus, family, ...).
+    `relog`: the stage can log a run again from its outputs (`--log-only`): a tracking failure after the run is
+    open then names that command."""
     if not cfg.tracking.enabled:
         return NullTracker()
     env, cwd = os.environ, Path.cwd()
@@ -171,9 +217,16 @@ def tracker(
             group=study_group(env, git),
             artifact_root=None if probe_able(uri) else root / "mlartifacts",
             warn=warn,
+            relog=relog_command(stage) if relog else None,
         )
     except TrackingError as e:
         fail(f"{stage}: {e}")
+
+
+def relog_command(stage: str) -> str:
+    """This stage's own command line with --log-only: it logs the run again from the outputs, doing no work."""
+    args = [a for a in sys.argv[1:] if a != "--log-only"]
+    return shlex.join(["python", "-m", f"stages.{stage.split('@')[0]}", *args, "--log-only"])
 
 
 def outputs(run: NullTracker, *paths: Path) -> None:

@@ -14,9 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (tokenize stage output)")
     p.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
     p.add_argument("--samples", required=True, type=Path, help="samples text file to write")
+    p.add_argument("--log-only", action="store_true", help="log the written outputs to MLflow again; score nothing")
     args = p.parse_args(argv)
     cfg = study(args.params)
     entry(cfg.runs, args.run, "run", args.params)
+    if args.log_only and not (args.metrics.is_file() and args.samples.is_file()):
+        fail(f"evaluate@{args.run}: --log-only needs a finished evaluation's {args.metrics} and {args.samples}")
 
     run, stage = cfg.runs[args.run], f"evaluate@{args.run}"
     corpus = cfg.tokenizers[run.tokenizer].corpus
@@ -27,11 +30,20 @@ def main(argv: list[str] | None = None) -> None:
         stage,
         params,
         deps=[args.model, args.tokenizer],
-        tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family},
+        tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family}
+        | ({"lm.relogged": "true"} if args.log_only else {}),
+        relog=True,
     )
 
     from lm.checkpoint import CheckpointError
-    from lm.evaluate import evaluate_run
+    from lm.evaluate import evaluate_run, log_outputs
+
+    if args.log_only:
+        with tracked:
+            log_outputs(tracked, args.metrics, args.samples)
+            outputs(tracked, args.metrics, args.samples)
+        print(f"evaluate@{args.run}: logged again from {args.metrics} and {args.samples}")
+        return
 
     deterministic()
     with tracked:

@@ -1,7 +1,8 @@
 """train@<run>: build the run's model, fit it on the tokenized corpus, write the checkpoint and curve.
 
 Data-parallel: `torchrun --nproc_per_node=N -m stages.train RUN ...` (same arguments); rank 0 alone
-tracks and writes, every rank trains on its share of each batch.
+tracks and writes, every rank trains on its share of each batch. `--log-only` logs a finished run to
+MLflow again from its outputs (after tracking failed mid-run), training nothing.
 """
 
 from __future__ import annotations
@@ -19,38 +20,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory for the checkpoint")
     p.add_argument("--curve", required=True, type=Path, help="training curve CSV to write (for dvc plots)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-only", action="store_true", help="log the written outputs to MLflow again; train nothing")
     args = p.parse_args(argv)
     cfg = study(args.params)
     entry(cfg.runs, args.run, "run", args.params)
+    if args.log_only and not (args.out / "train.json").is_file():
+        fail(f"train@{args.run}: --log-only needs the outputs of a finished run; {args.out}/train.json is missing")
 
     run, stage = cfg.runs[args.run], f"train@{args.run}"
     corpus = cfg.tokenizers[run.tokenizer].corpus
     # torchrun's contract: RANK / WORLD_SIZE / LOCAL_RANK in the environment.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tags = {"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family}
+    tags |= {"world_size": str(world)} | ({"lm.relogged": "true"} if args.log_only else {})
+    params = {"corpus": corpus, **run.model_dump(mode="json")}
     # Opened before the heavy imports and any training: an unreachable tracking server fails here.
-    tracked = (
-        tracker(
-            cfg,
-            stage,
-            {"corpus": corpus, **run.model_dump(mode="json")},
-            deps=[args.tokenizer],
-            tags={
-                "lm.run": args.run,
-                "corpus": corpus,
-                "tokenizer": run.tokenizer,
-                "family": run.model.family,
-                "world_size": str(world),
-            },
-        )
-        if rank == 0
-        else None
-    )
+    tracked = tracker(cfg, stage, params, deps=[args.tokenizer], tags=tags, relog=True) if rank == 0 else None
 
     from lm import distributed
     from lm.checkpoint import CheckpointError
+    from lm.io import Busy
+    from lm.provenance import code_digests
     from lm.tracking import NullTracker
-    from lm.train import train_run
+    from lm.train import NotWritten, log_outputs, train_run
     from lm.trainer import DivergedError, Interrupted
+
+    log_weights = run.model.family in cfg.tracking.log_checkpoints
+    if args.log_only:
+        with tracked or NullTracker() as t:
+            log_outputs(t, args.out, args.curve, args.tokenizer, log_weights=log_weights, history=True)
+            outputs(t, args.out, args.curve)
+        print(f"train@{args.run}: logged again from {args.out} and {args.curve}")
+        return
 
     deterministic()
     distributed.init(rank, world, int(os.environ.get("LOCAL_RANK", "0")), run.train.device)
@@ -65,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
                     args.out,
                     args.curve,
                     logger=tracked,
-                    log_weights=run.model.family in cfg.tracking.log_checkpoints,
+                    log_weights=log_weights,
                     progress=not args.no_progress,
+                    code=code_digests(__spec__.name if __spec__ else "stages.train"),
                 )
             except Interrupted as e:
                 fail(f"{stage}: {e}", 130)
-            except (DivergedError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+            except (DivergedError, CheckpointError, Busy, NotWritten, ValueError, RuntimeError, OSError) as e:
                 fail(f"{stage}: {e}")
             if rank == 0:
                 outputs(tracked, args.out, args.curve)

@@ -7,12 +7,16 @@ their own sha256s), so every test runs, the same way, on any clone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -194,3 +198,66 @@ def copy_project(repo_root: Path, dst: Path, params: str | dict | None = None) -
     sh(dst, "git", "add", "-A")
     sh(dst, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
     return dst
+
+
+@contextlib.contextmanager
+def mlflow_server(d: Path, port: int) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1:`port` (sqlite backend and proxied artifacts in `d`); yields its URL.
+
+    Its own process group: the CLI starts uvicorn as a child, and teardown (or a test killing it) stops both
+    by the group's id (`kill_server`)."""
+    url = f"http://127.0.0.1:{port}"
+    log = open(d / "server.log", "a")
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{d / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+    ]
+    # No job runner: it would start half a dozen queue consumers the tests never use.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    SERVERS[url] = proc
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{(d / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        kill_server(url, signal.SIGTERM)
+        log.close()
+
+
+SERVERS: dict[str, subprocess.Popen] = {}
+"""The servers `mlflow_server` started, by URL."""
+
+
+def kill_server(url: str, sig: int = signal.SIGKILL) -> None:
+    """Stop the server at `url` and its workers (SIGKILL: as if its machine died)."""
+    proc = SERVERS.pop(url, None)
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

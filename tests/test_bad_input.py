@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,6 +403,128 @@ def test_stages_report_a_full_disk_in_one_line(mirror, tmp_path, monkeypatch, ca
         assert code == 1 and err.count("\n") == 1, err
         assert err.startswith(f"error: {stage}: cannot write {out}: No space left on device; free disk space")
     assert snapshot(tmp_path) == before
+
+
+def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp, which create private (0600/0700) files: outputs get the modes
+    a plain open() or mkdir() would give under the umask instead (0644/0755 with the usual 022)."""
+    import stat
+
+    from lm.io import DIR_MODE, FILE_MODE
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (FILE_MODE, DIR_MODE) == (0o666 & ~mask, 0o777 & ~mask)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "b.json").write_text("{}")
+    write_json(tmp_path / "m.json", {})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert modes == {
+        "a.txt": FILE_MODE,
+        "d": DIR_MODE,
+        "b.json": FILE_MODE,
+        "m.json": FILE_MODE,
+        "plain.txt": FILE_MODE,
+    }
+
+
+def test_make_repro_checks_params_before_dvc_resolves_the_dag(tmp_path):
+    """A run naming a missing tokenizer: DVC alone would only say that tokenizers/<name> does not exist;
+    `make repro` (and `make verify`) validate params.yaml first, which names the key and the choices."""
+    for f in ("Makefile", "requirements.lock", "pyproject.toml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    for target in ("repro", "verify"):
+        r = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True)
+        lines = r.stdout.splitlines()
+        check = next(i for i, line in enumerate(lines) if "lm check-params params.yaml" in line)
+        assert check < next(i for i, line in enumerate(lines) if "dvc repro" in line), (target, r.stdout)
+
+    params = tiny_params()
+    params["runs"]["names-mlp"]["tokenizer"] = "names-chr"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = subprocess.run([sys.executable, "-m", "lm.cli", "check-params", "params.yaml"], cwd=tmp_path,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert "runs.names-mlp.tokenizer: got 'names-chr'; must be one of ['names-char', " in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# a full disk while training saves
+
+SAFETENSORS_ENOSPC = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+"""What safetensors raises (a SafetensorError, not an OSError) when the disk fills during a write."""
+
+
+def _tiny_run(checkpoint_interval: int):
+    from lm.config import RunConfig
+
+    model = {"family": "gpt", "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}
+    train = {"max_steps": 30, "batch_size": 4, "eval_interval": 10, "eval_batches": 1}
+    return RunConfig(tokenizer="c-char", model=model, train={**train, "checkpoint_interval": checkpoint_interval})
+
+
+def _full_disk_on(monkeypatch, part: str) -> None:
+    """Every safetensors write whose path contains `part` fails as a full disk does."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *a, **k):
+        if part in str(filename):
+            raise SafetensorError(SAFETENSORS_ENOSPC)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, capsys, one_thread):
+    """checkpoint_interval 0 (no periodic saves): the outputs cannot be written, yet the trained model is kept
+    and a re-run only writes them, equal to a run that never failed."""
+    from lm.train import NotWritten, train_run
+
+    tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
+    run, models = _tiny_run(0), tmp_path / "models"
+    train_run("ref", run, tok, models / "ref", tmp_path / "ref.csv", progress=False)
+
+    _full_disk_on(monkeypatch, "/.m.")  # the outputs' temp folder (.m.<random>.tmp), not the state
+    with pytest.raises(NotWritten) as e:
+        train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
+    state = models / ".m.resume"
+    assert f"cannot write {models / 'm'}: No space left on device; free disk space and rerun" in str(e.value)
+    assert f"The trained model is kept in {state} (step 30): run the stage again" in str(e.value)
+    assert json.loads((state / "state.json").read_text())["step"] == 30
+    assert sorted(p.name for p in models.iterdir()) == [".m.lock", ".m.resume", ".ref.lock", "ref"]  # no temp files
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
+    assert f"resuming from {state} at step 30/30" in capsys.readouterr().err
+    assert (models / "m" / "model.safetensors").read_bytes() == (models / "ref" / "model.safetensors").read_bytes()
+    assert not state.exists()
+
+
+def test_full_disk_during_a_periodic_save_is_a_warning(tmp_path, monkeypatch, capsys, one_thread):
+    """A training state that cannot be saved does not stop training: one warning per failed save, naming the
+    path and the fix; the outputs are written."""
+    from lm.train import train_run
+
+    tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
+    _full_disk_on(monkeypatch, ".resume")
+    train_run("m", _tiny_run(10), tok, tmp_path / "models" / "m", tmp_path / "m.csv", progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    state = tmp_path / "models" / ".m.resume"
+    assert warnings[0] == (
+        f"warning: cannot write {state}: No space left on device; free disk space and rerun (the previous "
+        f".m.resume, if any, is unchanged); training goes on, but a crash now restarts from scratch"
+    )
+    assert len(warnings) == 3  # steps 10, 20 and the final save
+    assert (tmp_path / "models" / "m" / "model.safetensors").is_file() and not state.exists()
 
 
 # ----------------------------------------------------------------------------------------------

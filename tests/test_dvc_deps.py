@@ -2,82 +2,19 @@
 transitively, imports inside functions included) is a dep, and no code dep is one it does not import.
 
 A missing dep lets `dvc repro` keep a stale result after that file is edited; an extra one re-runs stages for
-nothing. The closure is computed from the source (ast), starting at the module of the stage's
-`python -m <module>` command.
+nothing. The closure (lm/provenance.py) is computed from the source, starting at the module of the stage's
+`python -m <module>` command; its exemptions (lm.provenance.EXEMPT) each say why.
 """
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lm", "stages")
-"""Top-level packages of the project: imports of anything else (torch, mlflow, ...) are not followed."""
-
-EXEMPT = {
-    "lm/tracking.py": "it only logs to MLflow: no output of any stage depends on it, so editing how runs are "
-    "logged must not re-run the study",
-}
-"""Files a stage imports that are deliberately not deps, each with the reason."""
-
-
-def module_file(module: str, root: Path = ROOT) -> Path | None:
-    """The project file of a dotted module name (a package's __init__.py), or None if it is not ours."""
-    base = root.joinpath(*module.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def imported_modules(path: Path, module: str) -> set[str]:
-    """Every module `path` (the file of `module`) imports, anywhere in it (functions included), with parents."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    tree = ast.parse(path.read_text(), str(path))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from . import x / from ..y import z
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                src = ".".join(base + ([node.module] if node.module else []))
-            else:
-                src = node.module
-            found.add(src)
-            found.update(f"{src}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-    if path.name == "__init__.py" and "iter_modules" in path.read_text():
-        # A package that imports all its modules at import time (lm.models finds its families this way).
-        found.update(f"{module}.{p.stem}" for p in path.parent.glob("*.py") if p.name != "__init__.py")
-    with_parents = set()
-    for name in found:
-        parts = name.split(".")
-        with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return {m for m in with_parents if m.split(".")[0] in PACKAGES}
-
-
-def import_closure(module: str, root: Path = ROOT) -> set[str]:
-    """Project files (relative paths) executed by `python -m module`."""
-    todo = [p for i in range(1, module.count(".") + 2) if (p := ".".join(module.split(".")[:i]))]
-    seen: set[str] = set()
-    files: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = module_file(name, root)
-        if path is None:
-            continue
-        files.add(path.relative_to(root).as_posix())
-        todo.extend(imported_modules(path, name) - seen)
-    return files
+from lm.provenance import EXEMPT, PACKAGES, ROOT, import_closure
 
 
 def stage_commands(dvc_yaml: dict) -> dict[str, tuple[str, list[str]]]:

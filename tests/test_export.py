@@ -179,12 +179,48 @@ def test_lm_export_command(runs, capsys):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
+        "lm_export.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     assert main(["export", "nope", "--out", str(out), "--models-dir", str(runs / "models")]) == 2
     assert "available runs:" in capsys.readouterr().err
+
+
+def _export_cli(runs: Path, out: Path | str, *extra: str) -> int:
+    dirs = ["--models-dir", str(runs / "models"), "--tokenizers-dir", str(runs / "tokenizers")]
+    return main(["export", "tied-bias", "--tokenizer-dir", str(runs / "tokenizers" / "tied-bias-tok"), *dirs,
+                 "--out", str(out), *extra])  # fmt: skip
+
+
+def test_export_never_replaces_what_is_not_an_export(runs, tmp_path, capsys, monkeypatch):
+    """A folder of the user's or a file at --out survives (exit 2, one line naming it and --force); an earlier
+    export is replaced; --force replaces anything but the current directory."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert _export_cli(runs, mine) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {mine} is a non-empty folder that is not an lm export (no lm_export.json)" in err
+    assert "pass --force to replace it" in err and (mine / "notes.txt").read_text() == "my notes"
+
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"x")
+    assert _export_cli(runs, a_file) == 2 and a_file.read_bytes() == b"x"
+    assert f"--out {a_file} is a file, not an export folder" in capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
+    for here in (".", str(tmp_path), ".."):
+        assert _export_cli(runs, here) == 2
+        assert "is the current directory or one above it: name a new folder" in capsys.readouterr().err
+        assert _export_cli(runs, here, "--force") == 2  # never, even forced
+    assert (mine / "notes.txt").exists()
+
+    assert _export_cli(runs, tmp_path / "new") == 0  # a new folder
+    assert _export_cli(runs, tmp_path / "new") == 0  # an earlier export: replaced
+    assert _export_cli(runs, mine, "--force") == 0 and not (mine / "notes.txt").exists()
+    assert (mine / "lm_export.json").is_file()
 
 
 def test_state_dict_names_and_shapes():

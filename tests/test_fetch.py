@@ -121,6 +121,13 @@ def test_mirror_without_the_file_downloads_and_missing_mirror_is_an_error(http_s
     assert f"mirror folder {tmp_path / 'nowhere'} does not exist" in msg
 
 
+def test_a_failed_download_after_the_mirror_says_the_mirror_was_checked(unused_port, tmp_path):
+    (tmp_path / "m").mkdir()
+    msg = fails(f"http://127.0.0.1:{unused_port}/f.txt", tmp_path / "d" / "f.txt", mirror=tmp_path / "m")
+    assert msg.startswith(f"cannot download http://127.0.0.1:{unused_port}/f.txt")
+    assert msg.endswith(f"; f.txt is not in the mirror folder {tmp_path / 'm'} either (LM_DATA_MIRROR)")
+
+
 # ----------------------------------------------------------------------------------------------
 # cleaning
 

@@ -4,10 +4,12 @@ streaming byte-level BPE text, and `lm sample` on tiny runs trained here in a tm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lm.cli import main
 from lm.config import BlockConfig, GPTConfig, MultiHeadConfig, RunConfig, SingleHeadConfig, TokenizerConfig
@@ -157,8 +159,10 @@ def test_families_without_cache_still_generate():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"temperature": 0}, "temperature must be > 0"),
-        ({"temperature": -1}, "temperature must be > 0"),
+        ({"temperature": 0}, "temperature must be a finite number > 0"),
+        ({"temperature": -1}, "temperature must be a finite number > 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"top_p": 0}, r"top_p must lie in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
@@ -325,7 +329,8 @@ def test_sample_errors_name_the_problem(runs, capsys):
     code, _, err = lm_sample(runs, capsys, "nope")
     assert code == 2 and "unknown run 'nope'" in err and "available runs: bpe-gpt, char-gpt, char-mlp, names-gpt" in err
     for args, msg in [
-        (["--temperature", "0"], "--temperature: must be > 0"),
+        (["--temperature", "0"], "--temperature: must be a finite number > 0"),
+        (["--temperature", "inf"], "--temperature: must be a finite number > 0"),
         (["--top-k", "0"], "--top-k: must be >= 1"),
         (["--top-p", "0"], "--top-p: must lie in (0, 1]"),
         (["--top-p", "1.01"], "--top-p: must lie in (0, 1]"),
@@ -333,3 +338,29 @@ def test_sample_errors_name_the_problem(runs, capsys):
         with pytest.raises(SystemExit) as e:
             lm_sample(runs, capsys, "char-gpt", *args)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_sample_says_when_the_checkpoint_was_trained_with_other_params(runs, capsys):
+    """params.yaml edited since the run was trained: the sample still comes from the trained model, and says so."""
+    from lm import checkpoint
+
+    trained = checkpoint.load(runs / "models" / "char-gpt")[1].model_dump(mode="json")
+    edited = json.loads(json.dumps(trained))
+    edited["model"]["n_embd"], edited["train"]["lr"] = 32, 0.01
+    params = {"corpora": {}, "tokenizers": {}, "runs": {"char-gpt": edited}}
+    params["tokenizers"]["char-gpt-tok"] = {"corpus": "c", "kind": "char"}
+    params["corpora"]["c"] = {"url": "http://x/c.txt", "sha256": "0" * 64, "filename": "c.txt", "format": "text",
+                              "split": {"train": 0.9, "val": 0.1}}  # fmt: skip
+    (runs / "edited.yaml").write_text(yaml.safe_dump(params))
+    dirs = ["--models-dir", str(runs / "models"), "--tokenizers-dir", str(runs / "tokenizers")]
+    code = main(["sample", "char-gpt", "--max-new-tokens", "5", *dirs, "--params", str(runs / "edited.yaml")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert (
+        f"note: {runs / 'models' / 'char-gpt'} was trained with other settings than runs.char-gpt in "
+        f"{runs / 'edited.yaml'} now has (model.n_embd 16 → 32; train.lr 0.003 → 0.01): sampling the trained "
+        "model; `dvc repro` retrains it" in err
+    )
+    (runs / "edited.yaml").write_text(yaml.safe_dump({**params, "runs": {"char-gpt": trained}}))
+    assert main(["sample", "char-gpt", "--max-new-tokens", "5", *dirs, "--params", str(runs / "edited.yaml")]) == 0
+    assert "note:" not in capsys.readouterr().err  # the same settings: nothing to say

@@ -4,13 +4,11 @@ trimmed tiny study logging to it, the REST API to read back what was logged, a d
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_params
+from conftest import mlflow_server, tiny_params
 
 from lm.config import TrackingConfig, parse_params
 from lm.tracking import NullTracker, TrackingError, dvc_md5, flatten, numeric_leaves, open_run, probe
@@ -191,50 +189,8 @@ class Rest:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, unused_port_module: int) -> Iterator[Rest]:
     """`mlflow server` on a free loopback port: sqlite backend and proxied artifacts in a tmp dir."""
-    d = tmp_path_factory.mktemp("mlflow")
-    url = f"http://127.0.0.1:{unused_port_module}"
-    log = open(d / "server.log", "w")
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(unused_port_module),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{d / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(d / "artifacts"),
-    ]
-    # Its own process group: the CLI starts uvicorn as a child, and teardown stops both by the group's id.
-    # No job runner: it would start half a dozen queue consumers this test never uses.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up:\n{(d / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), unused_port_module) as url:
         yield Rest(url)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
