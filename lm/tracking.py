@@ -122,12 +122,11 @@ def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
     metrics/ mid-repro, which would make every later stage 'dirty'. Empty outside a git repository."""
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD").strip()
+        # Porcelain lines are 'XY path' and X may be a space (' M params.yaml'): never strip them.
         changed = git("status", "--porcelain", "--untracked-files=normal", "--", *inputs).splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {}

@@ -122,6 +122,31 @@ def test_unreachable_server_fails_fast_or_warns(unused_port: int):
     assert time.perf_counter() - t0 < 5
 
 
+def test_git_state_names_every_changed_input(tmp_path):
+    """Unstaged (' M'), staged ('M '), new and untracked inputs all count, each named whole; outputs do not."""
+    from lm.tracking import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    for f in ("params.yaml", "dvc.yaml", "metrics.json"):
+        (tmp_path / f).write_text("a\n")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    assert git_state(tmp_path, ["params.yaml", "dvc.yaml", "lm"])["git.dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("b\n")  # ' M params.yaml': the line starts with a space
+    (tmp_path / "dvc.yaml").write_text("b\n")
+    git("add", "dvc.yaml")  # 'M  dvc.yaml'
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "new.py").write_text("")  # '?? lm/'
+    (tmp_path / "metrics.json").write_text("b\n")  # not an input
+    state = git_state(tmp_path, ["params.yaml", "dvc.yaml", "lm"])
+    assert state["git.dirty"] == "true"
+    assert sorted(state["git.dirty_files"].split()) == ["dvc.yaml", "lm/", "params.yaml"]
+
+
 # ----------------------------------------------------------------------------------------------
 # a real server, a real pipeline
 
