@@ -137,6 +137,7 @@ def test_git_state_names_every_changed_input(tmp_path):
     git("commit", "-qm", "base")
     assert git_state(tmp_path, ["params.yaml", "dvc.yaml", "lm"])["git.dirty"] == "false"
     (tmp_path / "params.yaml").write_text("b\n")  # ' M params.yaml': the line starts with a space
+    assert git_state(tmp_path, ["params.yaml", "dvc.yaml", "lm"])["git.dirty_files"] == "params.yaml"
     (tmp_path / "dvc.yaml").write_text("b\n")
     git("add", "dvc.yaml")  # 'M  dvc.yaml'
     (tmp_path / "lm").mkdir()
