@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # What `make verify` compares: every pipeline output git tracks.
 TRACKED_OUTPUTS := dvc.lock metrics curves samples reports
 
-.PHONY: install repro verify test lint format ui check-params clean-venv
+.PHONY: install repro track verify test lint format ui check-params clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ $(STAMP): requirements.lock pyproject.toml
 repro: install
 	$(BIN)/lm check-params params.yaml
 	$(BIN)/dvc repro
+	$(BIN)/python -m stages.track
+
+# MLflow gets the train and evaluate runs that `dvc repro` skipped (from their committed outputs; see stages/track.py).
+track: install
+	$(BIN)/python -m stages.track
 
 # Re-run every stage from scratch and fail if any committed output changed: how a reader checks that the
 # committed results are what this code produces (on the same kind of machine; see README, Reproducibility).
@@ -63,9 +68,9 @@ format: install
 check-params: install
 	$(BIN)/lm check-params params.yaml
 
-# The stages' default store (README, 'Compare runs in MLflow'); no job runner: it only serves GenAI jobs.
+# The stages' default store (README, 'Compare runs in MLflow'); prints the runs table's URL first.
 ui: install
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+	$(BIN)/lm ui
 
 clean-venv:
 	rm -rf $(VENV)

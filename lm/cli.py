@@ -207,6 +207,30 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    """Print the runs table's URL, then serve the MLflow UI on the project's store (until Ctrl-C)."""
+    import os
+    import subprocess
+
+    from lm.config import ParamsError, load_params
+    from lm.tracking import runs_table_url
+
+    try:
+        experiment = load_params(args.params).tracking.experiment
+    except ParamsError as e:
+        return _error(str(e), 2)
+    store = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    url = f"http://{args.host}:{args.port}"
+    print(f"Runs table of {experiment!r}: {runs_table_url(store, experiment, url)}", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: it serves GenAI jobs only
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--workers", "1", "--host", args.host,
+           "--port", str(args.port)]  # fmt: skip
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _stale_note(args: argparse.Namespace, trained) -> str | None:
     """A note when the checkpoint of RUN was trained with other settings than RUN in the params file now has
     (edited since the last `dvc repro`): the sample comes from the old model."""
@@ -450,6 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_sample(sub)
     _add_export(sub)
+    c = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI on the project's store and print the URL of the study's runs table",
+        description="Print the URL of the runs table of tracking.experiment (the ML view: MLflow 3 opens new "
+        "experiments on its GenAI overview) and serve `mlflow ui` on MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "of the current directory, until Ctrl-C.",
+    )
+    c.add_argument(
+        "--params", default="params.yaml", help="params file (its tracking.experiment; default: params.yaml)"
+    )
+    c.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    c.add_argument("--port", type=_positive_int, default=5000, help="port (default: 5000)")
+    c.set_defaults(func=_ui)
     return p
 
 

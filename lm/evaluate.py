@@ -78,5 +78,5 @@ def log_outputs(logger: NullTracker, metrics_path: Path, samples_path: Path) -> 
         {k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
         step=int(out.get("train/steps", 0)),
     )
-    logger.log_artifact(metrics_path, "metrics")
-    logger.log_artifact(samples_path, "samples")
+    logger.log_artifact(metrics_path, "metrics", name="metrics.json")
+    logger.log_artifact(samples_path, "samples", name="samples.txt")

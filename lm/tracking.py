@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -153,7 +155,7 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         pass
 
     def flush(self) -> None:
@@ -225,11 +227,17 @@ class Tracker(NullTracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call("set tags", self.client.log_batch, self.run_id, tags=[self._tag(k, str(v)) for k, v in tags.items()])
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Log a file or a directory's files under `artifact_path`; a missing path is a bug of the caller."""
+    def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
+        """Log a file (as `name`, default its own name) or a directory's files under `artifact_path`. Fixed names
+        (curve/curve.csv, not curve/<run>.csv) let MLflow's compare view line runs up."""
         path = Path(path)
         if path.is_dir():
             self._call(f"log artifacts {path}", self.client.log_artifacts, self.run_id, str(path), artifact_path)
+        elif name and name != path.name:
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(path, Path(tmp) / name)
+                self._call(f"log artifact {path}", self.client.log_artifact, self.run_id, str(Path(tmp) / name),
+                           artifact_path)  # fmt: skip
         else:
             self._call(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
@@ -272,14 +280,18 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}): {SERVER_FIX}") from None
 
 
-def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
+def _experiment_id(client: Any, name: str, artifact_root: Path | None, description: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
+    # The study's runs are model development: MLflow 3's UI then opens on the runs table, not the GenAI overview.
+    note = {"mlflow.experimentKind": "custom_model_development"}
+    if description:
+        note["mlflow.note.content"] = description
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = artifact_root.resolve().as_uri() if artifact_root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=note)
         except MlflowException:  # created meanwhile by a concurrent stage (dvc exp run --queue -j 2)
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -289,6 +301,9 @@ def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
             f"experiment {name!r} is deleted: restore it (`mlflow experiments restore --experiment-id "
             f"{exp.experiment_id}`) or choose another tracking.experiment"
         )
+    for key, value in note.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 
@@ -354,12 +369,15 @@ def open_run(
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = print,
     relog: str | None = None,
+    description: str | None = None,
+    experiment_description: str | None = None,
 ) -> NullTracker:
     """Start the MLflow run `name` (the DVC stage, e.g. 'train@names-mlp') with its params and tags.
 
     Runs of the same name left RUNNING by a process of this machine that no longer exists (killed with
     SIGKILL, or its machine rebooted) are marked KILLED first. `relog` is the command that logs the run again
-    from the stage's outputs, quoted in the warning if tracking fails after the run is open.
+    from the stage's outputs, quoted in the warning if tracking fails after the run is open. `description` is
+    the run's description in the UI, `experiment_description` the experiment's.
 
     `artifact_root`: where a *new* experiment keeps its artifacts when the store is local (sqlite):
     an absolute path, so runs from DVC's temp directories land in the project, not in a deleted
@@ -376,10 +394,12 @@ def open_run(
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, cfg.experiment, artifact_root)
+        experiment_id = _experiment_id(client, cfg.experiment, artifact_root, experiment_description)
         parent_id = _parent_run(client, experiment_id, group) if group else None
         _end_orphans(client, experiment_id, name)
         run_tags = {**tags, "lm.role": STAGE_ROLE, **_process_tags()}
+        if description:
+            run_tags["mlflow.note.content"] = description
         if group:
             run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
         run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
@@ -405,3 +425,30 @@ def open_run(
         raise TrackingError(f"{error}; or set tracking.required: false to run untracked") from None
     warn(f"{error}; tracking.required is false: {name} runs untracked")
     return NullTracker()
+
+
+def logged(cfg: TrackingConfig, uri: str, stage: str, md5: str) -> bool:
+    """Whether the study's experiment holds a finished run of DVC stage `stage` (tag dvc.stage) that recorded an
+    output with this md5 (any dvc.out.* tag): then that output is in MLflow already."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return False
+    quoted = stage.replace("\\", "\\\\").replace("'", "\\'")
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`dvc.stage` = '{quoted}' and attributes.status = 'FINISHED'", max_results=200
+    )
+    return any(md5 in (v for k, v in r.data.tags.items() if k.startswith("dvc.out.")) for r in runs)
+
+
+def runs_table_url(uri: str, experiment: str, ui: str) -> str:
+    """The URL of the experiment's runs table in the MLflow UI at `ui` (the ML view, not MLflow 3's GenAI
+    overview); the experiment list if the experiment does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return f"{ui.rstrip('/')}/#/experiments"
+    return f"{ui.rstrip('/')}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"

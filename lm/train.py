@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import platform
 import shutil
 from collections.abc import Mapping
@@ -73,7 +74,7 @@ def train_run(
     the next call if this one is killed (when params, tokens and `code`, the digests of the code that runs,
     still match), and removed once the outputs are in place. One process at a time trains a run (a lock
     beside `out`). Under torchrun every rank trains, rank 0 alone writes."""
-    logger = logger or NullTracker()
+    logger = CurveLogger(logger or NullTracker(), load_stats(tok_dir))
     rank = distributed.rank()
     with exclusive(checkpoint.lock_path_for(out), f"train@{name}") if rank == 0 else nullcontext():
         stats = load_stats(tok_dir)
@@ -119,7 +120,7 @@ def train_run(
         if rank == 0:
             _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state)
     if rank == 0:
-        logger.log_metrics({"train_seconds": timing["train_seconds"]}, step=result.steps)
+        logger.log_metrics({"summary/train_seconds": timing["train_seconds"]}, step=result.steps)
         logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
         log_outputs(logger, out, curve, tok_dir, log_weights=log_weights)
     return {**summary, **timing}
@@ -146,6 +147,30 @@ def _write_outputs(
     shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
 
 
+class CurveLogger:
+    """The training curve as MLflow shows it: `tokens_seen` (an x-axis that compares runs of different batch
+    sizes), the fixed-subset val loss named as the estimate it is (`val_loss_est`: the whole-split number is the
+    evaluate run's `val/loss`), and both losses in bits per character too (`*_bpc_est`, from the split's mean
+    characters per token), so char and BPE runs compare on one chart."""
+
+    RENAME = {"tokens": "tokens_seen", "val_loss": "val_loss_est"}
+
+    def __init__(self, logger: NullTracker, tokenizer_stats: dict):
+        self.logger = logger
+        splits = tokenizer_stats["splits"]
+        self.bits = {s: 1 / (math.log(2) * splits[s]["chars_per_token"]) for s in ("train", "val") if s in splits}
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        out = {self.RENAME.get(k, k): v for k, v in metrics.items()}
+        for split in ("train", "val"):
+            if f"{split}_loss" in metrics and split in self.bits:
+                out[f"{split}_bpc_est"] = metrics[f"{split}_loss"] * self.bits[split]
+        self.logger.log_metrics(out, step)
+
+    def __getattr__(self, name: str):  # set_tags, log_artifact, ... go straight to the tracker
+        return getattr(self.logger, name)
+
+
 class NotWritten(RuntimeError):
     """Training finished but its outputs could not be written; the message says where the model is kept."""
 
@@ -159,12 +184,13 @@ def log_outputs(
     re-log a run whose tracking failed, from the outputs alone (wall-clock figures are not among them)."""
     summary = json.loads((Path(out) / "train.json").read_text())
     if history:
+        curve_logger = CurveLogger(logger, load_stats(tok_dir))
         with open(curve, newline="") as f:
             for row in csv.DictReader(f):
-                logger.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=int(row["step"]))
-    # Final numbers under their own names (the curve's `tokens` history already ends at the total).
-    logger.log_metrics({"params": summary["params"], "steps": summary["steps"]}, step=summary["steps"])
+                curve_logger.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    # Final numbers as summary/ (the curve's `tokens_seen` history already ends at the total).
+    logger.log_metrics({"summary/params": summary["params"], "summary/steps": summary["steps"]}, step=0)
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
     for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
         logger.log_artifact(Path(out) / f, "checkpoint")
-    logger.log_artifact(curve, "curve")
+    logger.log_artifact(curve, "curve", name="curve.csv")

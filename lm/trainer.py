@@ -132,6 +132,9 @@ def fit(
     prog = saver.resume(model, optimizer, rng)
     replica.wrap(cfg)
     step_seconds: list[float] = []
+    if prog.step == 0 and logger and replica.rank == 0:  # where the curve starts: ≈ ln V
+        total, count = score(model, val_batches, device, cfg.dtype)
+        logger.log_metrics({"tokens": 0, "val_loss": total / max(count, 1)}, step=0)
     model.train()
 
     with _StopFlag() as stop, _progress_bar(prog.step, cfg, enabled=progress and replica.rank == 0) as bar:
@@ -158,7 +161,7 @@ def fit(
             if prog.step % cfg.eval_interval == 0 or prog.step == cfg.max_steps:
                 row = prog.evaluate(model, val_batches, device, cfg.dtype, lr)
                 if logger and replica.rank == 0:
-                    logger.log_metrics({**row, **prog.timing()}, step=prog.step)
+                    logger.log_metrics({k: v for k, v in row.items() if k != "step"} | prog.timing(), step=prog.step)
                 bar.set_postfix(
                     train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{prog.tok_s:.0f}"
                 )
@@ -401,7 +404,8 @@ def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, devi
     }
     result.curve.append(row)
     if logger:
-        logger.log_metrics({**row, "tokens_per_s": result.tokens_per_s, "elapsed_s": result.train_seconds}, step=0)
+        timing = {"tokens_per_s": result.tokens_per_s, "elapsed_s": result.train_seconds}
+        logger.log_metrics({k: v for k, v in row.items() if k != "step"} | timing, step=0)
     return result
 
 

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -180,14 +180,18 @@ def tracker(
     params: Mapping[str, Any],
     *,
     tags: Mapping[str, str] | None = None,
-    deps: Sequence[Path] = (),
+    deps: Mapping[str, Path] | None = None,
     relog: bool = False,
+    description: str | None = None,
 ) -> NullTracker:
     """Open this stage instance's MLflow run (a no-op tracker when tracking is off); exit 1 with a
     message naming the URI, before any work, when the store is unreachable and tracking is required.
 
-    `params`: nested, logged flattened ('train.lr'); `deps`: the data the stage reads, tagged
-    dvc.dep.<path> with the md5 dvc.lock records; `tags`: stage-specific tags (corpus, family, ...).
+    The run is named for what differs first (`run_name`: 'names-mlp (train)'); `dvc.stage` keeps the stage.
+    `params`: nested, logged flattened ('train.lr'); `deps`: the data the stage reads by role ('tokenizer'),
+    tagged dvc.dep.<role> with the md5 dvc.lock records (and dvc.dep.<role>.path), so runs of different stages
+    line up in MLflow's compare view; `tags`: stage-specific tags (corpus, family, ...); `description`: the
+    run's description in the UI.
     `relog`: the stage can log a run again from its outputs (`--log-only`): a tracking failure after the run is
     open then names that command."""
     if not cfg.tracking.enabled:
@@ -202,7 +206,7 @@ def tracker(
         "dvc.stage": env.get("DVC_STAGE") or stage,
         **git,
         "code.md5": tree_md5(cwd, code),
-        **{f"dvc.dep.{_rel(d)}": dvc_md5(d) for d in deps},
+        **_paths("dvc.dep", deps or {}),
         **({"dvc.exp_name": env["DVC_EXP_NAME"]} if env.get("DVC_EXP_NAME") else {}),
         "mlflow.source.name": f"stages.{stage.split('@')[0]}",
         **(tags or {}),
@@ -211,13 +215,19 @@ def tracker(
         return open_run(
             cfg.tracking,
             uri,
-            stage,
+            run_name(stage),
             params=flatten(params),
             tags=all_tags,
             group=study_group(env, git),
             artifact_root=None if probe_able(uri) else root / "mlartifacts",
             warn=warn,
             relog=relog_command(stage) if relog else None,
+            description=description,
+            experiment_description=(
+                f"{cfg.report.title}: one run per DVC stage, named for what differs first ('names-mlp (train)', "
+                f"'names-mlp (evaluate)'); the parent runs are `dvc repro` invocations. The report with every "
+                f"table and figure: {root / 'reports' / 'README.md'}."
+            ),
         )
     except TrackingError as e:
         fail(f"{stage}: {e}")
@@ -229,10 +239,39 @@ def relog_command(stage: str) -> str:
     return shlex.join(["python", "-m", f"stages.{stage.split('@')[0]}", *args, "--log-only"])
 
 
-def outputs(run: NullTracker, *paths: Path) -> None:
-    """Tag the stage's outputs with the md5 dvc.lock will record (dvc.out.<path>): the join key between
-    a producing run and the runs that consume it (their dvc.dep.<path>)."""
-    run.set_tags({f"dvc.out.{_rel(p)}": dvc_md5(p) for p in paths if p.exists()})
+def run_name(stage: str) -> str:
+    """A stage's MLflow run name, what differs first: 'train@names-mlp' → 'names-mlp (train)'; 'report'."""
+    verb, _, entry = stage.partition("@")
+    return f"{entry} ({verb})" if entry else verb
+
+
+def outputs(run: NullTracker, **paths: Path) -> None:
+    """Tag the stage's outputs by role with the md5 dvc.lock will record (dvc.out.<role>, and .path): the join
+    key between a producing run and the runs that consume it (their dvc.dep.<role>)."""
+    run.set_tags(_paths("dvc.out", {role: p for role, p in paths.items() if Path(p).exists()}))
+
+
+def _paths(prefix: str, paths: Mapping[str, Path]) -> dict[str, str]:
+    out = {}
+    for role, p in paths.items():
+        out[f"{prefix}.{role}"] = dvc_md5(Path(p))
+        out[f"{prefix}.{role}.path"] = _rel(Path(p))
+    return out
+
+
+def describe(cfg: StudyConfig, run: str) -> str:
+    """A run's description for the UI: family, corpus, tokenizer, shape and training settings."""
+    r = cfg.runs[run]
+    tok = cfg.tokenizers[r.tokenizer]
+    shape = ", ".join(f"{k} {v}" for k, v in r.model.model_dump().items() if k != "family")
+    vocab = f" {tok.vocab_size}" if tok.vocab_size else ""
+    t = r.train
+    steps = (
+        "fitted by counting"
+        if r.model.fitting == "counting"
+        else f"{t.max_steps} steps × batch {t.batch_size}, lr {t.lr:g}"
+    )
+    return f"{r.model.family} on {tok.corpus} ({r.tokenizer}: {tok.kind}{vocab}); {shape or 'no settings'}; {steps}"
 
 
 def _rel(path: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import deterministic, entry, fail, outputs, parser, study, tracker
+from stages.common import describe, deterministic, entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         stage,
         params,
-        deps=[args.model, args.tokenizer],
+        deps={"model": args.model, "tokenizer": args.tokenizer},
+        description=describe(cfg, args.run),
         tags={"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family}
         | ({"lm.relogged": "true"} if args.log_only else {}),
         relog=True,
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_only:
         with tracked:
             log_outputs(tracked, args.metrics, args.samples)
-            outputs(tracked, args.metrics, args.samples)
+            outputs(tracked, metrics=args.metrics, samples=args.samples)
         print(f"evaluate@{args.run}: logged again from {args.metrics} and {args.samples}")
         return
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         except (CheckpointError, ValueError, OSError) as e:
             fail(f"{stage}: {e}")
-        outputs(tracked, args.metrics, args.samples)
+        outputs(tracked, metrics=args.metrics, samples=args.samples)
     print(f"evaluate@{args.run}: val loss {m['val/loss']:.4f}, ppl {m['val/ppl']:.2f}, bpc {m['val/bpc']:.4f}")
 
 

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         f"fetch@{args.corpus}",
         {"corpus": args.corpus, "seed": params.seed, **cfg.model_dump(mode="json")},
         tags={"corpus": args.corpus, "origin": origin},
+        description=f"corpus {args.corpus}: {cfg.filename} ({cfg.format}), split "
+        + " / ".join(f"{k} {v:g}" for k, v in cfg.split.model_dump().items() if v),
     )
     with tracked:
         try:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             {**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")}
         )
         tracked.log_artifact(args.out / "stats.json")
-        outputs(tracked, args.out)
+        outputs(tracked, data=args.out)
     sizes = " / ".join(
         f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items()
     )

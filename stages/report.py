@@ -25,19 +25,20 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"report: no metrics for runs {missing}: run `dvc repro` (their evaluate stages) first")
 
     params = {"report": cfg.report.model_dump(mode="json"), "runs": ",".join(cfg.runs)}
-    tracked = tracker(
-        cfg, "report", params, deps=[args.metrics, args.curves, args.models, args.tokenizers, args.samples]
-    )
+    deps = {"metrics": args.metrics, "curves": args.curves, "models": args.models, "tokenizers": args.tokenizers,
+            "samples": args.samples}  # fmt: skip
+    description = f"the report of {len(cfg.runs)} runs: README.md (tables), runs.csv, figures/"
+    tracked = tracker(cfg, "report", params, deps=deps, description=description)
 
     from lm.report import write_report
 
     with tracked:
         table = write_report(cfg, args.metrics, args.curves, args.models, args.tokenizers, args.samples, args.out)
         tracked.log_metrics({"runs": len(table)})
-        made = [args.out / "README.md", args.out / "runs.csv", args.out / "figures"]  # not the rest of --out
-        for path in made:
+        made = {"report": args.out / "README.md", "runs": args.out / "runs.csv", "figures": args.out / "figures"}
+        for path in made.values():  # not the rest of --out
             tracked.log_artifact(path, "figures" if path.is_dir() else None)
-        outputs(tracked, *made)
+        outputs(tracked, **made)
     print(f"report: {len(table)} runs → {args.out / 'README.md'}")
 
 

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         params,
         f"tokenize@{name}",
         {"tokenizer": name, **cfg.model_dump(mode="json")},
-        deps=[args.data],
+        deps={"data": args.data},
         tags={"corpus": cfg.corpus, "tokenizer": name},
+        description=f"{cfg.kind} tokenizer{f' of {cfg.vocab_size} tokens' if cfg.vocab_size else ''} on {cfg.corpus}",
     )
 
     from lm.data import DataError, load_splits  # lazily: datasets is slow to import
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         tracked.log_metrics({"vocab_size": stats["vocab_size"], **numeric_leaves(stats["splits"], "splits")})
         tracked.log_artifact(args.out / "tokenizer.json")
         tracked.log_artifact(args.out / "stats.json")
-        outputs(tracked, args.out)
+        outputs(tracked, tokenizer=args.out)
     vocab = f"vocab {stats['vocab_size']}"
     if cfg.vocab_size is not None and stats["vocab_size"] != cfg.vocab_size:
         vocab += f" (asked {cfg.vocab_size}: the train split has too few merges)"

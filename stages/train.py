@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stages.common import deterministic, entry, fail, outputs, parser, study, tracker
+from stages.common import describe, deterministic, entry, fail, outputs, parser, study, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     tags |= {"world_size": str(world)} | ({"lm.relogged": "true"} if args.log_only else {})
     params = {"corpus": corpus, **run.model_dump(mode="json")}
     # Opened before the heavy imports and any training: an unreachable tracking server fails here.
-    tracked = tracker(cfg, stage, params, deps=[args.tokenizer], tags=tags, relog=True) if rank == 0 else None
+    tracked = (
+        tracker(cfg, stage, params, deps={"tokenizer": args.tokenizer}, tags=tags, relog=True,
+                description=describe(cfg, args.run))
+        if rank == 0
+        else None
+    )  # fmt: skip
 
     from lm import distributed
     from lm.checkpoint import CheckpointError
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_only:
         with tracked or NullTracker() as t:
             log_outputs(t, args.out, args.curve, args.tokenizer, log_weights=log_weights, history=True)
-            outputs(t, args.out, args.curve)
+            outputs(t, model=args.out, curve=args.curve)
         print(f"train@{args.run}: logged again from {args.out} and {args.curve}")
         return
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             except (DivergedError, CheckpointError, Busy, NotWritten, ValueError, RuntimeError, OSError) as e:
                 fail(f"{stage}: {e}")
             if rank == 0:
-                outputs(tracked, args.out, args.curve)
+                outputs(tracked, model=args.out, curve=args.curve)
     finally:
         distributed.shutdown()
     if rank == 0:

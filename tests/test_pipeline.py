@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +91,30 @@ def test_second_repro_is_a_no_op(project: Path):
     out = sh(project, "dvc", "repro").stdout
     assert "Data and pipelines are up to date" in out
     assert "Running stage" not in out
+
+
+def test_results_travel_with_dvc_push_and_pull(project: Path):
+    """A colleague gets every model and tokenizer without training: `dvc push --run-cache` to the project's default
+    remote (a folder beside the project, .dvc/config), a clone, `dvc pull --run-cache`; then nothing is stale."""
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    remote = project.parent / "lm-ladder-dvc-storage"
+    listed = sh(project, "dvc", "remote", "list").stdout
+    assert re.search(rf"^storage\s+{re.escape(str(remote))}\s+\(default\)", listed, re.M), listed
+    sh(project, "dvc", "push", "--run-cache")
+    assert any(p.is_file() for p in remote.rglob("*"))
+    clone = project.parent / "colleague"
+    sh(project.parent, "git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "models").exists()
+    sh(clone, "dvc", "pull", "--run-cache")
+    for run in yaml.safe_load((clone / "params.yaml").read_text())["runs"]:
+        assert (clone / "models" / run / "model.safetensors").read_bytes() == (
+            project / "models" / run / "model.safetensors"
+        ).read_bytes()
+    assert "Data and pipelines are up to date" in sh(clone, "dvc", "status").stdout
+    out = sh(clone, "dvc", "repro").stdout
+    assert "Data and pipelines are up to date" in out and "Running stage" not in out
+    assert sh(clone, "git", "status", "--porcelain").stdout == ""
 
 
 def test_changing_one_runs_lr_reruns_only_that_run_and_the_report(project: Path):

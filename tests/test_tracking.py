@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from conftest import mlflow_server, tiny_params
 
 from lm.config import TrackingConfig, parse_params
 from lm.tracking import NullTracker, TrackingError, dvc_md5, flatten, numeric_leaves, open_run, probe
-from stages.common import project_root, tracking_uri
+from stages.common import project_root, run_name, tracking_uri
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = "lm-ladder-tiny"
@@ -282,14 +283,14 @@ def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: R
     parents = [r for r in runs if r["tags"].get("lm.role") == "study"]
     assert sorted(r["name"] for r in stages) == sorted(
         [
-            "fetch@names",
-            "fetch@oz",
-            "tokenize@names-char",
-            "tokenize@oz-bpe512",
-            "train@names-bigram_nn",
-            "train@oz-gpt-bpe512",
-            "evaluate@names-bigram_nn",
-            "evaluate@oz-gpt-bpe512",
+            "names (fetch)",
+            "oz (fetch)",
+            "names-char (tokenize)",
+            "oz-bpe512 (tokenize)",
+            "names-bigram_nn (train)",
+            "oz-gpt-bpe512 (train)",
+            "names-bigram_nn (evaluate)",
+            "oz-gpt-bpe512 (evaluate)",
             "report",
         ]
     )
@@ -298,13 +299,17 @@ def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: R
         assert r["status"] == "FINISHED", r["name"]
         assert r["tags"]["mlflow.parentRunId"] == parents[0]["id"], r["name"]
         assert r["tags"]["lm.study_run"] == parents[0]["tags"]["lm.study_run"]
-        assert r["tags"]["dvc.stage"] == r["name"]
+        assert run_name(r["tags"]["dvc.stage"]) == r["name"]  # names lead with what differs; the tag keeps the stage
+        assert r["tags"]["mlflow.note.content"], r["name"]  # a description a person reads
 
 
 @pytest.mark.slow
 def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: Rest):
     runs = by_name(server.runs())
-    r = runs["train@names-bigram_nn"]
+    r = runs["names-bigram_nn (train)"]
+    assert r["tags"]["mlflow.note.content"] == (
+        "bigram_nn on names (names-char: char); no settings; 20 steps × batch 32, lr 0.1"
+    )
     # Every resolved param, flattened, defaults included; exactly as params.yaml says.
     entry = yaml.safe_load((project / "params.yaml").read_text())["runs"]["names-bigram_nn"]
     assert r["params"]["tokenizer"] == "names-char" and r["params"]["corpus"] == "names"
@@ -316,26 +321,32 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
     with open(project / "curves" / "names-bigram_nn.csv") as f:
         curve = list(csv.DictReader(f))
     assert len(curve) == entry["train"]["max_steps"] // entry["train"]["eval_interval"] == 2
-    for key in ("tokens", "train_loss", "val_loss", "lr"):
-        history = server.history(r["id"], key)
+    # MLflow's names: tokens_seen (an x-axis across batch sizes) and val_loss_est (a fixed-subset estimate;
+    # the whole-split number is the evaluate run's val/loss); both start with a step-0 evaluation.
+    for key, column in (("tokens_seen", "tokens"), ("train_loss", "train_loss"), ("val_loss_est", "val_loss"),
+                        ("lr", "lr")):  # fmt: skip
+        history = [(s, v) for s, v in server.history(r["id"], key) if s > 0]
         assert [s for s, _ in history] == [int(row["step"]) for row in curve], key
-        assert [v for _, v in history] == pytest.approx([float(row[key]) for row in curve], rel=1e-6), key
+        assert [v for _, v in history] == pytest.approx([float(row[column]) for row in curve], rel=1e-6), key
+    start = dict(server.history(r["id"], "val_loss_est"))[0]
+    assert abs(start - math.log(27)) < 0.1 and dict(server.history(r["id"], "tokens_seen"))[0] == 0
+    stats = json.loads((project / "tokenizers" / "names-char" / "stats.json").read_text())
+    bpc = [v for s, v in server.history(r["id"], "val_bpc_est") if s > 0]
+    per_char = math.log(2) * stats["splits"]["val"]["chars_per_token"]
+    assert bpc == pytest.approx([float(row["val_loss"]) / per_char for row in curve], rel=1e-6)
     # Wall-clock figures go to MLflow only, never into the tracked curve.
     assert all(v > 0 for _, v in server.history(r["id"], "tokens_per_s")) and "tokens_per_s" not in curve[0]
-    assert r["metrics"]["params"] == 729 and r["metrics"]["train_seconds"] > 0 and r["metrics"]["steps"] == 20
+    m = r["metrics"]
+    assert m["summary/params"] == 729 and m["summary/train_seconds"] > 0 and m["summary/steps"] == 20
     # Lineage: the commit, a clean tree, and the md5 of every dep and out exactly as dvc.lock has them.
     head = sh(project, "git", "rev-parse", "HEAD~1").stdout.strip()  # the fixture committed the outputs since
     t = r["tags"]
     assert t["git.commit"] == t["mlflow.source.git.commit"] == head and t["git.dirty"] == "false"
-    assert t["dvc.dep.tokenizers/names-char"] == lock_md5(
-        project, "train@names-bigram_nn", "deps", "tokenizers/names-char"
-    )
-    assert t["dvc.out.models/names-bigram_nn"] == lock_md5(
-        project, "train@names-bigram_nn", "outs", "models/names-bigram_nn"
-    )
-    assert t["dvc.out.curves/names-bigram_nn.csv"] == lock_md5(
-        project, "train@names-bigram_nn", "outs", "curves/names-bigram_nn.csv"
-    )
+    # Fixed keys by role (the same in every train run, so the compare view lines runs up), with the path beside.
+    for kind, role, path in [("dep", "tokenizer", "tokenizers/names-char"), ("out", "model", "models/names-bigram_nn"),
+                             ("out", "curve", "curves/names-bigram_nn.csv")]:  # fmt: skip
+        assert t[f"dvc.{kind}.{role}"] == lock_md5(project, "train@names-bigram_nn", f"{kind}s", path)
+        assert t[f"dvc.{kind}.{role}.path"] == path
     assert re.fullmatch(r"[0-9a-f]{32}\.dir", t["code.md5"])
     assert (t["corpus"], t["tokenizer"], t["family"], t["device"]) == ("names", "names-char", "bigram_nn", "cpu")
     import torch
@@ -345,29 +356,29 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
         "checkpoint/config.json",
         "checkpoint/train.json",
         "tokenizer/tokenizer.json",
-        "curve/names-bigram_nn.csv",
+        "curve/curve.csv",
     }
     # GPT checkpoints (tracking.log_checkpoints: [gpt]) are logged with their weights.
-    assert "checkpoint/model.safetensors" in server.artifacts(runs["train@oz-gpt-bpe512"]["id"])
+    assert "checkpoint/model.safetensors" in server.artifacts(runs["oz-gpt-bpe512 (train)"]["id"])
 
 
 @pytest.mark.slow
 def test_evaluate_and_report_runs_log_the_metrics_and_files(project: Path, server: Rest):
     runs = by_name(server.runs())
-    r = runs["evaluate@oz-gpt-bpe512"]
+    r = runs["oz-gpt-bpe512 (evaluate)"]
     metrics = json.loads((project / "metrics" / "oz-gpt-bpe512.json").read_text())
     for key in ("val/loss", "val/ppl", "val/bpc", "params", "train/steps"):
         assert r["metrics"][key] == pytest.approx(metrics[key], rel=1e-9), key
     assert r["metrics"]["params/token_embedding"] == metrics["params_by_component"]["token_embedding"]
     assert r["params"]["model.n_embd"] == "16" and r["params"]["evaluate.batch_size"] == "256"
     # The evaluate run consumed exactly what the train run produced (dep md5 == out md5 == dvc.lock).
-    produced = runs["train@oz-gpt-bpe512"]["tags"]["dvc.out.models/oz-gpt-bpe512"]
+    produced = runs["oz-gpt-bpe512 (train)"]["tags"]["dvc.out.model"]
     assert (
-        r["tags"]["dvc.dep.models/oz-gpt-bpe512"]
+        r["tags"]["dvc.dep.model"]
         == produced
         == lock_md5(project, "evaluate@oz-gpt-bpe512", "deps", "models/oz-gpt-bpe512")
     )
-    assert server.artifacts(r["id"]) == {"metrics/oz-gpt-bpe512.json", "samples/oz-gpt-bpe512.txt"}
+    assert server.artifacts(r["id"]) == {"metrics/metrics.json", "samples/samples.txt"}
     report = server.artifacts(runs["report"]["id"])
     assert {"README.md", "runs.csv", "figures/loss_curves.png", "figures/bpc_vs_params.png"} <= report
     assert runs["report"]["metrics"]["runs"] == 2
@@ -380,6 +391,32 @@ def test_second_repro_logs_nothing(project: Path, server: Rest):
     out = sh(project, "dvc", "repro", env={"MLFLOW_TRACKING_URI": server.url}).stdout
     assert "Data and pipelines are up to date" in out
     assert len(server.runs()) == before
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_gets_every_run_into_mlflow(project: Path, tmp_path: Path, unused_port: int):
+    """A fresh clone against an empty store: `dvc repro` retrains the models but skips every evaluate stage
+    (metrics/ and samples/ are committed, the models hash the same), so the whole-split numbers would never reach
+    MLflow; `python -m stages.track` (run by `make repro`) logs them from the committed outputs."""
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    with mlflow_server(tmp_path, unused_port) as url:
+        rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url}
+        out = sh(clone, "dvc", "repro", env=env).stdout
+        assert "Running stage 'train@names-bigram_nn'" in out and "Running stage 'evaluate@" not in out
+        assert not any(r["name"].endswith("(evaluate)") for r in rest.runs())
+        out = sh(clone, sys.executable, "-m", "stages.track", env=env).stdout
+        assert out.rstrip().endswith("track: 2 stage runs logged from their outputs"), out
+        runs = by_name(rest.runs())
+        for run in KEEP["runs"]:
+            assert runs[f"{run} (train)"]["status"] == "FINISHED"
+            evaluated = runs[f"{run} (evaluate)"]
+            metrics = json.loads((clone / "metrics" / f"{run}.json").read_text())
+            assert evaluated["tags"]["lm.relogged"] == "true" and evaluated["status"] == "FINISHED"
+            for key in ("val/loss", "val/bpc"):
+                assert evaluated["metrics"][key] == metrics[key], (run, key)
+        again = sh(clone, sys.executable, "-m", "stages.track", env=env).stdout
+        assert again.rstrip().endswith("track: 0 stage runs logged from their outputs")
 
 
 @pytest.mark.slow
@@ -438,16 +475,16 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
     local = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert sorted(local) == sorted(
         [
-            "train@names-bigram_nn",
-            "evaluate@names-bigram_nn",
+            "names-bigram_nn (train)",
+            "names-bigram_nn (evaluate)",
             "report",
             f"exp {exp_name} (from {sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})",
         ]
     )
-    new = local["train@names-bigram_nn"]
+    new = local["names-bigram_nn (train)"]
     assert new.data.tags["dvc.exp_name"] == exp_name and new.data.tags["git.dirty"] == "true"
     assert new.data.tags["git.dirty_files"] == "params.yaml"
-    baseline = by_name(server.runs())["train@names-bigram_nn"]["params"]
+    baseline = by_name(server.runs())["names-bigram_nn (train)"]["params"]
     changed = {
         k: (baseline.get(k), new.data.params.get(k))
         for k in baseline.keys() | new.data.params.keys()

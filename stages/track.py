@@ -1,0 +1,64 @@
+"""Log to MLflow what `dvc repro` skipped: every train and evaluate stage of dvc.lock whose outputs no run of the
+study's experiment holds yet is run again with --log-only, which logs its committed outputs and computes nothing.
+
+    python -m stages.track [--params params.yaml]      (`make repro` runs it after `dvc repro`; `make track`)
+
+Why: on a fresh clone DVC retrains the models (they are not in git) but skips every evaluate stage (metrics/ and
+samples/ are committed and the retrained models hash the same), so without this MLflow would never see a whole-
+split val/loss. Logging from the outputs is exact (the numbers are the files, matched by the md5 dvc.lock
+records), cheap (seconds, no scoring) and marked (tag lm.relogged=true). Not a DVC stage: it writes no output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+from pathlib import Path
+
+import yaml
+
+from stages.common import fail, parser, project_root, study, tracking_uri
+
+VERBS = ("train", "evaluate")
+"""The stages whose runs the study's comparisons need (the others rerun in seconds if wanted)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="DVC lock file (default: dvc.lock)")
+    args = p.parse_args(argv)
+    cfg = study(args.params)
+    if not cfg.tracking.enabled:
+        print("track: tracking.enabled is false: nothing to log")
+        return
+    if not args.lock.is_file():
+        fail(f"track: {args.lock} not found: run `dvc repro` first")
+    stages = yaml.safe_load(args.lock.read_text()).get("stages", {})
+    uri = tracking_uri(project_root(), os.environ)
+
+    from lm.tracking import logged
+
+    todo = []
+    for stage, entry in stages.items():
+        verb, _, run = stage.partition("@")
+        outs = entry.get("outs", [])
+        if verb in VERBS and run in cfg.runs and outs and Path(outs[0]["path"]).exists():
+            if not logged(cfg.tracking, uri, stage, outs[0]["md5"]):
+                todo.append((stage, shlex.split(entry["cmd"])))
+    failed = []
+    for stage, cmd in todo:
+        module, stage_args = cmd[2], cmd[3:]  # python -m <module> <args>
+        try:
+            importlib.import_module(module).main([*stage_args, "--params", args.params, "--log-only"])
+        except SystemExit as e:
+            if e.code not in (0, None):
+                failed.append(stage)
+    done = len(todo) - len(failed)
+    print(f"track: {done} stage runs logged from their outputs" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
