@@ -22,7 +22,7 @@ from lm.io import atomic_write_text, write_json
 from lm.metrics import metrics, score
 from lm.model_size import component_counts
 from lm.tokenizer import load_ids, load_stats, load_tokenizer
-from lm.tracking import NullTracker, numeric_leaves
+from lm.tracking import NullTracker, numeric_leaves, split_datasets
 
 
 def evaluate_run(
@@ -42,6 +42,7 @@ def evaluate_run(
 
     model, run, vocab_size = checkpoint.load(model_dir, device)
     stats, tokenizer = load_stats(tok_dir), load_tokenizer(tok_dir)
+    logger.log_datasets(split_datasets(tok_dir, stats, {"val": "evaluation", "test": "evaluation"}))
     out: dict = {"run": name, "family": run.model.family, "tokenizer": run.tokenizer, "vocab_size": vocab_size}
     for split in ("val", "test"):
         if split not in stats["splits"]:

@@ -14,6 +14,7 @@ it does any work, with a message naming the URI (``tracking.required: false``: w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -144,6 +145,30 @@ def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
 # the logger objects
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """A split a run reads, as MLflow's dataset input: `digest` is the md5 DVC records for `source`."""
+
+    name: str
+    """e.g. 'shakespeare-char/train'."""
+    source: Path
+    """The file read (tokenizers/<name>/<split>.bin)."""
+    context: str
+    """'training', 'validation' or 'evaluation' (the mlflow.data.context tag)."""
+    profile: Mapping[str, Any] = field(default_factory=dict)
+    """Sizes shown with the dataset (tokens, characters)."""
+
+
+def split_datasets(tok_dir: Path, stats: Mapping[str, Any], contexts: Mapping[str, str]) -> list[DatasetRef]:
+    """A tokenizer's splits a run reads (split → its mlflow.data.context), with `stats` (its stats.json) sizes."""
+    return [
+        DatasetRef(f"{Path(tok_dir).name}/{split}", Path(tok_dir) / f"{split}.bin", context,
+                   {k: stats["splits"][split][k] for k in ("tokens", "characters")})
+        for split, context in contexts.items()
+        if split in stats["splits"]
+    ]  # fmt: skip
+
+
 class NullTracker:
     """Tracking off (or unreachable and not required): every call is a no-op; also a `lm.trainer.Logger`."""
 
@@ -157,6 +182,15 @@ class NullTracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         pass
+
+    def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
+        pass
+
+    def log_model(self, name: str, folder: Path, step: int = 0) -> None:
+        pass
+
+    def system_metrics(self, sampling_interval: float = 10.0) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def flush(self) -> None:
         pass
@@ -185,8 +219,10 @@ class Tracker(NullTracker):
         required: bool,
         warn: Callable[[str], None],
         relog: str | None = None,
+        experiment_id: str = "",
     ):
         self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
+        self.experiment_id = experiment_id
         self.required, self.warn, self.relog = required, warn, relog
         from mlflow.entities import Metric, RunTag
 
@@ -226,6 +262,51 @@ class Tracker(NullTracker):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call("set tags", self.client.log_batch, self.run_id, tags=[self._tag(k, str(v)) for k, v in tags.items()])
+
+    def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
+        """The splits the run reads, as MLflow dataset inputs (the Datasets column of the runs table)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(d.name, dvc_md5(d.source)[:36], "local", str(d.source), profile=json.dumps(dict(d.profile))),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
+        self._call("log dataset inputs", self.client.log_inputs, self.run_id, datasets=inputs)
+
+    def log_model(self, name: str, folder: Path, step: int = 0) -> None:
+        """`folder` (a checkpoint: safetensors + config.json) as an MLflow 3 logged model, output of this run."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        def log() -> None:
+            model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                    model_type="lm-checkpoint")  # fmt: skip
+            self.client.log_model_artifacts(model.model_id, str(folder))
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+
+        self._call(f"log model {folder}", log)
+
+    @contextlib.contextmanager
+    def system_metrics(self, sampling_interval: float = 10.0) -> Iterator[None]:
+        """CPU, memory, disk, network (and GPU) every `sampling_interval` s while the block runs (system/*)."""
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 (an optional view: never a reason to stop the stage)
+            self.warn(f"MLflow system metrics are off for this run: {' '.join(str(e).split())[:200]}")
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file (as `name`, default its own name) or a directory's files under `artifact_path`. Fixed names
@@ -411,7 +492,7 @@ def open_run(
             f"store is reachable and writable"
         )
     else:
-        tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog)
+        tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog, experiment_id)
         params_batch = [Param(k, v) for k, v in params.items()]
         tracker._call("log params", client.log_batch, run_id, params=params_batch, fatal=cfg.required)
         where = (

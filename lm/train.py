@@ -29,7 +29,7 @@ from lm.config import RunConfig
 from lm.io import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.models import build_model
 from lm.tokenizer import load_ids, load_stats
-from lm.tracking import NullTracker
+from lm.tracking import NullTracker, split_datasets
 from lm.trainer import fit
 
 CURVE_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
@@ -88,17 +88,11 @@ def train_run(
         model = build_model(run.model, vocab_size)
         state = checkpoint.state_dir_for(out)
         fp = fingerprint(run, tok_dir, code)
-        result = fit(
-            model,
-            train,
-            val,
-            run.train,
-            device=device,
-            logger=logger,
-            progress=progress,
-            state_dir=state,
-            fingerprint=fp,
-        )
+        if rank == 0:
+            logger.log_datasets(split_datasets(tok_dir, stats, {"train": "training", "val": "validation"}))
+        with logger.system_metrics() if rank == 0 else nullcontext():
+            result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress,
+                         state_dir=state, fingerprint=fp)  # fmt: skip
         # Only numbers that a rerun reproduces bit for bit: timing goes to MLflow alone.
         summary = {
             "run": name,
@@ -191,6 +185,8 @@ def log_outputs(
     # Final numbers as summary/ (the curve's `tokens_seen` history already ends at the total).
     logger.log_metrics({"summary/params": summary["params"], "summary/steps": summary["steps"]}, step=0)
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
-    for f in [checkpoint.CONFIG, "train.json"] + ([checkpoint.WEIGHTS] if log_weights else []):
+    for f in (checkpoint.CONFIG, "train.json"):
         logger.log_artifact(Path(out) / f, "checkpoint")
+    if log_weights:  # the whole checkpoint as an MLflow 3 logged model (its Models tab), output of this run
+        logger.log_model(Path(out).name, Path(out), step=summary["steps"])
     logger.log_artifact(curve, "curve", name="curve.csv")

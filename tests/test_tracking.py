@@ -195,9 +195,18 @@ class Rest:
                 "params": {p["key"]: p["value"] for p in r["data"].get("params", [])},
                 "tags": {t["key"]: t["value"] for t in r["data"].get("tags", [])},
                 "metrics": {m["key"]: m["value"] for m in r["data"].get("metrics", [])},
+                "datasets": {
+                    d["dataset"]["name"]: (d["dataset"]["digest"], {t["key"]: t["value"] for t in d.get("tags", [])})
+                    for d in r.get("inputs", {}).get("dataset_inputs", [])
+                },
             }
             for r in raw.get("runs", [])
         ]
+
+    def logged_models(self) -> list[dict]:
+        """The experiment's MLflow 3 logged models, as their REST `info`."""
+        exp = self.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        return [m["info"] for m in self.post("logged-models/search", {"experiment_ids": [exp]}).get("models", [])]
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [
@@ -358,8 +367,15 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
         "tokenizer/tokenizer.json",
         "curve/curve.csv",
     }
-    # GPT checkpoints (tracking.log_checkpoints: [gpt]) are logged with their weights.
-    assert "checkpoint/model.safetensors" in server.artifacts(runs["oz-gpt-bpe512 (train)"]["id"])
+    # The splits it read, as MLflow datasets: the DVC md5 of each file as digest, the role as context.
+    for split, context in (("train", "training"), ("val", "validation")):
+        digest, tags = r["datasets"][f"names-char/{split}"]
+        assert digest == dvc_md5(project / "tokenizers" / "names-char" / f"{split}.bin")[:36]
+        assert tags["mlflow.data.context"] == context
+    # GPT checkpoints (tracking.log_checkpoints: [gpt]) are MLflow 3 logged models, outputs of their train run.
+    gpt = runs["oz-gpt-bpe512 (train)"]
+    (model,) = [m for m in server.logged_models() if m.get("source_run_id") == gpt["id"]]
+    assert model["name"] == "oz-gpt-bpe512" and model["status"] == "LOGGED_MODEL_READY"
 
 
 @pytest.mark.slow
