@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # What `make verify` compares: every pipeline output git tracks.
 TRACKED_OUTPUTS := dvc.lock metrics curves samples reports
 
-.PHONY: install repro track verify test lint format ui check-params clean-venv
+.PHONY: install repro track verify test lint format ui screenshots check-params clean-venv
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ check-params: install
 # The stages' default store (README, 'Compare runs in MLflow'); prints the runs table's URL first.
 ui: install
 	$(BIN)/lm ui
+
+# The README's MLflow screenshots (reports/mlflow/*.png) from the project's store; needs `chromium` (apt-get install
+# chromium). Not part of `dvc repro`: the UI's pixels are not results.
+screenshots: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/lm ui --screenshots reports/mlflow
 
 clean-venv:
 	rm -rf $(VENV)

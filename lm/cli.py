@@ -220,6 +220,15 @@ def _ui(args: argparse.Namespace) -> int:
     except ParamsError as e:
         return _error(str(e), 2)
     store = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if args.screenshots is not None:
+        from lm.ui import screenshots
+
+        try:
+            for path in screenshots(store, experiment, args.screenshots):
+                print(f"wrote {path}")
+        except (ValueError, OSError) as e:
+            return _error(str(e))
+        return 0
     url = f"http://{args.host}:{args.port}"
     print(f"Runs table of {experiment!r}: {runs_table_url(store, experiment, url)}", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: it serves GenAI jobs only
@@ -486,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     c.add_argument("--port", type=_positive_int, default=5000, help="port (default: 5000)")
+    c.add_argument(
+        "--screenshots",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="instead of serving, write PNGs of the README's three views into DIR (needs chromium)",
+    )
     c.set_defaults(func=_ui)
     return p
 

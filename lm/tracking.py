@@ -533,3 +533,22 @@ def runs_table_url(uri: str, experiment: str, ui: str) -> str:
     if exp is None:
         return f"{ui.rstrip('/')}/#/experiments"
     return f"{ui.rstrip('/')}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+
+
+def find_runs(uri: str, experiment: str, filter_string: str) -> list[tuple[str, str]]:
+    """(run id, run name) of the experiment's runs matching an MLflow search filter, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string, max_results=1000, order_by=["attributes.start_time"])
+    return [(r.info.run_id, r.info.run_name) for r in runs]
+
+
+def experiment_id(uri: str, experiment: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    return None if exp is None else exp.experiment_id

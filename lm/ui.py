@@ -1,0 +1,154 @@
+"""Screenshots of the MLflow UI views that answer the study's three questions (README, 'Compare runs in MLflow'),
+taken with headless Chromium driven over the DevTools protocol (aiohttp, already a dependency of DVC).
+
+    lm ui --screenshots reports/mlflow        (make screenshots; needs a `chromium` binary)
+
+1. best.png: every evaluate run, sorted by val/bpc (the best run of each corpus is its first row);
+2. curves.png: the Shakespeare train runs' charts side by side (val_bpc_est, val_loss_est, ... against steps);
+3. diff.png: two runs compared (names-mlp and names-mlp-bn: the parameter rows that differ stand out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from lm.tracking import experiment_id, find_runs
+
+WINDOW = (1600, 1000)
+CLOSE_ASSISTANT = """(() => {
+    const b = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
+    if (b) b.click();
+    return !!b;
+})()"""
+"""MLflow 3 opens an assistant panel over a third of the page: close it."""
+
+
+def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str]) -> dict[str, str]:
+    """File name → URL of each view on the UI at `ui`: `corpus`'s train curves, the runs `pair` compared (raises
+    ValueError if the store lacks them)."""
+    exp = experiment_id(store, experiment)
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} in {store}: run `make repro` first")
+    page = f"{ui}/#/experiments/{exp}?workflowType=machine_learning"
+    q = urllib.parse.quote
+    finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}
+    ids = [finished.get(f"{run} (train)") for run in pair]
+    if None in ids:
+        raise ValueError(f"the store has no finished train runs of {' and '.join(pair)} to compare")
+    evaluated = "attributes.run_name LIKE '%(evaluate)'"
+    trained = f"tags.corpus = '{corpus}' AND attributes.run_name LIKE '%(train)'"
+    return {
+        "best.png": f"{page}&searchFilter={q(evaluated)}&orderByKey={q('metrics.`val/bpc`')}&orderByAsc=true",
+        "curves.png": f"{page}&searchFilter={q(trained)}&compareRunsMode=CHART",
+        "diff.png": f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}",
+    }
+
+
+def screenshots(
+    store: str,
+    experiment: str,
+    out_dir: Path,
+    *,
+    corpus: str = "shakespeare",
+    pair: tuple[str, str] = ("names-mlp", "names-mlp-bn"),
+    chromium: str = "chromium",
+    settle_s: float = 8.0,
+) -> list[Path]:
+    """Serve `store` with `mlflow server` on a free port, shoot every view into `out_dir`; return the files."""
+    if shutil.which(chromium) is None:
+        raise FileNotFoundError(f"{chromium} not found: install Chromium (Debian: apt-get install chromium)")
+    port, devtools = _free_port(), _free_port()
+    ui = f"http://127.0.0.1:{port}"
+    cmd = [
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    profile = tempfile.mkdtemp(prefix="lm-chromium-")
+    browser = None
+    try:
+        _wait(f"{ui}/health", 120)
+        urls = views(store, experiment, ui, corpus, pair)
+        flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+                 f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--remote-debugging-port={devtools}"]  # fmt: skip
+        browser = subprocess.Popen(
+            [chromium, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait(f"http://127.0.0.1:{devtools}/json/version", 60)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(_shoot(devtools, urls, out_dir, settle_s))
+    finally:
+        for proc in (browser, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(20)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def _shoot(devtools: int, urls: dict[str, str], out_dir: Path, settle_s: float) -> list[Path]:
+    import aiohttp
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{devtools}/json/list") as r:
+        page = next(t for t in json.load(r) if t["type"] == "page")
+    written = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws,
+    ):
+        counter = iter(range(1, 1_000_000))
+
+        async def call(method: str, **params) -> dict:
+            msg_id = next(counter)
+            await ws.send_json({"id": msg_id, "method": method, "params": params})
+            async for msg in ws:
+                data = json.loads(msg.data)
+                if data.get("id") == msg_id:
+                    return data.get("result", {})
+            raise RuntimeError("the browser closed the DevTools connection")
+
+        for name, url in urls.items():
+            await call("Page.navigate", url=url)
+            await asyncio.sleep(settle_s)  # the single-page app fetches its runs and draws
+            await call("Runtime.evaluate", expression=CLOSE_ASSISTANT)
+            await asyncio.sleep(1.0)
+            shot = await call("Page.captureScreenshot", format="png")
+            path = out_dir / name
+            path.write_bytes(base64.b64decode(shot["data"]))
+            written.append(path)
+    return written
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s") from None
+            time.sleep(0.5)
