@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -295,6 +296,8 @@ class Tracker(NullTracker):
         monitor = None
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per stage
 
             monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, tracking_uri=self.uri)
             monitor.start()
