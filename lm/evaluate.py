@@ -79,5 +79,6 @@ def log_outputs(logger: NullTracker, metrics_path: Path, samples_path: Path) -> 
         {k.replace("params_by_component", "params"): v for k, v in numeric_leaves(out).items()},
         step=int(out.get("train/steps", 0)),
     )
-    logger.log_artifact(metrics_path, "metrics", name="metrics.json")
-    logger.log_artifact(samples_path, "samples", name="samples.txt")
+    # At the root, under fixed names: MLflow's compare view lines up the root files of the runs it compares.
+    logger.log_artifact(metrics_path, name="metrics.json")
+    logger.log_artifact(samples_path, name="samples.txt")

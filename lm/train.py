@@ -189,4 +189,4 @@ def log_outputs(
         logger.log_artifact(Path(out) / f, "checkpoint")
     if log_weights:  # the whole checkpoint as an MLflow 3 logged model (its Models tab), output of this run
         logger.log_model(Path(out).name, Path(out), step=summary["steps"])
-    logger.log_artifact(curve, "curve", name="curve.csv")
+    logger.log_artifact(curve, name="curve.csv")  # at the root: MLflow's compare view lines up root files only

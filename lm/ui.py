@@ -31,6 +31,23 @@ CLOSE_ASSISTANT = """(() => {
     return !!b;
 })()"""
 """MLflow 3 opens an assistant panel over a third of the page: close it."""
+SEARCH_CHARTS = """(() => {
+    const box = document.querySelector('input[placeholder="Search metric charts"]');
+    if (!box) return false;
+    Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, '_est');
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    return true;
+})()"""
+"""Only the curves' charts (val_bpc_est, val_loss_est, train_*_est), not the evaluate runs' empty sections."""
+PARAMETER_DIFF = """(() => {
+    const headers = [...document.querySelectorAll('[role=button][aria-expanded=true]')];
+    headers.filter(h => ['Visualizations', 'Run details'].includes(h.textContent.trim())).forEach(h => h.click());
+    const toggle = document.querySelector('button[aria-label="Parameters - Show diff only"]');
+    if (toggle) toggle.click();
+    return !!toggle;
+})()"""
+"""The compare page opens on plots: show its parameters table, the differing rows only."""
+ACTIONS = {"curves.png": SEARCH_CHARTS, "diff.png": PARAMETER_DIFF}
 
 
 def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str]) -> dict[str, str]:
@@ -40,6 +57,7 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} in {store}: run `make repro` first")
     page = f"{ui}/#/experiments/{exp}?workflowType=machine_learning"
+    runs = f"{ui}/#/experiments/{exp}/runs?workflowType=machine_learning"
     q = urllib.parse.quote
     finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}
     ids = [finished.get(f"{run} (train)") for run in pair]
@@ -48,9 +66,14 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
     evaluated = "attributes.run_name LIKE '%(evaluate)'"
     trained = f"tags.corpus = '{corpus}' AND attributes.run_name LIKE '%(train)'"
     return {
-        "best.png": f"{page}&searchFilter={q(evaluated)}&orderByKey={q('metrics.`val/bpc`')}&orderByAsc=true",
-        "curves.png": f"{page}&searchFilter={q(trained)}&compareRunsMode=CHART",
-        "diff.png": f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}",
+        # The first visit only stores the ML workflow in the browser: switching to it reloads the page without
+        # the other URL parameters (the search filter), so the views come after it.
+        "": page,
+        "best.png": f"{runs}&searchFilter={q(evaluated)}&orderByKey={q('metrics.`val/bpc`')}&orderByAsc=true",
+        "curves.png": f"{runs}&searchFilter={q(trained)}&orderByKey={q('metrics.`val_bpc_est`')}&orderByAsc=true"
+        "&compareRunsMode=CHART",
+        "diff.png": f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}"
+        "&workflowType=machine_learning",
     }
 
 
@@ -127,8 +150,12 @@ async def _shoot(devtools: int, urls: dict[str, str], out_dir: Path, settle_s: f
         for name, url in urls.items():
             await call("Page.navigate", url=url)
             await asyncio.sleep(settle_s)  # the single-page app fetches its runs and draws
+            if not name:
+                continue
             await call("Runtime.evaluate", expression=CLOSE_ASSISTANT)
-            await asyncio.sleep(1.0)
+            if name in ACTIONS:
+                await call("Runtime.evaluate", expression=ACTIONS[name])
+            await asyncio.sleep(2.0)
             shot = await call("Page.captureScreenshot", format="png")
             path = out_dir / name
             path.write_bytes(base64.b64decode(shot["data"]))

@@ -365,7 +365,7 @@ def test_train_run_logs_params_curve_tags_and_artifacts(project: Path, server: R
         "checkpoint/config.json",
         "checkpoint/train.json",
         "tokenizer/tokenizer.json",
-        "curve/curve.csv",
+        "curve.csv",
     }
     # The splits it read, as MLflow datasets: the DVC md5 of each file as digest, the role as context.
     for split, context in (("train", "training"), ("val", "validation")):
@@ -394,7 +394,7 @@ def test_evaluate_and_report_runs_log_the_metrics_and_files(project: Path, serve
         == produced
         == lock_md5(project, "evaluate@oz-gpt-bpe512", "deps", "models/oz-gpt-bpe512")
     )
-    assert server.artifacts(r["id"]) == {"metrics/metrics.json", "samples/samples.txt"}
+    assert server.artifacts(r["id"]) == {"metrics.json", "samples.txt"}
     report = server.artifacts(runs["report"]["id"])
     assert {"README.md", "runs.csv", "figures/loss_curves.png", "figures/bpc_vs_params.png"} <= report
     assert runs["report"]["metrics"]["runs"] == 2
