@@ -193,14 +193,14 @@ def test_tracking_server_dying_mid_run_keeps_the_model(work, tmp_path, unused_po
         r = subprocess.run(cmd, shell=True, cwd=work, capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         runs = _runs(url, "dying")
-    by_status = {r["status"]: r for r in runs if r["name"] == "train@gpt"}
+    by_status = {r["status"]: r for r in runs if r["name"] == "gpt (train)"}
     # The run the dead server left RUNNING is marked KILLED by the next start of the stage...
     assert by_status["KILLED"]["tags"]["lm.ended_by"].startswith("the next start of the same stage")
     # ... and the re-logged run has the curve, the final numbers and the files.
     again = by_status["FINISHED"]
-    assert again["tags"]["lm.relogged"] == "true" and again["metrics"]["steps"] == RUN["train"]["max_steps"]
+    assert again["tags"]["lm.relogged"] == "true" and again["metrics"]["summary/steps"] == RUN["train"]["max_steps"]
     curve = (work / "curves" / "tracked.csv").read_text().splitlines()
-    assert again["metrics"]["val_loss"] == pytest.approx(float(curve[-1].split(",")[3]), rel=1e-6)
+    assert again["metrics"]["val_loss_est"] == pytest.approx(float(curve[-1].split(",")[3]), rel=1e-6)
 
 
 def _runs(url: str, experiment: str) -> list[dict]:
