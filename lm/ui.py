@@ -3,7 +3,7 @@ taken with headless Chromium driven over the DevTools protocol (aiohttp, already
 
     lm ui --screenshots reports/mlflow        (make screenshots; needs a `chromium` binary)
 
-1. best.png: every evaluate run, sorted by val/bpc (the best run of each corpus is its first row);
+1. best.png: every evaluate run, sorted by val/bpc, with its params, val/test bpc, val loss and family columns;
 2. curves.png: the Shakespeare train runs' charts side by side (val_bpc_est, val_loss_est, ... against steps);
 3. diff.png: two runs compared (names-mlp and names-mlp-bn: the parameter rows that differ stand out).
 """
@@ -47,7 +47,30 @@ PARAMETER_DIFF = """(() => {
     return !!toggle;
 })()"""
 """The compare page opens on plots: show its parameters table, the differing rows only."""
-ACTIONS = {"curves.png": SEARCH_CHARTS, "diff.png": PARAMETER_DIFF}
+OPEN_COLUMNS = """(() => {
+    const b = [...document.querySelectorAll('button')].find(x => x.textContent.trim() === 'Columns');
+    if (b) b.click();
+    return !!b;
+})()"""
+PICK_COLUMNS = """(() => {
+    const want = {'': ['Dataset', 'Source', 'Models'], Metrics: ['params', 'test/bpc', 'val/bpc', 'val/loss'],
+                  Tags: ['family']};
+    const nodes = document.querySelectorAll(
+        '[data-component-id="mlflow.experiment_page.runs_table.column_selector"] .du-bois-light-tree-treenode');
+    let group = '', n = 0;
+    for (const node of nodes) {
+        const title = node.textContent.trim(), heading = title.match(/^(Metrics|Parameters|Tags) \\(\\d+\\)$/);
+        if (heading) { group = heading[1]; continue; }
+        if (!(want[group] || []).includes(title)) continue;
+        (node.querySelector('.du-bois-light-tree-checkbox') || node).click();
+        n++;
+    }
+    document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
+    return n;
+})()"""
+"""The runs table shows no metric columns until picked (the choice lives in the browser, not the URL): show the
+numbers that answer the question, hide the Dataset, Source and Models columns to make room."""
+ACTIONS = {"best.png": (OPEN_COLUMNS, PICK_COLUMNS), "curves.png": (SEARCH_CHARTS,), "diff.png": (PARAMETER_DIFF,)}
 
 
 def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str]) -> dict[str, str]:
@@ -153,9 +176,9 @@ async def _shoot(devtools: int, urls: dict[str, str], out_dir: Path, settle_s: f
             if not name:
                 continue
             await call("Runtime.evaluate", expression=CLOSE_ASSISTANT)
-            if name in ACTIONS:
-                await call("Runtime.evaluate", expression=ACTIONS[name])
-            await asyncio.sleep(2.0)
+            for action in ACTIONS.get(name, ()):
+                await call("Runtime.evaluate", expression=action)
+                await asyncio.sleep(2.0)
             shot = await call("Page.captureScreenshot", format="png")
             path = out_dir / name
             path.write_bytes(base64.b64decode(shot["data"]))
