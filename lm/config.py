@@ -270,7 +270,7 @@ class SingleHeadConfig(ModelConfig):
     """Token + position embeddings → one causal self-attention head → logits."""
 
     family: Literal["single_head"]
-    block_size: int = Field(default=32, ge=1, le=8192)
+    block_size: int = Field(default=32, ge=1, le=131_072)
     """Context length (attention window)."""
     n_embd: int = Field(default=64, ge=1)
     """Embedding dimension; also the head size."""
@@ -280,7 +280,7 @@ class MultiHeadConfig(ModelConfig):
     """Several causal heads concatenated + output projection."""
 
     family: Literal["multi_head"]
-    block_size: int = Field(default=32, ge=1, le=8192)
+    block_size: int = Field(default=32, ge=1, le=131_072)
     """Context length (attention window)."""
     n_embd: int = Field(default=64, ge=1)
     """Embedding dimension; split evenly across heads."""
@@ -318,8 +318,73 @@ class GPTConfig(BlockConfig):
     """A bias in the LM head (seed 000's 10,788,929-param model has one; GPT-2 does not)."""
     tie_weights: bool = False
     """Share the LM head weight with the token embedding (Press & Wolf 2017)."""
-    pos: Literal["learned", "sinusoidal"] = "learned"
-    """Position embeddings: learned table (GPT-2) or fixed sinusoids (Vaswani et al. 2017)."""
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"
+    """Positions: learned table (GPT-2), fixed sinusoids added to the embeddings (Vaswani et al. 2017), or
+    rotary embeddings applied to queries and keys in every layer (Su et al. 2021, 'RoFormer'; no table)."""
+    rope_base: float = Field(default=10000.0, gt=1)
+    """Rotary only: the base θ of the rotation frequencies θ^(-2i/head_size) (LLaMA 1-2: 10,000; 3: 500,000)."""
+    norm_class: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """LayerNorm (Ba et al. 2016; with a shift when ``bias``) or RMSNorm (Zhang & Sennrich 2019: scale only, no
+    mean subtraction), for every norm of the model."""
+    norm_eps: float = Field(default=1e-5, gt=0, lt=1)
+    """The norms' epsilon (PyTorch's LayerNorm and LLaMA's RMSNorm: 1e-5; Hugging Face's LlamaConfig default: 1e-6)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Feed-forward: Linear → GELU → Linear (GPT-2), or SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    n_hidden: int | None = Field(default=None, ge=1)
+    """Feed-forward hidden width. None: 4·n_embd for 'gelu'; for 'swiglu', LLaMA's rule: 2/3 of 4·n_embd
+    rounded up to a multiple of ``multiple_of`` (so the three matrices cost about what GELU's two do)."""
+    multiple_of: int = Field(default=256, ge=1)
+    """SwiGLU with n_hidden None: round the hidden width up to a multiple of this (LLaMA: 256)."""
+    n_kv_head: int | None = Field(default=None, ge=1)
+    """Key/value heads (grouped-query attention, Ainslie et al. 2023): each serves n_head / n_kv_head query
+    heads. None: n_head (multi-head attention); 1: multi-query attention."""
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"rotary positions rotate channel pairs: the head size n_embd / n_head = {self.n_embd // self.n_head} "
+                "must be even"
+            )
+        return self
+
+    @property
+    def hidden(self) -> int:
+        """The feed-forward hidden width (``n_hidden``, or its default for ``mlp``)."""
+        if self.n_hidden is not None:
+            return self.n_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return self.multiple_of * -(-int(2 * 4 * self.n_embd / 3) // self.multiple_of)
+
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads (``n_kv_head``, or n_head)."""
+        return self.n_kv_head or self.n_head
+
+
+class LlamaConfig(GPTConfig):
+    """LLaMA's transformer (Touvron et al. 2023, 'LLaMA' and 'Llama 2'): the GPT with RMSNorm before each sublayer,
+    rotary positions, a SwiGLU feed-forward, no biases, and optionally grouped-query attention (``n_kv_head``).
+    The switches are GPTConfig's; here they are fixed to LLaMA's choices."""
+
+    family: Literal["llama"]  # type: ignore[assignment]
+    norm: Literal["pre"] = "pre"  # type: ignore[assignment]
+    """LLaMA normalises before each sublayer (and once more before the head)."""
+    pos: Literal["rope"] = "rope"  # type: ignore[assignment]
+    """Rotary positions."""
+    norm_class: Literal["rmsnorm"] = "rmsnorm"  # type: ignore[assignment]
+    """RMSNorm."""
+    mlp: Literal["swiglu"] = "swiglu"  # type: ignore[assignment]
+    """SwiGLU feed-forward."""
+    bias: Literal[False] = False  # type: ignore[assignment]
+    """No biases anywhere."""
+    qkv_bias: Literal[False] = False  # type: ignore[assignment]
+    """No query/key/value biases."""
+    head_bias: Literal[False] = False  # type: ignore[assignment]
+    """No LM head bias."""
 
 
 def _known_families(names: list[str]) -> list[str]:

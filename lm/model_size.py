@@ -43,6 +43,7 @@ import torch
 from lm.config import (
     BigramNNConfig,
     GPTConfig,
+    LlamaConfig,
     MLPConfig,
     ModelConfig,
     WaveNetConfig,
@@ -103,6 +104,28 @@ REFERENCES: dict[str, Reference] = {
     "gpt2-medium": Reference(_gpt2(24, 16, 1024), 50257, "GPT-2 medium with seed 003's settings", 406_212_608),
     "gpt2-large": Reference(_gpt2(36, 20, 1280), 50257, "GPT-2 large with seed 003's settings", 838_220_800),
     "gpt2-xl": Reference(_gpt2(48, 25, 1600), 50257, "GPT-2 XL with seed 003's settings", 1_637_792_000),
+    "llama-3.2-1b": Reference(
+        LlamaConfig(
+            family="llama",
+            n_layer=16,
+            n_head=32,
+            n_kv_head=8,
+            n_embd=2048,
+            n_hidden=8192,
+            block_size=131_072,
+            rope_base=500_000.0,
+            tie_weights=True,
+        ),
+        128_256,
+        "Llama 3.2 1B (Meta 2024): 16 layers, d 2048, 32 heads, 8 KV heads, SwiGLU 8192, tied, ctx 128k",
+        1_235_814_400,
+    ),
+    "llama-2-7b": Reference(
+        LlamaConfig(family="llama", n_layer=32, n_head=32, n_embd=4096, block_size=4096, tie_weights=False),
+        32_000,
+        "Llama 2 7B (Touvron et al. 2023): 32 layers, d 4096, 32 heads, SwiGLU 11,008 (the 256-multiple rule), untied",
+        6_738_415_616,
+    ),
     "seed-gpt-10.7m": Reference(
         GPTConfig(
             family="gpt",
@@ -385,12 +408,15 @@ def report_for(name: str, **kw: Any) -> ParamReport:
 
 
 def _shape(cfg: Any) -> str:
-    keys = [("n_layer", "layers"), ("n_head", "heads"), ("n_embd", "n_embd"), ("n_hidden", "hidden")]
+    keys = [("n_layer", "layers"), ("n_head", "heads"), ("n_kv_head", "KV heads"), ("n_embd", "n_embd")]
     parts = [
         f"{getattr(cfg, k):,} {label}" if label != "n_embd" else f"n_embd {cfg.n_embd:,}"
         for k, label in keys
-        if hasattr(cfg, k)
+        if getattr(cfg, k, None) is not None
     ]
+    hidden = getattr(cfg, "hidden", None) or getattr(cfg, "n_hidden", None)  # the transformers' resolved width
+    if hidden is not None:
+        parts.append(f"{hidden:,} hidden")
     if "block_size" in type(cfg).model_fields:
         parts.insert(0, f"context {cfg.block_size:,}")
     return ", ".join(parts)

@@ -19,6 +19,7 @@ from lm.config import (
     BigramNNConfig,
     BlockConfig,
     GPTConfig,
+    LlamaConfig,
     MLPConfig,
     MultiHeadConfig,
     SingleHeadConfig,
@@ -53,6 +54,14 @@ CONFIGS = {
         qkv_bias=True,
         head_bias=True,
         bias=False,
+    ),
+    "gpt_switches": GPTConfig(
+        family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, norm_class="rmsnorm", pos="rope", mlp="swiglu",
+        n_hidden=40, bias=False, n_kv_head=2, dropout=0.1,
+    ),  # fmt: skip
+    "llama": LlamaConfig(family="llama", block_size=8, n_embd=16, n_head=4, n_kv_head=2, n_layer=2, n_hidden=40),
+    "llama_mqa_tied": LlamaConfig(
+        family="llama", block_size=8, n_embd=16, n_head=4, n_kv_head=1, n_layer=1, multiple_of=8, tie_weights=True
     ),
 }
 ALL = list(CONFIGS)
@@ -98,7 +107,7 @@ def test_declared_contract():
     """What each family declares, read back: the bigrams count / see one token, the attention families
     window their input and cache keys and values."""
     assert [f for f in families() if REGISTRY[f].Config.fitting == "counting"] == ["bigram_counts"]
-    assert [f for f in families() if REGISTRY[f].kv_cache] == ["single_head", "multi_head", "block", "gpt"]
+    assert [f for f in families() if REGISTRY[f].kv_cache] == ["single_head", "multi_head", "block", "gpt", "llama"]
     assert all(REGISTRY[f].kv_cache == (REGISTRY[f].Config.context == "window") for f in families())
     assert BigramNNConfig(family="bigram_nn").block_size == 1 == BigramCountsConfig(family="bigram_counts").block_size
 

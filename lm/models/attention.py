@@ -52,10 +52,39 @@ class SinusoidalPositions(nn.Module):
         return self.table[pos]  # (T,) -> (T, n_embd)
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, 'RoFormer', §3.4), in the half-rotation layout of LLaMA's
+    Hugging Face port (GPT-NeoX): channel i of a head is paired with channel i + hs/2, and the pair at position p
+    is rotated by the angle p·θ_i, θ_i = base^(-2i/hs).
+
+    Queries and keys are rotated, not the embeddings, so a score q_t·k_s depends on the positions only through
+    t - s: shifting every position leaves every score unchanged (tests check it). ``cos``/``sin`` are computed
+    for the positions asked, so no table limits how far generation may go.
+    """
+
+    def __init__(self, head_size: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # a function of (head_size, base)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every (position, channel) angle: (T,) positions -> 2 x (T, hs)."""
+        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hs): channel i and i + hs/2 share an angle
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + hs/2) channel pair of ``x`` (B, nh, T, hs) by its angle (cos, sin: (T, hs))."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs): the pair (a, b) -> (-b, a), a quarter turn
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
 class KVCache:
     """Keys and values of every attention layer for the positions processed so far (inference).
 
-    Preallocated as two (n_layer, B, n_head, max_len, head_size) tensors, of which the first
+    Preallocated as two (n_layer, B, n_kv_head, max_len, head_size) tensors, of which the first
     ``length`` positions are filled. A forward pass with a cache feeds only the new tokens: each
     layer writes their keys/values at positions ``length .. length+T-1`` (:meth:`update`) and
     their queries attend over everything cached so far; the model then calls :meth:`advance`.
@@ -123,6 +152,7 @@ class CausalSelfAttention(nn.Module):
         n_embd: int,
         n_head: int,
         *,
+        n_kv_head: int | None = None,
         dropout: float = 0.0,
         qkv_bias: bool = False,
         proj: bool = True,
@@ -131,42 +161,69 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
+        n_kv_head = n_kv_head or n_head
+        if n_head % n_kv_head:
+            raise ValueError(f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+        self.n_embd, self.n_head, self.n_kv_head, self.dropout = n_embd, n_head, n_kv_head, dropout
+        self.head_size = n_embd // n_head
+        # Rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads (3·n_embd without GQA).
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_size, bias=qkv_bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=proj_bias) if proj else None
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, (nh+2nkv)hs) -> q, k, v
         # Split channels into heads and move heads next to batch so each head attends alone.
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:  # rotary: rotate queries and keys by their positions' angles (keys cached rotated)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
+        sdpa = _sdpa if nkv == nh else _sdpa_grouped
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and cache is None:
             # torch 2.13's CPU flash-attention backward is ~9x slower in bf16 than in fp32 (measured
             # with bench/train.py), so under CPU autocast attention runs in fp32; the matmuls
             # around it keep their bf16 speed-up.
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+                y = sdpa(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
         elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.update(layer, k, v)  # a prefill: the new tokens are the whole window
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+            y = sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         else:
             start = cache.length
-            k, v = cache.update(layer, k, v)  # (B, nh, start+T, hs): cached positions, then the new ones
+            k, v = cache.update(layer, k, v)  # (B, nkv, start+T, hs): cached positions, then the new ones
             # New query i sits at position start+i and sees keys 0 .. start+i. A single new token sees
             # them all (no mask); is_causal would align the triangle top-left, so build it explicitly.
             mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+            y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         # Concatenate the heads' outputs side by side again.
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh*hs)
         if self.c_proj is not None:
             y = self.resid_dropout(self.c_proj(y))
         return y
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, **kw)  # (B, nh, T, hs)
+
+
+def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    # Grouped-query attention: key/value head j serves query heads j·g .. j·g+g-1 (g = nh / nkv), the layout of
+    # LLaMA's repeat_kv. Repeating them here keeps the KV cache at nkv heads, which is what GQA saves.
+    g = q.size(1) // k.size(1)
+    k = k.repeat_interleave(g, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+    v = v.repeat_interleave(g, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+    return F.scaled_dot_product_attention(q, k, v, **kw)  # (B, nh, T, hs)
 
 
 class CausalLM(LanguageModel):
@@ -198,15 +255,19 @@ class CausalLM(LanguageModel):
         super().__init__(cfg, vocab_size)
         block_size, n_embd = cfg.block_size, cfg.n_embd
         self.n_embd = n_embd
-        if pos == "learned":
-            wpe: nn.Module = nn.Embedding(block_size, n_embd)
-        elif pos == "sinusoidal":
-            wpe = SinusoidalPositions(block_size, n_embd)
-        else:
-            raise ValueError(f"pos must be 'learned' or 'sinusoidal', got {pos!r}")
         # wte is registered first so that, when tied, named_parameters() reports the shared
         # matrix once, as transformer.wte.weight (a token embedding).
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab_size, n_embd), wpe=wpe, drop=nn.Dropout(dropout)))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab_size, n_embd)))
+        self.rotary: Rotary | None = None
+        if pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(block_size, n_embd)
+        elif pos == "sinusoidal":
+            self.transformer["wpe"] = SinusoidalPositions(block_size, n_embd)
+        elif pos == "rope":  # no table: positions rotate queries and keys inside attention
+            self.rotary = Rotary(n_embd // cfg.n_head, cfg.rope_base)
+        else:
+            raise ValueError(f"pos must be 'learned', 'sinusoidal' or 'rope', got {pos!r}")
+        self.transformer["drop"] = nn.Dropout(dropout)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=head_bias)
         self.tied = False
 
@@ -215,7 +276,9 @@ class CausalLM(LanguageModel):
         self.transformer.wte.weight = self.lm_head.weight
         self.tied = True
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def body(
+        self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         raise NotImplementedError
 
     def residual_projections(self) -> list[nn.Linear]:
@@ -225,17 +288,22 @@ class CausalLM(LanguageModel):
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty :class:`KVCache` for this model (one layer per attention module), on its device and dtype."""
         attns = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
-        n_head = attns[0].n_head
         w = self.lm_head.weight
         return KVCache(
-            len(attns), batch_size, n_head, self.n_embd // n_head, self.block_size, device=w.device, dtype=w.dtype
+            len(attns),
+            batch_size,
+            attns[0].n_kv_head,
+            attns[0].head_size,
+            self.block_size,
+            device=w.device,
+            dtype=w.dtype,
         )
 
     @torch.no_grad()
     def _init_weights(self, n_layer: int) -> None:
         """GPT-2 init (Radford et al. 2019; nanoGPT), deterministic given the torch seed.
 
-        Linear and Embedding weights ~ N(0, 0.02²), biases 0, LayerNorm gain 1 / shift 0.
+        Linear and Embedding weights ~ N(0, 0.02²), biases 0, LayerNorm/RMSNorm gain 1 / shift 0.
         Residual output projections (``c_proj`` inside blocks) ~ N(0, (0.02/sqrt(2*n_layer))²),
         because each block adds two of them to the residual stream and its variance would
         otherwise grow with depth.
@@ -254,10 +322,10 @@ class CausalLM(LanguageModel):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:  # RMSNorm has no shift
                     nn.init.zeros_(module.bias)
         for proj in self.residual_projections():
             nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * n_layer))
@@ -278,10 +346,14 @@ class CausalLM(LanguageModel):
                 f"reset it and refill it from a cropped window (as lm.generate.stream does)"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        x = self.body(x, cache)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is None:
+            x = x + self.transformer.wpe(pos)  # (T, C) position embeddings, broadcast over the batch
+        else:
+            rope = self.rotary(pos)  # 2 x (T, hs), applied to queries and keys in every layer
+        x = self.transformer.drop(x)  # (B, T, C)
+        x = self.body(x, cache, rope)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(x)  # (B, T, V)
@@ -303,8 +375,8 @@ class SingleHead(CausalLM):
         self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, 1, qkv_bias=False, proj=False)
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.transformer.attn(x, cache)  # (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        return self.transformer.attn(x, cache, 0, rope)  # (B, T, C)
 
 
 class MultiHead(CausalLM):
@@ -320,5 +392,5 @@ class MultiHead(CausalLM):
         )
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.transformer.attn(x, cache)  # (B, T, C)
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        return self.transformer.attn(x, cache, 0, rope)  # (B, T, C)

@@ -18,61 +18,92 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from lm.config import BlockConfig, GPTConfig
+from lm.config import BlockConfig, GPTConfig, LlamaConfig
 from lm.models.attention import CausalLM, CausalSelfAttention, KVCache
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(C, 4C) → GELU → Linear(4C, C) → dropout (Vaswani et al. 2017, §3.3)."""
+    """Position-wise feed-forward: Linear(C, H) → GELU → Linear(H, C) → dropout (Vaswani et al. 2017, §3.3;
+    GPT-2: H = 4C)."""
 
-    def __init__(self, n_embd: int, *, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_hidden: int | None = None, *, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        n_hidden = n_hidden or 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, n_hidden, bias=bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, H) -> (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer 2020, 'GLU Variants Improve Transformer'; LLaMA's):
+    c_proj(silu(c_gate(x)) * c_fc(x)) → dropout. Three matrices instead of two, so LLaMA narrows the hidden
+    width to about 2/3 of 4C to keep the cost (:attr:`lm.config.GPTConfig.hidden`)."""
+
+    def __init__(self, n_embd: int, n_hidden: int, *, dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.c_gate = nn.Linear(n_embd, n_hidden, bias=bias)  # Hugging Face Llama: gate_proj
+        self.c_fc = nn.Linear(n_embd, n_hidden, bias=bias)  # up_proj
+        self.c_proj = nn.Linear(n_hidden, n_embd, bias=bias)  # down_proj
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, C) -> (B, T, H): the gate scales each hidden unit
+        return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
+
+
+def norm_layer(cfg: GPTConfig) -> nn.Module:
+    """The model's norm: LayerNorm (with a shift when ``bias``) or RMSNorm (Zhang & Sennrich 2019: x / rms(x) · g,
+    no mean subtraction and no shift; cheaper, and what LLaMA uses)."""
+    if cfg.norm_class == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class Block(nn.Module):
-    """Transformer block: attention and feed-forward sublayers, each with a residual and a LayerNorm.
+    """Transformer block: attention and feed-forward sublayers, each with a residual and a norm.
 
-    ``norm='pre'`` (GPT-2): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
-    never normalised, so the model needs a final LayerNorm (``ln_f``) before the head.
+    ``norm='pre'`` (GPT-2, LLaMA): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
+    never normalised, so the model needs a final norm (``ln_f``) before the head.
     ``norm='post'`` (Vaswani et al. 2017, seed 002): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
     The output is already normalised, so no ``ln_f``.
+
+    The config's switches pick each piece: ``norm_class`` (LayerNorm | RMSNorm), ``mlp`` (GELU | SwiGLU, of
+    width ``hidden``), ``bias``, ``n_kv_head`` (grouped-query attention); rotary positions arrive as ``rope``.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        *,
-        dropout: float = 0.0,
-        bias: bool = True,
-        qkv_bias: bool = False,
-        norm: str = "pre",
-    ):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
-        self.norm = norm
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, qkv_bias=qkv_bias, proj=True, proj_bias=bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
+        self.norm = cfg.norm
+        self.ln_1 = norm_layer(cfg)
+        self.attn = CausalSelfAttention(
+            cfg.n_embd,
+            cfg.n_head,
+            n_kv_head=cfg.kv_heads,
+            dropout=cfg.dropout,
+            qkv_bias=cfg.qkv_bias,
+            proj=True,
+            proj_bias=cfg.bias,
+        )
+        self.ln_2 = norm_layer(cfg)
+        if cfg.mlp == "swiglu":
+            self.mlp: nn.Module = SwiGLU(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
+        else:
+            self.mlp = MLP(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None
     ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         if self.norm == "pre":
-            x = x + self.attn(self.ln_1(x), cache, layer)
+            x = x + self.attn(self.ln_1(x), cache, layer, rope)
             x = x + self.mlp(self.ln_2(x))
         else:
-            x = self.ln_1(x + self.attn(x, cache, layer))
+            x = self.ln_1(x + self.attn(x, cache, layer, rope))
             x = self.ln_2(x + self.mlp(x))
         return x
 
@@ -94,20 +125,17 @@ class GPT(CausalLM):
 
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__(cfg, vocab_size, pos=cfg.pos, dropout=cfg.dropout, head_bias=cfg.head_bias)
-        self.transformer["h"] = nn.ModuleList(
-            Block(cfg.n_embd, cfg.n_head, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias, norm=cfg.norm)
-            for _ in range(cfg.n_layer)
-        )
+        self.transformer["h"] = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = cfg.norm == "pre"  # a plain bool, so forward has no dict lookups to trace
         if self.final_norm:
-            self.transformer["ln_f"] = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+            self.transformer["ln_f"] = norm_layer(cfg)
         if cfg.tie_weights:
             self.tie_weights()
         self._init_weights(n_layer=cfg.n_layer)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)  # (B, T, C)
+            x = block(x, cache, i, rope)  # (B, T, C)
         if self.final_norm:
             x = self.transformer.ln_f(x)  # (B, T, C)
         return x
@@ -130,3 +158,16 @@ class BlockLM(GPT):
         as_gpt = GPTConfig(**cfg.model_dump(exclude={"family"}), family="gpt", n_layer=1, head_bias=True)
         super().__init__(as_gpt, vocab_size)
         self.cfg = cfg
+
+
+class Llama(GPT):
+    """LLaMA (H. Touvron et al., "LLaMA: Open and Efficient Foundation Language Models", 2023; "Llama 2", 2023):
+    the GPT of this file with LLaMA's switches fixed: RMSNorm before each sublayer and before the head, rotary
+    positions (no position table), a SwiGLU feed-forward, no biases, grouped-query attention when
+    ``n_kv_head`` < ``n_head``. Its checkpoints export to Hugging Face's ``LlamaForCausalLM`` (lm/export.py).
+
+    Counts: Llama 3.2 1B (V 128,256, 16 layers, 2048, 32 heads, 8 KV heads, FFN 8192, tied) → 1,235,814,400;
+    Llama 2 7B (V 32,000, 32 layers, 4096, 32 heads, FFN 11,008, untied) → 6,738,415,616.
+    """
+
+    Config = LlamaConfig
