@@ -11,7 +11,8 @@ that both draw the same tokens from the same seed:
   cache is refilled once per block_size/2 tokens. This is where the cache pays off.
 - ``slide``: every prediction sees exactly the last block_size tokens; past block_size each
   step recomputes the whole window (learned positions: a rolling cache would be wrong), so the
-  cache only helps for the first block_size tokens.
+  cache only helps for the first block_size tokens. Rotary models (``--family llama``) roll the
+  cache instead (sliding-window attention, lm.generate.stream), one token's work per step.
 
 MFU counts the model's forward FLOPs per sampled token, (6N + 12·n_layer·n_embd·ctx) / 3 at the
 full context (an upper bound while the context is still growing), against the machine's fp32
@@ -46,13 +47,18 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, 
         path = args.model_dir or Path("models") / args.run
         model, run, _ = checkpoint.load(path, args.device)
         return model, run.model, f"{path} ({run.model.family}, trained)"
+    from lm.config import LlamaConfig
     from lm.model_size import REFERENCES
     from lm.models import build_model
 
     ref = REFERENCES["seed-gpt-10.7m"]
+    cfg, what = ref.model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
+    if args.family == "llama":  # the same shape as LLaMA: RMSNorm, rotary (its cache rolls), SwiGLU, no biases
+        shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        cfg, what = LlamaConfig(family="llama", **shape), "llama of seed-gpt-10.7m's shape (untrained, vocab 65)"
     torch.manual_seed(1337)
-    model = build_model(ref.model, ref.vocab_size).to(args.device).eval()
-    return model, ref.model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
+    model = build_model(cfg, ref.vocab_size).to(args.device).eval()
+    return model, cfg, what
 
 
 def timed(
@@ -75,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         "--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained 10.7M seed GPT)"
     )
     p.add_argument("--model-dir", type=Path, default=None, help="benchmark this checkpoint directory instead")
+    p.add_argument(
+        "--family",
+        choices=["gpt", "llama"],
+        default="gpt",
+        help="untrained model without --run: the seed GPT, or a llama of its shape (rotary: 'slide' rolls the cache)",
+    )
     p.add_argument("--new-tokens", type=int, default=500, help="tokens sampled per measurement (default: 500)")
     p.add_argument("--prompt-tokens", type=int, default=1, help="length of the (random) prompt (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="measurements per setting; the fastest counts (default: 1)")

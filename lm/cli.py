@@ -279,7 +279,8 @@ def _export(args: argparse.Namespace) -> int:
         return _error(str(e), 2)
     except CheckpointError as e:
         return _error(str(e))
-    if problems := gpt2_problems(run):
+    hf_class = "LlamaForCausalLM" if run.model.family == "llama" else "GPT2LMHeadModel"
+    if run.model.family != "llama" and (problems := gpt2_problems(run)):
         return _error(
             f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2
         )
@@ -294,7 +295,7 @@ def _export(args: argparse.Namespace) -> int:
         return _error(str(e))
     print(
         f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, "
-        f"tokenizer_config.json); load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) "
+        f"tokenizer_config.json); load it with transformers.{hf_class}.from_pretrained({str(out)!r}) "
         "and AutoTokenizer.from_pretrained(...)"
     )
     return 0
@@ -449,17 +450,16 @@ def _add_sample(sub) -> None:
 def _add_export(sub) -> None:
     c = sub.add_parser(
         "export",
-        help="export a gpt run as a Hugging Face GPT-2 directory",
-        description="Write a directory that transformers.GPT2LMHeadModel.from_pretrained(DIR) and "
-        "AutoTokenizer.from_pretrained(DIR) load offline: config.json, model.safetensors (GPT-2 names, Conv1D "
-        "weights transposed, zero biases where the run has none), generation_config.json, tokenizer.json, "
-        "tokenizer_config.json. Only gpt runs with pre-norm blocks, learned positions and an LM head without "
-        "bias have GPT-2's shape; others are refused with the reason. transformers is not needed to export.",
+        help="export a gpt run as a Hugging Face GPT-2 directory, a llama run as a Hugging Face Llama one",
+        description="Write a directory that transformers.GPT2LMHeadModel.from_pretrained(DIR) (llama runs: "
+        "LlamaForCausalLM) and AutoTokenizer.from_pretrained(DIR) load offline: config.json, model.safetensors "
+        "(GPT-2 names, Conv1D weights transposed, zero biases where the run has none; or Llama's names, q/k/v "
+        "split), generation_config.json, tokenizer.json, tokenizer_config.json. Only gpt runs with GPT-2's shape "
+        "(pre-norm LayerNorm blocks, learned positions, a 4x GELU feed-forward, no LM head bias) export as GPT-2; "
+        "others are refused with the reason. transformers is not needed to export.",
     )
     _checkpoint_options(c)
-    c.add_argument(
-        "--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face GPT-2; the only one)"
-    )
+    c.add_argument("--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face; the only one)")
     c.add_argument(
         "--out",
         type=Path,

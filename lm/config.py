@@ -220,6 +220,27 @@ class BigramCountsConfig(ModelConfig):
     """Add-k smoothing added to every count before normalising (1.0 = Laplace, as makemore)."""
 
 
+class NGramConfig(ModelConfig):
+    """Interpolated Kneser–Ney n-gram of order n (Kneser & Ney 1995; Chen & Goodman 1998): counted in one pass,
+    no gradient steps; the baseline seed 002 compares its model with."""
+
+    family: Literal["ngram"]
+    fitting: ClassVar = "counting"
+    context: ClassVar = "fixed"
+    order: int = Field(default=3, ge=2, le=16)
+    """n: each prediction reads the previous n - 1 tokens (2 is a bigram). The packed n-gram keys must fit in 63
+    bits, vocab_size ** order < 2 ** 63 (char vocabularies: order <= 10; 512 tokens: <= 6)."""
+    discount: float | None = Field(default=None, gt=0, lt=1)
+    """None: modified Kneser–Ney, three discounts per order (for counts 1, 2 and 3+) estimated from that
+    order's count-of-counts (Chen & Goodman 1998, eq. 26); a number D in (0, 1): one absolute discount for
+    every count and order (interpolated Kneser–Ney as Kneser & Ney 1995)."""
+
+    @property
+    def block_size(self) -> int:
+        """The context length: order - 1."""
+        return self.order - 1
+
+
 class BigramNNConfig(ModelConfig):
     """The bigram table learned by gradient descent: logits = one_hot(idx) @ W."""
 
@@ -515,6 +536,9 @@ class ReportConfig(Strict):
     """Title of reports/README.md."""
     samples_per_run: int = Field(default=5, ge=0)
     """Samples shown per run in the report."""
+    ablation: list[str] = []
+    """Runs of one corpus in ladder order, each changing one thing from the row before: the report's table
+    "What each change buys" (params, val loss, bpc, and the change in each against the previous row)."""
     embedding_families: FamilyNames = ["mlp", "wavenet"]
     """Families whose char-level token embeddings the report compares (cosine similarity, seed 000 figs. 3, 5)."""
 
@@ -571,6 +595,9 @@ class StudyConfig(Strict):
                 problems.append(
                     f"runs.{name}.tokenizer: got {run.tokenizer!r}; must be one of {sorted(self.tokenizers)}"
                 )
+        for i, name in enumerate(self.report.ablation):
+            if name not in self.runs:
+                problems.append(f"report.ablation[{i}]: got {name!r}; must be a run of `runs`")
         if problems:
             raise ParamsError("params", problems)
         return self

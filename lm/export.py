@@ -1,6 +1,8 @@
-"""Export a trained ``gpt`` run as a Hugging Face GPT-2 directory (``lm export RUN --format hf``).
+"""Export a trained ``gpt`` run as a Hugging Face GPT-2 directory, a ``llama`` run as a Hugging Face Llama
+directory (``lm export RUN --format hf``).
 
-The directory loads offline with ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` and
+The GPT-2 directory loads offline with ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` (a llama run's
+with ``LlamaForCausalLM``; the mapping is in :func:`llama_state_dict`) and
 ``AutoTokenizer.from_pretrained(DIR)`` (a ``PreTrainedTokenizerFast`` over our tokenizer.json),
 and its logits equal ours (tests/test_export.py). This module writes plain files and does not
 import ``transformers``::
@@ -62,9 +64,15 @@ def gpt2_problems(run: RunConfig) -> list[str]:
         problems.append("head_bias true: GPT-2's lm_head has no bias, so the exported logits would lose it")
     if m.pos != "learned":
         problems.append(
-            f"pos {m.pos!r}: GPT-2 adds a learned position table (wpe); fixed sinusoids have no weights "
+            f"pos {m.pos!r}: GPT-2 adds a learned position table (wpe); {m.pos} positions have no weights "
             "to put there and GPT2LMHeadModel cannot compute them"
         )
+    if m.norm_class != "layernorm":
+        problems.append(f"norm_class {m.norm_class!r}: GPT-2's norms are LayerNorms")
+    if m.mlp != "gelu" or m.hidden != 4 * m.n_embd:
+        problems.append(f"mlp {m.mlp!r} of width {m.hidden}: GPT-2's feed-forward is GELU, 4·n_embd wide")
+    if m.kv_heads != m.n_head:
+        problems.append(f"n_kv_head {m.n_kv_head}: GPT-2 has one key/value head per query head")
     return problems
 
 
@@ -139,6 +147,70 @@ def hf_state_dict(model: nn.Module, run: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def llama_config(run: RunConfig, vocab_size: int, *, boundary_id: int | None = None) -> dict[str, Any]:
+    """``config.json`` of the Hugging Face Llama equivalent of a llama run.
+
+    Our RMSNorm eps is written explicitly (HF's LlamaConfig defaults to 1e-6, ours and Meta's to 1e-5), and
+    the rotary base under both ``rope_parameters`` (transformers 5) and ``rope_theta`` (earlier versions).
+    Rotary layout needs no weight permutation: ours is already HF's half rotation (``rotate_half``)."""
+    m = run.model
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": m.n_embd,
+        "intermediate_size": m.hidden,
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.n_embd // m.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.block_size,
+        "initializer_range": 0.02,
+        "rms_norm_eps": m.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "rope_theta": m.rope_base,
+        "attention_bias": False,
+        "attention_dropout": m.dropout,
+        "mlp_bias": False,
+        "tie_word_embeddings": bool(m.tie_weights),
+        "bos_token_id": boundary_id,
+        "eos_token_id": boundary_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def llama_state_dict(model: nn.Module, run: RunConfig) -> dict[str, torch.Tensor]:
+    """Our weights under LlamaForCausalLM's names: ``c_attn`` split into q/k/v_proj (rows: n_head query heads,
+    then n_kv_head key heads, then n_kv_head value heads), ``c_gate``/``c_fc``/``c_proj`` → gate/up/down_proj."""
+    m = run.model
+    hs = m.n_embd // m.n_head
+    src = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = {
+        "model.embed_tokens.weight": src["transformer.wte.weight"],
+        "model.norm.weight": src["transformer.ln_f.weight"],
+    }
+    for i in range(m.n_layer):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        wq, wk, wv = src[p + "attn.c_attn.weight"].split([m.n_head * hs, m.kv_heads * hs, m.kv_heads * hs])
+        out |= {
+            q + "input_layernorm.weight": src[p + "ln_1.weight"],
+            q + "self_attn.q_proj.weight": wq,
+            q + "self_attn.k_proj.weight": wk,
+            q + "self_attn.v_proj.weight": wv,
+            q + "self_attn.o_proj.weight": src[p + "attn.c_proj.weight"],
+            q + "post_attention_layernorm.weight": src[p + "ln_2.weight"],
+            q + "mlp.gate_proj.weight": src[p + "mlp.c_gate.weight"],
+            q + "mlp.up_proj.weight": src[p + "mlp.c_fc.weight"],
+            q + "mlp.down_proj.weight": src[p + "mlp.c_proj.weight"],
+        }
+    if not m.tie_weights:
+        out["lm_head.weight"] = src["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def tokenizer_config(block_size: int, boundary: str | None) -> dict[str, Any]:
     """``tokenizer_config.json``: a PreTrainedTokenizerFast over tokenizer.json, adding no special tokens."""
     cfg: dict[str, Any] = {
@@ -179,8 +251,9 @@ def check_target(out: Path, force: bool = False) -> None:
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = False) -> Path:
-    """Write the Hugging Face GPT-2 directory of the checkpoint in ``model_dir`` to ``out`` (replaced atomically:
-    only an earlier export, an empty folder or, with ``force``, anything but the current directory).
+    """Write the Hugging Face GPT-2 (gpt runs) or Llama (llama runs) directory of the checkpoint in ``model_dir``
+    to ``out`` (replaced atomically: only an earlier export, an empty folder or, with ``force``, anything but the
+    current directory).
 
     Raises ExportError (a target it must not replace; a run that cannot be a GPT-2, with the reasons) or
     CheckpointError.
@@ -190,7 +263,8 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = 
     check_target(out, force)
 
     model, run, vocab_size = checkpoint.load(Path(model_dir))
-    problems = gpt2_problems(run)
+    llama = run.model.family == "llama"
+    problems = [] if llama else gpt2_problems(run)
     if problems:
         raise ExportError("cannot export as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems))
     tokenizer_dir = Path(tokenizer_dir)
@@ -202,10 +276,13 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = 
         )
     boundary_id = stats.get("boundary_id")
     boundary = load_tokenizer(tokenizer_dir).id_to_token(boundary_id) if boundary_id is not None else None
-    config = hf_config(model, run, vocab_size, boundary_id=boundary_id)
+    if llama:
+        config, weights = llama_config(run, vocab_size, boundary_id=boundary_id), llama_state_dict(model, run)
+    else:
+        config, weights = hf_config(model, run, vocab_size, boundary_id=boundary_id), hf_state_dict(model, run)
     generation = {"bos_token_id": boundary_id, "eos_token_id": boundary_id, "pad_token_id": None}
     with atomic_dir(Path(out)) as tmp:
-        save_file(hf_state_dict(model, run), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")

@@ -88,7 +88,17 @@ def stream(
 
     A rolling cache (dropping the oldest key and value) would be wrong with learned or
     sinusoidal absolute positions: every cached key was computed at a position that the token
-    no longer has. So the cache is recomputed, never shifted.
+    no longer has. So their cache is recomputed, never shifted.
+
+    Rotary models (``model.rolls``: llama, and gpt with ``pos: rope``) slide differently: a q·k score
+    depends only on the distance between the two positions, so the oldest cached key can be dropped
+    and the rest kept (the cache holds two windows and compacts once per window, :meth:`KVCache.roll`):
+    one token's work per step past block_size too, as fast as ``refill``. What that computes is
+    sliding-window attention (Beltagy et al. 2020; Mistral): every layer attends to its last
+    block_size positions, whose hidden states were computed with their own
+    windows, so the last prediction can depend on up to n_layer · (block_size - 1) + 1 tokens (for one
+    layer: exactly the cropped window). The uncached path computes the same thing: one forward pass over
+    that many tokens with a band mask. So cached and uncached sliding agree for rotary models too.
 
     KV cache. ``use_cache=None`` uses it when the model has one (``model.kv_cache``): the
     window is prefilled once, then each step feeds one token. Under either overflow policy the
@@ -125,15 +135,21 @@ def _stream(
     cache = model.new_cache(B) if cached else None
     seq = idx
     start = max(0, T0 - bs)  # first position of the current window
+    rolling = keep == bs and getattr(model, "rolls", False)  # 'slide' on a rotary model: sliding-window attention
+    floor = start  # rolling: no token before the prompt's window is ever seen, cached or not
     for _ in range(max_new_tokens):
         if seq.size(1) - start > bs:  # the window is full: cut it
             start = seq.size(1) - keep
-            if cache is not None:
-                cache.reset()
+            if cache is not None and not rolling:
+                cache.reset()  # (a rolling cache keeps its keys; attention reads the last block_size of them)
         if cache is None:
-            logits, _ = model(seq[:, start:])  # (B, window, V)
+            first = max(floor, seq.size(1) - model.receptive_field()) if rolling else start
+            logits, _ = model(seq[:, first:])  # (B, window, V); rolling: every layer's windows, band-masked
         else:
-            logits, _ = model(seq[:, start + cache.length :], cache=cache)  # only what the cache lacks
+            if rolling and cache.length == cache.max_len:
+                cache.roll(cache.length - (bs - 1))  # compact to the last window: once per block_size tokens
+            cached_from = floor + cache.offset if rolling else start  # seq index of cache position 0
+            logits, _ = model(seq[:, cached_from + cache.length :], cache=cache)  # only what the cache lacks
         nxt = sample_next(logits[:, -1, :], **sampling)  # (B, 1)
         seq = torch.cat([seq, nxt], dim=1)  # (B, T+1)
         yield nxt

@@ -63,6 +63,7 @@ LABELS = {
     "norm": "norm",
     "head": "head",
     "other": "other",
+    "ngram": "n-gram entries",
 }
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")  # transformer.h.{i}.… → block i
 
@@ -451,6 +452,8 @@ def format_report(r: ParamReport) -> str:
         ["component"] + [v for name, _ in views for v in (name, "")] + ([block_head] if blocks else [])
     ]
     for comp in COMPONENTS:
+        if comp == "ngram" and not any(c.components[comp] for _, c in views):
+            continue  # only the n-gram family stores entries: no row of zeros in every other table
         row = [LABELS[comp]]
         for _, c in views:
             row += [f"{c.components[comp]:,}", f"{100 * c.shares()[comp]:.2f} %"]

@@ -59,9 +59,13 @@ def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _params_label(n: int, family: str) -> str:
+    return f"{n:,} n-gram entries" if family == "ngram" else f"{n:,}"  # an n-gram's stored entries, not weights
+
+
 def _markdown_table(df: pd.DataFrame) -> str:
     shown = df.drop(columns=["params_by_component"]).copy()
-    shown["params"] = shown["params"].map("{:,}".format)
+    shown["params"] = [_params_label(n, f) for n, f in zip(shown["params"], shown["family"])]
     shown["train tokens"] = shown["train tokens"].map("{:,}".format)
     for col, fmt in [
         ("val loss", "{:.4f}"),
@@ -206,7 +210,7 @@ def write_report(
         made.append("embedding_similarity")
 
     table.drop(columns=["params_by_component"]).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
-    anchors = published_anchors(study, tokenizers_dir)
+    anchors = published_anchors(study, tokenizers_dir) + ngram_anchors(study, table)
     atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir))
     return table
 
@@ -306,6 +310,83 @@ def published_anchors(study: StudyConfig, tokenizers_dir: Path) -> list[str]:
     return rows
 
 
+def ngram_orders(study: StudyConfig, table: pd.DataFrame) -> str:
+    """Markdown: per tokenizer with n-gram runs, order against entries, val loss and bpc (and test loss)."""
+    orders = {name: run.model.order for name, run in study.runs.items() if run.model.family == "ngram"}
+    if not orders:
+        return ""
+    rows = table[table["run"].isin(list(orders))].assign(order=lambda d: d["run"].map(orders))
+    out = []
+    for tok, g in rows.groupby("tokenizer", sort=False):
+        g = g.sort_values("order")
+        best = g.loc[g["val bpc"].idxmin(), "order"]
+        shown = pd.DataFrame(
+            {
+                "order": [f"**{o}**" if o == best else str(o) for o in g["order"]],
+                "n-gram entries": g["params"].map("{:,}".format),
+                "val loss": g["val loss"].map("{:.4f}".format),
+                "val bpc": g["val bpc"].map("{:.4f}".format),
+                "test loss": g["test loss"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+            }
+        )
+        out += [f"**{tok}** (best val bpc in bold)", "", shown.to_markdown(index=False), ""]
+    return "\n".join(out)
+
+
+def _change(before: dict, after: dict) -> str:
+    """What differs between two model configs, as 'key: old → new' (the family named only when it changes)."""
+    show = lambda v: "default" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    changed = [k for k, v in after.items() if k != "family" and before.get(k) != v]
+    diffs = [f"{k}: {show(before.get(k))} → {show(after[k])}" for k in changed]
+    diffs = [d for d in diffs if not d.endswith("→ default")]  # a switch the new family fixes, not a change
+    if before.get("family") != after.get("family"):
+        diffs.append(f"(family {after['family']})")
+    return ", ".join(diffs) or "none"
+
+
+def ablation_table(study: StudyConfig, table: pd.DataFrame) -> str:
+    """Markdown: the runs of ``report.ablation`` in order, what each changes against the row before, and what
+    that buys in params, val loss and bpc (tokens/s is wall-clock: ``python -m bench.train --ablation``)."""
+    names = study.report.ablation
+    if not names:
+        return ""
+    rows = table.set_index("run").loc[names]
+    lines = ["| run | change against the row above | params | val loss | Δ val loss | val bpc | Δ bpc |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    prev = None
+    for name in names:
+        r, model = rows.loc[name], study.runs[name].model.model_dump()
+        if prev is None:
+            change, d_loss, d_bpc, params = "baseline", "", "", f"{r['params']:,}"
+        else:
+            p = rows.loc[prev]
+            change = _change(study.runs[prev].model.model_dump(), model)
+            d_loss, d_bpc = f"{r['val loss'] - p['val loss']:+.4f}", f"{r['val bpc'] - p['val bpc']:+.4f}"
+            params = f"{r['params']:,} ({(r['params'] - p['params']) / p['params']:+.1%})"
+        cells = [name, change, params, f"{r['val loss']:.4f}", d_loss, f"{r['val bpc']:.4f}", d_bpc]
+        lines.append("| " + " | ".join(cells) + " |")
+        prev = name
+    return "\n".join(lines)
+
+
+EUREKA_NGRAM_TEST = 2.106
+"""EurekaLabsAI/ngram: a 4-gram with add-k smoothing on names, test loss 2.106 nats (STUDY.md)."""
+
+
+def ngram_anchors(study: StudyConfig, table: pd.DataFrame) -> list[str]:
+    """The names 4-gram's published test loss against our Kneser–Ney 4-gram's, as markdown table rows."""
+    rows = []
+    for name, run in study.runs.items():
+        if run.model.family != "ngram" or run.model.order != 4 or study.corpus_of(name).format != "lines":
+            continue
+        test = table.set_index("run").loc[name, "test loss"]
+        rows.append(
+            f"| {name}: Kneser–Ney 4-gram, test loss on {study.tokenizers[run.tokenizer].corpus} | {test:.4f} "
+            f"| {EUREKA_NGRAM_TEST} (EurekaLabsAI/ngram: 4-gram, add-k smoothing) |"
+        )
+    return rows
+
+
 def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], anchors: list[str], samples_dir: Path) -> str:
     lines = [
         f"# {study.report.title}",
@@ -325,6 +406,28 @@ def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], anchors:
     ]
     if anchors:
         lines += ["## Published numbers", "", "| what | this study (nats) | published |", "|---|---|---|", *anchors, ""]
+    if orders := ngram_orders(study, table):
+        lines += [
+            "## N-gram order against val bpc",
+            "",
+            "Interpolated modified Kneser–Ney (Chen & Goodman 1998), counted on the training split in one pass; "
+            'its "parameters" are its stored n-gram entries over all orders. The best order is picked on val, '
+            "so its val number is optimistic; names has a test split for the unbiased one.",
+            "",
+            orders,
+        ]
+    if ablation := ablation_table(study, table):
+        lines += [
+            "## What each change buys",
+            "",
+            "From GPT-2's block to LLaMA's, one change per row, every row trained with the same settings (the "
+            "runs' `train`, shorter than shakespeare-gpt's). Δ is against the row above; one seed each, so "
+            "differences of a few thousandths are within seed noise. Throughput is wall-clock, so it is not "
+            "here: `python -m bench.train --ablation` measures tokens/s per row ([bench.md](bench.md)).",
+            "",
+            ablation,
+            "",
+        ]
     for key in made:
         lines += [f"## {FIGURES[key]}", "", f"![{FIGURES[key]}](figures/{key}.png)", ""]
     if study.report.samples_per_run:

@@ -17,6 +17,7 @@ from lm.config import RunConfig, TokenizerConfig
 from lm.export import ExportError, export_hf, gpt2_problems
 from lm.generate import generate
 from lm.models import build_model
+from lm.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of the export")
 
@@ -27,6 +28,12 @@ GPTS = {
     "tied-bias": {"tie_weights": True, "bias": True, "qkv_bias": True},
 }
 
+LLAMAS = {
+    # grouped-query attention (1 KV head for 2 query heads), untied head, char vocabulary
+    "llama-gqa": {"n_kv_head": 1, "tie_weights": False},
+    # tied head, Llama 3's rotary base, an RMSNorm eps other than HF's default 1e-6, BPE vocabulary
+    "llama-tied": {"tie_weights": True, "rope_base": 500000.0, "norm_eps": 1e-5},
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +72,10 @@ def runs(tmp_path_factory, mirror: Path) -> Path:
     _train(root, "untied-nobias", splits, "text", {"kind": "char"}, GPTS["untied-nobias"])
     _train(root, "tied-bias", splits, "text", {"kind": "bpe", "vocab_size": 300}, GPTS["tied-bias"])
     _train(root, "names", {"train": names[:1350], "val": names[1350:]}, "lines", {"kind": "char"}, {})
-    for refused in ({"norm": "post"}, {"head_bias": True}, {"pos": "sinusoidal"}):
+    for name, llama in LLAMAS.items():
+        tok = {"kind": "char"} if "gqa" in name else {"kind": "bpe", "vocab_size": 300}
+        _train(root, name, splits, "text", tok, {"family": "llama", "block_size": 64, "multiple_of": 8, **llama})
+    for refused in ({"norm": "post"}, {"head_bias": True}, {"pos": "sinusoidal"}, {"pos": "rope"}):
         key = "-".join(f"{k}_{v}" for k, v in refused.items())
         _train(root, f"refused-{key}", splits, "text", {"kind": "char"}, refused)
     return root
@@ -94,6 +104,32 @@ def test_exported_logits_and_greedy_generation_match(runs, name):
     tied = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
     assert tied == run.model.tie_weights
     torch.testing.assert_close(hf.lm_head.weight, ours.lm_head.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(LLAMAS))
+def test_llama_export_logits_and_50_greedy_tokens_match(runs, name):
+    """LlamaForCausalLM (eager attention, float32) computes our logits within 1e-5 and greedily generates the
+    same 50 tokens; the config carries our RMSNorm eps and rotary base, not HF's defaults."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = export(runs, name)
+    hf = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    ours, run, vocab = checkpoint.load(runs / "models" / name)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rms_norm_eps"] == run.model.norm_eps == 1e-5 and cfg["rope_theta"] == run.model.rope_base
+    assert hf.config.num_key_value_heads == run.model.kv_heads and cfg["intermediate_size"] == run.model.hidden
+    x = torch.randint(0, vocab, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x)[0], rtol=0, atol=1e-5)
+    prompt = x[:1, :4]
+    greedy = hf.generate(prompt, max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(greedy, generate(ours, prompt, 50, top_k=1))
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert tied == run.model.tie_weights
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (
+        tok("ROMEO: hark")["input_ids"] == load_tokenizer(runs / "tokenizers" / f"{name}-tok").encode("ROMEO: hark").ids
+    )
 
 
 def test_config_matches_our_modules(runs):
@@ -131,6 +167,7 @@ def test_tokenizer_loads_offline_and_encodes_as_ours(runs, name):
         ("norm_post", "norm 'post': GPT-2 normalises before each sublayer"),
         ("head_bias_True", "head_bias true: GPT-2's lm_head has no bias"),
         ("pos_sinusoidal", "pos 'sinusoidal': GPT-2 adds a learned position table"),
+        ("pos_rope", "pos 'rope': GPT-2 adds a learned position table"),
     ],
 )
 def test_configs_gpt2_cannot_express_are_refused(runs, key, reason, capsys):

@@ -22,6 +22,7 @@ from lm.config import (
     LlamaConfig,
     MLPConfig,
     MultiHeadConfig,
+    NGramConfig,
     SingleHeadConfig,
     WaveNetConfig,
     families,
@@ -34,6 +35,7 @@ B = 4
 CONFIGS = {
     "bigram_counts": BigramCountsConfig(family="bigram_counts"),
     "bigram_nn": BigramNNConfig(family="bigram_nn"),
+    "ngram": NGramConfig(family="ngram", order=4),
     "mlp": MLPConfig(family="mlp", block_size=3, n_embd=16, n_hidden=32),
     "mlp_bn": MLPConfig(family="mlp", block_size=3, n_embd=16, n_hidden=32, batchnorm=True),
     "wavenet": WaveNetConfig(family="wavenet", block_size=8, n_embd=16, n_hidden=32),
@@ -56,8 +58,18 @@ CONFIGS = {
         bias=False,
     ),
     "gpt_switches": GPTConfig(
-        family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, norm_class="rmsnorm", pos="rope", mlp="swiglu",
-        n_hidden=40, bias=False, n_kv_head=2, dropout=0.1,
+        family="gpt",
+        block_size=8,
+        n_embd=16,
+        n_head=4,
+        n_layer=2,
+        norm_class="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        n_hidden=40,
+        bias=False,
+        n_kv_head=2,
+        dropout=0.1,
     ),  # fmt: skip
     "llama": LlamaConfig(family="llama", block_size=8, n_embd=16, n_head=4, n_kv_head=2, n_layer=2, n_hidden=40),
     "llama_mqa_tied": LlamaConfig(
@@ -106,7 +118,7 @@ def test_registry_has_every_family():
 def test_declared_contract():
     """What each family declares, read back: the bigrams count / see one token, the attention families
     window their input and cache keys and values."""
-    assert [f for f in families() if REGISTRY[f].Config.fitting == "counting"] == ["bigram_counts"]
+    assert [f for f in families() if REGISTRY[f].Config.fitting == "counting"] == ["bigram_counts", "ngram"]
     assert [f for f in families() if REGISTRY[f].kv_cache] == ["single_head", "multi_head", "block", "gpt", "llama"]
     assert all(REGISTRY[f].kv_cache == (REGISTRY[f].Config.context == "window") for f in families())
     assert BigramNNConfig(family="bigram_nn").block_size == 1 == BigramCountsConfig(family="bigram_counts").block_size
@@ -159,10 +171,19 @@ def test_any_length_for_fixed_context_models(name):
 
 @pytest.mark.parametrize("name", ATTENTION)
 def test_attention_rejects_too_long(name):
-    m = make(name)
+    """Absolute positions end at block_size; rotary models read longer inputs as sliding-window attention,
+    where a position's prediction equals that of its last block_size tokens alone for one layer."""
+    m = make(name).eval()
     x, _ = batch(0, t=9)
-    with pytest.raises(ValueError, match="block_size"):
-        m(x)
+    if not m.rolls:
+        with pytest.raises(ValueError, match="block_size"):
+            m(x)
+        return
+    logits, _ = m(x)
+    assert logits.shape == (B, 9, V)
+    torch.testing.assert_close(logits[:, :8], m(x[:, :8])[0])  # the first block_size positions: plain causal
+    if m.cfg.n_layer == 1:
+        torch.testing.assert_close(logits[:, -1], m(x[:, 1:])[0][:, -1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)

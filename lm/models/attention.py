@@ -15,6 +15,7 @@ Module names follow nanoGPT (``transformer.wte``, ``transformer.wpe``, ``attn.c_
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -74,11 +75,23 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
+class Rope(NamedTuple):
+    """What every attention layer of a rotary model needs about positions in one forward pass."""
+
+    cos: torch.Tensor
+    """(T, hs) cosines of the new tokens' angles."""
+    sin: torch.Tensor
+    """(T, hs) sines."""
+    band: torch.Tensor | None = None
+    """(T, T) boolean mask of a sliding-window pass (query i sees keys i-block_size+1 .. i), used when an uncached
+    input is longer than block_size; None: plain causal."""
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (i, i + hs/2) channel pair of ``x`` (B, nh, T, hs) by its angle (cos, sin: (T, hs))."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs): the pair (a, b) -> (-b, a), a quarter turn
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)  # in x's dtype (bf16 under autocast), as HF Llama
 
 
 class KVCache:
@@ -89,11 +102,12 @@ class KVCache:
     layer writes their keys/values at positions ``length .. length+T-1`` (:meth:`update`) and
     their queries attend over everything cached so far; the model then calls :meth:`advance`.
 
-    Positions are absolute: the token at cache position p got position embedding p. So
-    ``max_len`` is the model's ``block_size`` (a learned position table has no row beyond it),
-    and a cache cannot roll: shifting the window would change every cached token's position,
-    hence its keys and values in every layer above the first. A caller whose sequence outgrows
-    the window calls :meth:`reset` and refills the cache from a cropped window instead.
+    With learned or sinusoidal positions, positions are absolute: the token at cache position p got
+    position embedding p. So ``max_len`` is the model's ``block_size`` (a learned position table has
+    no row beyond it), and such a cache cannot roll: shifting the window would change every cached
+    token's position, hence its keys and values in every layer above the first. A caller whose
+    sequence outgrows the window calls :meth:`reset` and refills the cache from a cropped window.
+    Rotary models can :meth:`roll` instead (their scores depend on relative positions only).
     """
 
     def __init__(
@@ -106,29 +120,47 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        window: int | None = None,
     ):
         shape = (n_layer, batch_size, n_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.window = window or max_len
+        """Keys a query sees: itself and the window - 1 before it (rolling caches hold more than a window)."""
         self.length = 0
         """Positions filled (the same for every layer between forward passes)."""
+        self.offset = 0
+        """Positions dropped from the front by :meth:`roll`: the first cached token's absolute position."""
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused, not reallocated)."""
-        self.length = 0
+        self.length = self.offset = 0
+
+    def roll(self, n: int) -> None:
+        """Drop the ``n`` oldest positions of every layer (rotary models only, see ``CausalLM.rolls``): the rest
+        move to the front, keeping the keys they were rotated with, and new tokens continue at absolute
+        position ``offset + length``. A rolling cache holds two windows, so this copy happens once per
+        window of generated tokens, not once per token."""
+        keep = self.length - n
+        self.k[:, :, :, :keep] = self.k[:, :, :, n : self.length].clone()
+        self.v[:, :, :, :keep] = self.v[:, :, :, n : self.length].clone()
+        self.length, self.offset = keep, self.offset + n
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's keys/values of T new positions; return that layer's keys/values so far.
+        """Store one layer's keys/values of T new positions; return that layer's keys/values that the new
+        queries can see: from window - 1 before the first new position (or the start) to the last new one.
 
-        ``k``, ``v``: (B, n_head, T, head_size) → both returned as (B, n_head, length+T, head_size).
+        ``k``, ``v``: (B, n_head, T, head_size) → both returned as (B, n_head, S, head_size), S <= length+T.
         """
-        start, end = self.length, self.length + k.size(2)
+        T = k.size(2)
+        start, end = self.length, self.length + T
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {start} of {self.max_len} positions; {k.size(2)} more do not fit")
+            raise ValueError(f"KV cache holds {start} of {self.max_len} positions; {T} more do not fit")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        lo = max(0, start - self.window + 1)
+        return self.k[layer, :, :, lo:end], self.v[layer, :, :, lo:end]
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as filled (called once per forward pass, after every layer)."""
@@ -176,7 +208,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
@@ -186,25 +218,31 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:  # rotary: rotate queries and keys by their positions' angles (keys cached rotated)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
         dropout_p = self.dropout if self.training else 0.0
         sdpa = _sdpa if nkv == nh else _sdpa_grouped
+        # Uncached: causal, or the sliding-window band when a rotary model reads more than block_size tokens.
+        causal = {"is_causal": True} if rope is None or rope.band is None else {"attn_mask": rope.band}
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and cache is None:
             # torch 2.13's CPU flash-attention backward is ~9x slower in bf16 than in fp32 (measured
             # with bench/train.py), so under CPU autocast attention runs in fp32; the matmuls
             # around it keep their bf16 speed-up.
             with torch.autocast("cpu", enabled=False):
-                y = sdpa(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+                y = sdpa(q.float(), k.float(), v.float(), dropout_p=dropout_p, **causal)
         elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.update(layer, k, v)  # a prefill: the new tokens are the whole window
-            y = sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+            y = sdpa(q, k, v, dropout_p=dropout_p, **causal)  # (B, nh, T, hs)
         else:
-            start = cache.length
-            k, v = cache.update(layer, k, v)  # (B, nkv, start+T, hs): cached positions, then the new ones
-            # New query i sits at position start+i and sees keys 0 .. start+i. A single new token sees
-            # them all (no mask); is_causal would align the triangle top-left, so build it explicitly.
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            start, window = cache.length, cache.window
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): the visible cached positions, then the new ones
+            # New query i sits at cache position start+i and sees keys start+i-window+1 .. start+i. A single new
+            # token sees all S returned (no mask); is_causal would align the triangle top-left, so build it.
+            mask = None
+            if T > 1:
+                q_pos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
+                k_pos = torch.arange(start + T - k.size(2), start + T, device=x.device)[None, :]  # (1, S)
+                mask = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, S)
             y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         # Concatenate the heads' outputs side by side again.
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh*hs)
@@ -276,10 +314,20 @@ class CausalLM(LanguageModel):
         self.transformer.wte.weight = self.lm_head.weight
         self.tied = True
 
-    def body(
-        self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        raise NotImplementedError
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope: Rope | None = None) -> torch.Tensor:
+        raise NotImplementedError  # (B, T, C) -> (B, T, C)
+
+    @property
+    def rolls(self) -> bool:
+        """Whether generation can slide the KV cache instead of refilling it: with rotary positions a cached key
+        keeps its meaning when older ones are dropped, since scores depend on relative positions only."""
+        return self.rotary is not None
+
+    def receptive_field(self) -> int:
+        """Tokens that can reach the last prediction when every layer attends to its last block_size positions
+        (a rotary model reading more than block_size tokens): n_layer · (block_size - 1) + 1."""
+        n_layer = sum(isinstance(m, CausalSelfAttention) for m in self.modules())
+        return n_layer * (self.block_size - 1) + 1
 
     def residual_projections(self) -> list[nn.Linear]:
         """The Linears whose outputs are added to a residual stream (none without residual blocks)."""
@@ -294,9 +342,10 @@ class CausalLM(LanguageModel):
             batch_size,
             attns[0].n_kv_head,
             attns[0].head_size,
-            self.block_size,
+            2 * self.block_size if self.rolls else self.block_size,  # rolling: compact once per window
             device=w.device,
             dtype=w.dtype,
+            window=self.block_size,
         )
 
     @torch.no_grad()
@@ -335,7 +384,11 @@ class CausalLM(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None):
         B, T = check_idx(idx)
         start = 0 if cache is None else cache.length
-        if start + T > self.block_size:
+        band = None
+        if cache is None and T > self.block_size and self.rolls:
+            # A rotary model reads any length as sliding-window attention (what a rolled cache computes).
+            band = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril().triu(-(self.block_size - 1))
+        elif start + T > (self.block_size if cache is None else cache.max_len):
             if cache is None:
                 raise ValueError(
                     f"sequence length {T} exceeds block_size {self.block_size}; "
@@ -345,13 +398,14 @@ class CausalLM(LanguageModel):
                 f"the KV cache holds {start} positions and {T} more exceed block_size {self.block_size}; "
                 f"reset it and refill it from a cropped window (as lm.generate.stream does)"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        first = start if cache is None else cache.offset + start  # absolute position of idx[:, 0]
+        pos = torch.arange(first, first + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.rotary is None:
             x = x + self.transformer.wpe(pos)  # (T, C) position embeddings, broadcast over the batch
         else:
-            rope = self.rotary(pos)  # 2 x (T, hs), applied to queries and keys in every layer
+            rope = Rope(*self.rotary(pos), band)  # cos, sin (T, hs): applied to queries and keys in every layer
         x = self.transformer.drop(x)  # (B, T, C)
         x = self.body(x, cache, rope)  # (B, T, C)
         if cache is not None:
@@ -375,7 +429,7 @@ class SingleHead(CausalLM):
         self.transformer["attn"] = CausalSelfAttention(cfg.n_embd, 1, qkv_bias=False, proj=False)
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope: Rope | None = None) -> torch.Tensor:
         return self.transformer.attn(x, cache, 0, rope)  # (B, T, C)
 
 
@@ -392,5 +446,5 @@ class MultiHead(CausalLM):
         )
         self._init_weights(n_layer=1)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope: Rope | None = None) -> torch.Tensor:
         return self.transformer.attn(x, cache, 0, rope)  # (B, T, C)

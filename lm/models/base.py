@@ -26,8 +26,9 @@ from lm.config import ModelConfig
 IGNORE_INDEX = -1
 """Target id of padding positions: left out of every loss (and its mean) and of every score."""
 
-COMPONENTS = ("token_embedding", "position_embedding", "attention", "feed_forward", "norm", "head", "other")
-"""The kinds of parameters the parameter distribution reports, in display order."""
+COMPONENTS = ("token_embedding", "position_embedding", "attention", "feed_forward", "norm", "head", "other", "ngram")
+"""The kinds of parameters the parameter distribution reports, in display order ('ngram': the stored n-gram
+entries of the counting n-gram family, its "parameters")."""
 
 REGISTRY: dict[str, type[LanguageModel]] = {}
 """Family name → model class, filled as :class:`LanguageModel` subclasses with a ``Config`` are defined."""

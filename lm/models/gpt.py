@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lm.config import BlockConfig, GPTConfig, LlamaConfig
-from lm.models.attention import CausalLM, CausalSelfAttention, KVCache
+from lm.models.attention import CausalLM, CausalSelfAttention, KVCache, Rope
 
 
 class MLP(nn.Module):
@@ -97,7 +97,7 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: Rope | None = None
     ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         if self.norm == "pre":
             x = x + self.attn(self.ln_1(x), cache, layer, rope)
@@ -133,7 +133,7 @@ class GPT(CausalLM):
             self.tie_weights()
         self._init_weights(n_layer=cfg.n_layer)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, rope: Rope | None = None) -> torch.Tensor:
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope)  # (B, T, C)
         if self.final_norm:
