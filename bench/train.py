@@ -1,4 +1,4 @@
-"""Training throughput and MFU: ``python -m bench.train [--run RUN | --reference | --levers] [--write]``.
+"""Training throughput and MFU: ``python -m bench.train [--run RUN | --reference | --levers | --ablation] [--write]``.
 
 Figures, not tests: every number here is measured on the machine that runs it.
 
@@ -18,6 +18,8 @@ Figures, not tests: every number here is measured on the machine that runs it.
   Both are first timed, then each trains in a fresh process for the same wall-clock (the
   reference's 2000 iterations) and is scored on the whole val split by the study's one evaluation
   path (`lm.metrics.score`).
+- **Ablation** (``--ablation``): tokens/s of each run of ``report.ablation`` (GPT-2's block to
+  LLaMA's, one change per row), the wall-clock column the report leaves out.
 - **Levers** (``--levers``): each training option on the reference model, one at a time and
   combined: bf16 autocast (with its val loss against fp32 after the same steps), torch.compile,
   the AdamW kernels, threads, batch size.
@@ -316,6 +318,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ablation(study, args: argparse.Namespace) -> str:
+    """The report's ablation rows with their measured training throughput (each in a fresh process, median step
+    after warm-up) and the change in tokens/s against the row above."""
+    import json
+
+    lines = [
+        "| run | params | val loss | val bpc | ms/step | tokens/s | Δ tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    prev = None
+    for name in study.report.ablation:
+        run = study.runs[name]
+        tok = args.tokenizer or Path("tokenizers") / run.tokenizer
+        _, _, vocab = load_tokens(tok)
+        m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
+        path = Path("metrics") / f"{name}.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        loss, bpc = (f"{metrics[k]:.4f}" if k in metrics else "" for k in ("val/loss", "val/bpc"))
+        delta = "" if prev is None else f"{m['tokens_per_s'] / prev - 1:+.1%}"
+        params = f"{metrics['params']:,}" if "params" in metrics else ""
+        lines.append(
+            f"| {name} | {params} | {loss} | {bpc} | {m['ms_step']:.1f} | {m['tokens_per_s']:,.0f} | {delta} |"
+        )
+        prev = m["tokens_per_s"]
+    return "\n".join(lines)
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -350,6 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--run", help="time this run of params.yaml (its model and train settings)")
     what.add_argument("--reference", action="store_true", help="nanoGPT's CPU config, plain, against the study's path")
     what.add_argument("--levers", action="store_true", help="each training option on the reference model")
+    what.add_argument(
+        "--ablation",
+        action="store_true",
+        help="tokens/s of every run of params.yaml's report.ablation, beside its params and val numbers "
+        "(metrics/RUN.json): the throughput column of the report's 'What each change buys'",
+    )
     p.add_argument("--params", default="params.yaml")
     p.add_argument(
         "--study-run",
@@ -400,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     def peak(cfg: TrainConfig) -> tuple[float, str]:
         return peaks[cfg.dtype], cfg.dtype
 
-    if args.run or not (args.reference or args.levers):
+    if args.ablation:
+        out += [ablation(study, args), ""]
+    elif args.run or not (args.reference or args.levers):
         name = args.run or args.study_run
         if name not in study.runs:
             raise SystemExit(f"error: unknown run {name!r}; {args.params} defines: {', '.join(study.runs)}")

@@ -329,7 +329,7 @@ def ngram_orders(study: StudyConfig, table: pd.DataFrame) -> str:
                 "test loss": g["test loss"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
             }
         )
-        out += [f"**{tok}** (best val bpc in bold)", "", shown.to_markdown(index=False), ""]
+        out += [f"**{tok}** (best val bpc in bold)", "", shown.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(out)
 
 

@@ -176,42 +176,65 @@ class NGram(LanguageModel):
 
     @torch.no_grad()
     def distribution(self, ctx: torch.Tensor) -> torch.Tensor:
-        """p(· | context) in float64 for every row of ``ctx`` (N, order - 1) token ids, oldest first: (N, V)."""
+        """p(· | context) in float64 for every row of ``ctx`` (N, order - 1) token ids, oldest first: (N, V).
+
+        The recursion unrolled: with Γ_k = γ_{k+1} ··· γ_n (the weight order k keeps after every higher order
+        took its share), p_n = Γ_0 / V + Σ_k Γ_k · discounted_k / c_k. The unigram term is one row shared by
+        every position, so the dense work is two (N, V) products; every higher order adds only its stored
+        entries (a scatter), not a dense pass of its own.
+        """
         V = self.vocab_size
         runs = self._cumulative()
         out = []
         for chunk in ctx.split(max(1, CHUNK_ELEMENTS // V)):
             N = chunk.size(0)
-            p = torch.full((N, V), 1.0 / V, dtype=torch.float64, device=chunk.device)  # p_0: uniform
             h = torch.zeros(N, dtype=torch.int64, device=chunk.device)  # the empty context
+            orders = []
             for k, table in enumerate(self.orders, start=1):
                 if k > 1:  # lengthen the context by the next older token
                     h = chunk[:, -(k - 1)].long() * V ** (k - 2) + h
-                p = self._interpolate(p, h, table, runs[k - 1])
-            out.append(p)
+                orders.append(self._runs_of(h, table, runs[k - 1]))
+            weight = torch.ones(N, dtype=torch.float64, device=chunk.device)  # Γ_k, from the top order down
+            p = torch.zeros(N, V, dtype=torch.float64, device=chunk.device)
+            for k in range(self.cfg.order, 0, -1):
+                table, (start, end, total, gamma) = self.orders[k - 1], orders[k - 1]
+                self._scatter(p, weight, start, end, total, table, dense=k == 1)
+                weight = weight * gamma
+            out.append(p + weight[:, None] / V)  # Γ_0 · p_0, p_0 uniform
         return torch.cat(out)
 
-    def _interpolate(self, lower: torch.Tensor, h: torch.Tensor, table: NGramTable, run) -> torch.Tensor:
-        """One order's step: lower (N, V) → p_k (N, V) for the contexts h (N,) (packed k-1 tokens)."""
+    def _runs_of(self, h: torch.Tensor, table: NGramTable, run) -> tuple[torch.Tensor, ...]:
+        """For contexts h (N,) (packed k-1 tokens): where each one's entries lie in the table (start, end), its
+        count c_k(h) and its γ_k(h) (1 for a context never seen: it passes p_{k-1} through)."""
         V = self.vocab_size
         cum_c, cum_1, cum_2, cum_3 = run
         start = torch.searchsorted(table.keys, h * V)  # (N,) the run of entries h w, w = 0 .. V-1
         end = torch.searchsorted(table.keys, h * V + V)  # (N,)
         total = cum_c[end] - cum_c[start]  # c_k(h), (N,)
-        seen = total > 0
         d = table.discounts  # (3,) float64: D1, D2, D3+
         n1, n2, n3 = (cum[end] - cum[start] for cum in (cum_1, cum_2, cum_3))  # N1(h•), N2(h•), N3+(h•)
         mass = d[0] * n1 + d[1] * n2 + d[2] * n3  # the probability the discounts free for the lower order
-        gamma = torch.where(seen, mass / total.clamp_min(1), torch.ones_like(total))  # unseen: pass p_{k-1} through
-        p = lower * gamma[:, None]  # (N, V)
+        gamma = torch.where(total > 0, mass / total.clamp_min(1), torch.ones_like(total))
+        return start, end, total, gamma
+
+    def _scatter(self, p, weight, start, end, total, table: NGramTable, dense: bool) -> None:
+        """p[i, w] += weight_i · max(c(h_i w) - D, 0) / c(h_i) over the stored entries of each context h_i."""
+        V = self.vocab_size
+        d = table.discounts
+        if dense:  # the unigram order: one context, one row for every position
+            c = table.counts.data
+            row = torch.zeros(V, dtype=torch.float64, device=p.device)
+            if c.numel():
+                row[table.keys] = (c - d[c.clamp(1, 3).long() - 1]).clamp_min(0) / c.sum()
+            p.add_(weight[:, None] * row[None, :])  # (N, 1) * (1, V)
+            return
         lengths = end - start  # entries per position
-        rows = torch.repeat_interleave(torch.arange(h.numel(), device=h.device), lengths)  # (E,)
+        rows = torch.repeat_interleave(torch.arange(start.numel(), device=p.device), lengths)  # (E,)
         first = torch.cumsum(lengths, 0) - lengths  # where each position's entries begin in the flat list
-        entry = start[rows] + torch.arange(rows.numel(), device=h.device) - first[rows]  # (E,) index into table
+        entry = start[rows] + torch.arange(rows.numel(), device=p.device) - first[rows]  # (E,) index into table
         c = table.counts.data[entry]
         discount = d[c.clamp(1, 3).long() - 1]  # D1, D2 or D3+ by the entry's count, in float64
-        p[rows, table.keys[entry] % V] += (c - discount).clamp_min(0) / total[rows]
-        return p
+        p[rows, table.keys[entry] % V] += weight[rows] * (c - discount).clamp_min(0) / total[rows]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = check_idx(idx)

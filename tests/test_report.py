@@ -1,0 +1,68 @@
+"""The report's tables that the tiny pipeline does not reach: 'What each change buys' (an ablation chain) and
+'N-gram order against val bpc', built from a study and a run table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lm.config import StudyConfig
+from lm.report import _change, ablation_table, ngram_orders
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+
+
+def study(runs: dict, ablation: list[str]) -> StudyConfig:
+    raw = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+    raw["runs"] = {name: {"tokenizer": "shakespeare-char", "model": model} for name, model in runs.items()}
+    raw["report"]["ablation"] = ablation
+    return StudyConfig.model_validate(raw)
+
+
+def table(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["run", "tokenizer", "family", "params", "val loss", "val bpc", "test loss"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows])
+
+
+def test_ablation_rows_name_the_change_and_the_difference():
+    s = study(
+        {
+            "a-gpt": BASE,
+            "b-rms": {**BASE, "norm_class": "rmsnorm"},
+            "c-llama": {**BASE, "family": "llama", "n_kv_head": 1},
+        },
+        ["a-gpt", "b-rms", "c-llama"],
+    )
+    t = table([("a-gpt", "t", "gpt", 1000, 2.0, 2.9, None), ("b-rms", "t", "gpt", 990, 1.9, 2.8, None),
+               ("c-llama", "t", "llama", 900, 1.95, 2.85, None)])  # fmt: skip
+    lines = ablation_table(s, t).splitlines()
+    assert lines[2].startswith("| a-gpt | baseline | 1,000 | 2.0000 |")
+    assert "| b-rms | norm_class: layernorm → rmsnorm | 990 (-1.0%) | 1.9000 | -0.1000 | 2.8000 | -0.1000 |" in lines[3]
+    # The llama row: LLaMA's fixed choices against the rms row, and the family named once.
+    assert lines[4].startswith("| c-llama | ") and "n_kv_head: default → 1" in lines[4] and "(family llama)" in lines[4]
+    assert "pos: learned → rope" in lines[4] and "bias: true → false" in lines[4] and "+0.0500" in lines[4]
+
+
+def test_change_ignores_equal_fields():
+    assert _change({"family": "gpt", "n_embd": 16}, {"family": "gpt", "n_embd": 16}) == "none"
+
+
+def test_ablation_names_must_be_runs():
+    with pytest.raises(ValueError, match=r"report.ablation\[1\]: got 'nope'; must be a run of `runs`"):
+        study({"a-gpt": BASE}, ["a-gpt", "nope"])
+
+
+def test_ngram_order_table_bolds_the_best_val_order():
+    runs = {f"ng-{n}": {"family": "ngram", "order": n} for n in (2, 3, 4)}
+    s = study(runs, [])
+    t = table([("ng-2", "shakespeare-char", "ngram", 100, 2.5, 3.6, 2.51), ("ng-3", "shakespeare-char", "ngram", 900,
+               2.2, 3.1, 2.21), ("ng-4", "shakespeare-char", "ngram", 5000, 2.3, 3.3, 2.4)])  # fmt: skip
+    text = ngram_orders(s, t)
+    assert "**shakespeare-char**" in text
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "**3**", "4"]
+    assert "5,000" in lines[-1] and "2.4000" in lines[-1]
