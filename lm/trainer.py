@@ -259,6 +259,11 @@ class _Replica:
 
             ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            import torch._inductor.config as inductor_config
+
+            # Inductor's generated kernels follow the deterministic-algorithms setting only through its own flag.
+            inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
 
     def backward(self, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, stop: bool) -> tuple[float, bool]:

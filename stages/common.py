@@ -102,7 +102,10 @@ def deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms(True, warn_only=True), minus its `import torch._inductor.config`: that
+    # import alone costs 1.3 s per stage (90 s of the ladder's 68 train and evaluate stages) to set a flag only
+    # torch.compile reads; lm.trainer sets it where it compiles.
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
 
