@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 REFERENCE_NAMES = (
-    "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (seed 003's settings), seed-gpt-10.7m, seed-gpt-cpu, "
+    "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (seed 003's settings), llama-3.2-1b, llama-2-7b, "
+    "seed-gpt-10.7m, seed-gpt-cpu, "
     "seed-wavenet-176k, seed-wavenet-76k, seed-mlp, seed-mlp-bn, seed-bigram"
 )
 """Kept in step with lm.model_size.REFERENCES (a test checks), so --help needs no torch import."""

@@ -117,7 +117,7 @@ def test_unknown_and_unmodelled_families_are_named(bag):
 
     params = tiny_params()
     params["runs"] = {"r": {"tokenizer": "names-char", "model": {"family": "bags"}}}
-    with pytest.raises(ParamsError, match=r"runs\.r\.model\.family: got 'bags'; must be one of .*gpt, bag"):
+    with pytest.raises(ParamsError, match=r"runs\.r\.model\.family: got 'bags'; must be one of .*gpt, llama, bag"):
         parse_params(params)
     model_class = REGISTRY.pop("bag")
     try:
