@@ -137,13 +137,14 @@ def _stream(
     start = max(0, T0 - bs)  # first position of the current window
     rolling = keep == bs and getattr(model, "rolls", False)  # 'slide' on a rotary model: sliding-window attention
     floor = start  # rolling: no token before the prompt's window is ever seen, cached or not
+    reach = model.receptive_field() if rolling else bs  # uncached rolling: the tokens the last prediction can see
     for _ in range(max_new_tokens):
         if seq.size(1) - start > bs:  # the window is full: cut it
             start = seq.size(1) - keep
             if cache is not None and not rolling:
                 cache.reset()  # (a rolling cache keeps its keys; attention reads the last block_size of them)
         if cache is None:
-            first = max(floor, seq.size(1) - model.receptive_field()) if rolling else start
+            first = max(floor, seq.size(1) - reach) if rolling else start
             logits, _ = model(seq[:, first:])  # (B, window, V); rolling: every layer's windows, band-masked
         else:
             if rolling and cache.length == cache.max_len:

@@ -1,13 +1,16 @@
-"""Shared fixtures: the repo root, the fixture corpora (served as the corpora mirror), a loopback HTTP server,
+"""Shared fixtures: the repo root, the test corpora (served as the corpora mirror), a loopback HTTP server,
 and temporary copies of the project for real `dvc` runs.
 
-Tests never read ../shared/corpora: they use the short excerpts in tests/fixtures/corpora (same file names,
-their own sha256s), so every test runs, the same way, on any clone.
+Test corpora. The corpora are never committed: the tests read them from the mirror of ../shared/corpora (or
+LM_TEST_CORPORA), checked against their SOURCES.md sha256s, and cut short excerpts of each into the
+git-ignored .cache/test-corpora/ (same file names, their own sha256s), so the suite runs in minutes and
+every stage sees the real files' encoding quirks (BOM, CRLF, the Gutenberg header).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -27,11 +30,64 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FIXTURE_CORPORA = ROOT / "tests" / "fixtures" / "corpora"
-FIXTURE_SHA256 = dict(
-    reversed(line.split("  ")) for line in (FIXTURE_CORPORA / "SHA256SUMS").read_text().splitlines() if line
-)
-"""File name → sha256 of each fixture corpus."""
+SOURCE_CORPORA = Path(os.environ.get("LM_TEST_CORPORA") or ROOT.parent / "shared" / "corpora")
+"""Where the full corpora are: the offline mirror beside the clone (LM_TEST_CORPORA overrides)."""
+SOURCE_SHA256 = {
+    "names.txt": "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    "tinyshakespeare.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    "wonderful_wizard_of_oz.txt": "74a6f88582b1695274607c0a65d3cf89439757a947dd5ce9b44ae6f737b118ab",
+    "dorothy_and_the_wizard_in_oz.txt": "5101b2fb76257a5f9035f0b9b5ff93a1dd86c4c1c326da20b7ea5e7a8b583651",
+}
+"""The full corpora the excerpts are cut from (../shared/corpora/SOURCES.md)."""
+FIXTURE_CORPORA = ROOT / ".cache" / "test-corpora"
+
+
+def _lines(raw: bytes, n: int, sep: bytes = b"\n") -> bytes:
+    return sep.join(raw.split(sep)[:n]) + sep
+
+
+def _excerpts(source: Path) -> dict[str, bytes]:
+    """File name → excerpt: the first 2,000 names (no newline after the last, as the original); the first 1,500
+    lines of Tiny Shakespeare; the first 900 lines of The Wonderful Wizard of Oz (its last tenth then has no
+    character the rest lacks, as a char tokenizer needs); Dorothy and the Wizard in Oz's Gutenberg header and
+    150 lines after it, then its last 10 lines (the footer)."""
+    raw = {}
+    for name, expected in SOURCE_SHA256.items():
+        path = source / name
+        if not path.is_file():
+            raise pytest.UsageError(
+                f"the tests read the corpora from {source}, which lacks {name}: put the offline mirror "
+                "(names.txt, tinyshakespeare.txt, ...) at ../shared/corpora beside the clone, or set LM_TEST_CORPORA"
+            )
+        raw[name] = path.read_bytes()
+        if hashlib.sha256(raw[name]).hexdigest() != expected:
+            raise pytest.UsageError(f"{path} does not have the sha256 SOURCES.md gives ({expected}): a damaged copy")
+    dorothy = raw["dorothy_and_the_wizard_in_oz.txt"].split(b"\r\n")
+    start = next(i for i, line in enumerate(dorothy) if line.startswith(b"*** START OF"))
+    return {
+        "names.txt": b"\n".join(raw["names.txt"].split(b"\n")[:2000]),
+        "tinyshakespeare.txt": _lines(raw["tinyshakespeare.txt"], 1500),
+        "wonderful_wizard_of_oz.txt": _lines(raw["wonderful_wizard_of_oz.txt"], 900),
+        "dorothy_and_the_wizard_in_oz.txt": b"\r\n".join(dorothy[: start + 151] + dorothy[-10:]),
+    }
+
+
+def _write_excerpts() -> dict[str, str]:
+    """Cut the excerpts into FIXTURE_CORPORA (rewritten only where they differ); return name → sha256."""
+    FIXTURE_CORPORA.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for name, data in _excerpts(SOURCE_CORPORA).items():
+        path = FIXTURE_CORPORA / name
+        if not path.is_file() or path.read_bytes() != data:
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+FIXTURE_SHA256 = _write_excerpts()
+"""File name → sha256 of each test corpus excerpt."""
 
 # As the Makefile: Hugging Face caches stay inside the project, never ~/.cache, and never the network,
 # also when pytest is run directly rather than through `make test`.
@@ -42,7 +98,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Tests start their own tracking servers; a developer's exported URI must not capture their runs.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("LM_STUDY_RUN", None)
-# Stages run by tests read the fixture corpora, never a mirror the Makefile found beside the clone.
+# Stages run by tests read the excerpts, never the full mirror the Makefile found beside the clone.
 os.environ["LM_DATA_MIRROR"] = str(FIXTURE_CORPORA)
 
 
@@ -66,7 +122,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    """The fixture corpora folder, used as the corpora mirror (names.txt, tinyshakespeare.txt, ...)."""
+    """The test corpora folder (excerpts), used as the corpora mirror (names.txt, tinyshakespeare.txt, ...)."""
     return FIXTURE_CORPORA
 
 

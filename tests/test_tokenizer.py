@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURE_CORPORA as CORPORA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,6 @@ from lm.tokenizer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPORA = ROOT / "tests" / "fixtures" / "corpora"
 FORMAT = {"names": "lines", "shakespeare": "text", "oz": "text"}
 
 
