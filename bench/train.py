@@ -67,15 +67,15 @@ RACE_WINDOW = (0.95, 1.02)
 """The race accepts a study run that took 95-102% of the reference's time (which itself varies
 more than that between runs)."""
 
-DATASHEET_TFLOPS = {  # dense (no sparsity) tensor-core peaks, TFLOP/s: (bf16, fp32 / tf32 off)
-    "H100 SXM": (989.0, 67.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),
-    "H200": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
-    "RTX 4090": (165.0, 82.6),
+DATASHEET_TFLOPS = {  # dense (no sparsity) peaks, TFLOP/s: (bf16 tensor cores, tf32 tensor cores, fp32 tf32 off)
+    "H100 SXM": (989.0, 494.7, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100": (989.0, 494.7, 67.0),
+    "H200": (989.0, 494.7, 67.0),
+    "A100": (312.0, 156.0, 19.5),
+    "L4": (121.0, 60.0, 30.3),
+    "A10": (125.0, 62.5, 31.2),
+    "RTX 4090": (165.0, 82.6, 82.6),
 }
 
 
@@ -107,9 +107,9 @@ def datasheet_peak(device: str) -> dict[str, float] | None:
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name()
-    for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
+    for key, (bf16, tf32, fp32) in DATASHEET_TFLOPS.items():
         if key in name:
-            return {"bfloat16": bf16 * 1e12, "float32": fp32 * 1e12, "name": name}
+            return {"bfloat16": bf16 * 1e12, "tf32": tf32 * 1e12, "float32": fp32 * 1e12, "name": name}
     return None
 
 
@@ -157,7 +157,8 @@ def val_loss(model: torch.nn.Module, model_cfg, val_ids: np.ndarray) -> float:
     from lm import batches as B
     from lm.metrics import score
 
-    total, count = score(model, B.for_model(model_cfg, val_ids, "text", None).iterate(256), "cpu")
+    device = next(model.parameters()).device
+    total, count = score(model, B.for_model(model_cfg, val_ids, "text", None).iterate(256), device)
     return total / count
 
 
@@ -216,6 +217,7 @@ def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_si
 def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int):
     """`lm.trainer.fit` exactly as the train stage runs it (text windows, fixed val subset)."""
     from lm import batches as B
+    from lm.distributed import pick_device
     from lm.models import build_model
     from lm.trainer import fit
 
@@ -224,7 +226,7 @@ def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, vocab)
     tr, va = B.for_model(model_cfg, train_ids, "text", None), B.for_model(model_cfg, val_ids, "text", None)
-    result = fit(model, tr, va, cfg, device=torch.device("cpu"), progress=False)
+    result = fit(model, tr, va, cfg, device=pick_device(cfg.device), progress=False)  # the run's device: cuda first
     return model, result
 
 
@@ -433,6 +435,11 @@ def main(argv: list[str] | None = None) -> None:
         out += [caveat, ""]
 
     def peak(cfg: TrainConfig) -> tuple[float, str]:
+        """MFU's denominator: on a CUDA device in the datasheet table its datasheet peak for the run's math (bf16,
+        or TF32 tensor cores for float32 with train.tf32), else the measured matmul peak."""
+        if sheet and torch.device(cfg.device if cfg.device != "auto" else device).type == "cuda":
+            kind = "tf32" if cfg.dtype == "float32" and cfg.tf32 else cfg.dtype
+            return sheet[kind], f"{kind} datasheet"
         return peaks[cfg.dtype], cfg.dtype
 
     if args.ablation:
@@ -572,7 +579,7 @@ def _describe(cfg: TrainConfig) -> str:
         cfg.dtype,
         f"AdamW {cfg.adamw_impl}",
     ]
-    if cfg.compile:
+    if cfg.compile is True:
         parts.append("compiled")
     if cfg.threads:
         parts.append(f"{cfg.threads} threads")

@@ -12,6 +12,11 @@ Two layouts, one interface:
   is one row ``x = .emma``, ``y = emma.``, right-padded (x with the boundary, y with -1) to the longest
   name of the split. Every position of ``.name.`` is a prediction and no context crosses names;
   fixed-context families pad the left edge with id 0 = ``.``, which is exactly makemore's ``...``.
+  Evaluation (`iterate`) scores these rows. Training batches (`sample`) of attention families are random
+  rows; those of fixed-context families (receptive field k) are makemore's: ``batch_size`` (context,
+  target) examples drawn uniformly from every position of every name, each a row ``x`` = its k context
+  ids, ``y`` = -1 but the last (its target), so a batch of 32 is 32 examples and no padding enters
+  BatchNorm (lm.models.base.WindowMLP computes only the positions with a target).
 
 Targets equal to IGNORE_INDEX (-1) are left out of every loss and score.
 """
@@ -54,10 +59,14 @@ class Batches:
     boundary_id: int | None = None
     max_len: int | None = None
     name: str | None = None
+    examples: int | None = None
+    """'lines' only: sample (context, target) examples with this many context ids instead of whole names."""
 
     def __post_init__(self) -> None:
         if self.fmt == "lines":
             self._rows_x, self._rows_y = self._name_rows()
+            if self.examples:
+                self._ex_x, self._ex_y = self._name_examples(self.examples)
             if self.max_len is not None and self._rows_x.shape[1] > self.max_len:
                 raise BatchError(
                     f"the longest name needs {self._rows_x.shape[1]} positions ('.' + name) but the model's "
@@ -93,6 +102,15 @@ class Batches:
             y[i, : e - s] = ids[s + 1 : e + 1]  # emma.
         return x, y
 
+    def _name_examples(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every (context, target) pair of the split: (N, k) context ids (the boundary before a name's start,
+        makemore's '...') and (N,) targets, N = every scored position of every name."""
+        pad = np.full((len(self._rows_x), k - 1), self.boundary_id, dtype=np.int64)
+        padded = np.concatenate([pad, self._rows_x], axis=1)  # (n, k-1+width)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, k, axis=1)  # (n, width, k)
+        scored = self._rows_y != IGNORE_INDEX  # (n, width)
+        return np.ascontiguousarray(windows[scored]), self._rows_y[scored]  # (N, k), (N,)
+
     # -- common -----------------------------------------------------------------------------------
 
     @property
@@ -103,7 +121,13 @@ class Batches:
         return len(self.ids) - 1
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random batch (names: random rows; text: random windows), drawn from `rng`."""
+        """A random batch drawn from `rng`: text, random windows; names, random (context, target) examples
+        (``examples``) or random names."""
+        if self.fmt == "lines" and self.examples:
+            picks = rng.integers(0, len(self._ex_y), size=batch_size)
+            y = np.full((batch_size, self.examples), IGNORE_INDEX, dtype=np.int64)
+            y[:, -1] = self._ex_y[picks]  # (B, k): one target per row, after its full context
+            return torch.from_numpy(self._ex_x[picks]), torch.from_numpy(y)
         if self.fmt == "lines":
             rows = rng.integers(0, len(self._rows_x), size=batch_size)
             return torch.from_numpy(self._rows_x[rows]), torch.from_numpy(self._rows_y[rows])
@@ -163,7 +187,7 @@ def for_model(
 ) -> Batches:
     """Batches shaped for a family's declared ``context``: 'window' families get windows of their block_size;
     'fixed' families (receptive field k = block_size) get long windows overlapping by k-1, as long as the
-    split allows (a short split gets one window of the whole split).
+    split allows (a short split gets one window of the whole split), and on names (context, target) examples.
 
     A 'text' split needs at least block_size + 1 tokens (one context and its target), or BatchError
     names the split (`split`, or the file of a memmap), its length and the block_size that would fit.
@@ -183,7 +207,10 @@ def for_model(
         seq_len = max(TEXT_WINDOW, 2 * k)
         if fmt == "text":
             seq_len = min(seq_len, len(ids) - 1)  # >= k, checked above: longer than the k-1 overlap
-        return Batches(ids, fmt, seq_len=seq_len, overlap=k - 1, boundary_id=boundary_id, name=name)
+        return Batches(
+            ids, fmt, seq_len=seq_len, overlap=k - 1, boundary_id=boundary_id, name=name,
+            examples=k if fmt == "lines" else None,
+        )  # fmt: skip
     return Batches(
         ids, fmt, seq_len=model_cfg.block_size, boundary_id=boundary_id, max_len=model_cfg.block_size, name=name
     )

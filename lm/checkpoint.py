@@ -14,7 +14,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,15 +133,18 @@ def save_training_state(
     rng: np.random.Generator,
     progress: dict,
     fingerprint: dict,
+    best: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the full training state atomically (a crash leaves the previous one); `progress` is the loop's
-    JSON-able state, with its next ``step``."""
+    JSON-able state, with its next ``step``; `best` the weights of the best evaluation so far (train.keep
+    'best'), saved as ``best.<name>``."""
     from safetensors.torch import save_file
 
     from lm.io import atomic_dir
 
     # Cloned: tied weights must not share storage in a safetensors file.
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v.detach().clone() for k, v in (best or {}).items()}
     optim_scalars: dict[str, dict] = {}
     for i, st in optimizer.state_dict()["state"].items():
         for k, v in st.items():
@@ -176,8 +179,9 @@ def load_training_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
-) -> dict:
-    """Restore model, optimizer and every RNG from `state_dir` and return the loop's progress.
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, optimizer and every RNG from `state_dir`; return the loop's progress and the saved best
+    weights (empty when none were saved).
 
     Raises StaleState, before anything is restored, when the state cannot be resumed: unreadable, a tensor
     whose bytes do not match the sha256 saved with it, or saved for other params, tokens or code (the message
@@ -193,8 +197,11 @@ def load_training_state(
             f"it is damaged: tensor {bad[0]!r} does not match its sha256"
             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         )
-    expected = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
-    if {k: v.shape for k, v in tensors.items() if k.startswith("model.")} != expected:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    if {k[6:]: v.shape for k, v in tensors.items() if k.startswith("model.")} != expected or (
+        best and {k: v.shape for k, v in best.items()} != expected
+    ):
         raise StaleState("its model tensors do not fit this model")
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
@@ -215,7 +222,7 @@ def load_training_state(
         rng.bit_generator.state = meta["numpy_rng"]
         version, state, gauss = meta["python_rng"]
         random.setstate((version, tuple(state), gauss))
-        return dict(meta["progress"])
+        return dict(meta["progress"]), best
     except (KeyError, RuntimeError, ValueError, TypeError) as e:  # the model may be half-restored: stop here
         raise CheckpointError(
             f"training state {state_dir} passed its checks but does not load ({' '.join(str(e).split())[:300]}): "

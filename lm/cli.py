@@ -131,8 +131,9 @@ def _sample(args: argparse.Namespace) -> int:
     from lm.tokenizer import BOUNDARY, load_stats, load_tokenizer, oov_chars, unk_id
 
     try:
-        device = pick_device(args.device)
-        model, run, vocab_size = checkpoint.load(model_dir, device)
+        model, run, vocab_size = checkpoint.load(model_dir, "cpu")
+        device = pick_device(args.device or run.train.device)
+        model.to(device)
     except (checkpoint.CheckpointError, RuntimeError) as e:
         return _error(str(e))
     if args.model_dir is None and (note := _stale_note(args, run)):
@@ -427,9 +428,9 @@ def _add_sample(sub) -> None:
     c.add_argument(
         "--device",
         choices=["cpu", "cuda", "mps", "auto"],
-        default="cpu",
-        help="where the model runs (default: cpu; 'auto' picks cuda, then mps, then cpu); the draws use a "
-        "CPU generator, so a seed gives the same text everywhere up to float rounding",
+        default=None,
+        help="where the model runs (default: the run's train.device, 'auto' unless set: cuda, then mps, then "
+        "cpu); the draws use a CPU generator, so a seed gives the same text everywhere up to float rounding",
     )
     c.add_argument(
         "--no-cache",

@@ -432,7 +432,9 @@ class TrainConfig(Strict):
     max_steps: int = Field(default=1000, ge=0)
     """Number of optimizer steps (bigram_counts ignores it: one counting pass over the training split)."""
     batch_size: int = Field(default=32, ge=1)
-    """Sequences (names: names; text: windows of block_size tokens) per step."""
+    """Examples per step. Text: windows of block_size tokens. Names: for fixed-context families (bigram, MLP,
+    WaveNet), (context, target) examples drawn uniformly from every position of every name (makemore's batches);
+    for attention families, whole names."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """AdamW (Loshchilov & Hutter 2019) or plain SGD (as the makemore lectures)."""
     lr: float = Field(default=1e-3, gt=0, le=100)
@@ -459,13 +461,21 @@ class TrainConfig(Strict):
     """Steps between evaluations on the fixed val subset (and the last step)."""
     eval_batches: int = Field(default=8, ge=1)
     """Batches in the fixed val subset used during training (the evaluate stage uses the whole split)."""
+    keep: Literal["best", "last"] = "best"
+    """Which weights the checkpoint holds: 'best', those of the evaluation with the lowest val estimate (model
+    selection on the fixed val subset, as nanoGPT keeps its best checkpoint; train.json records its step), or
+    'last', those after the last step. The curve keeps every evaluation either way."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Autocast dtype for the forward pass (weights stay float32)."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
-    adamw_impl: Literal["foreach", "fused", "for-loop"] = "foreach"
-    """AdamW kernel: multi-tensor 'foreach', single-kernel 'fused' (CPU and CUDA), or the plain
-    per-parameter loop; the same update up to rounding (bench/train.py measures them)."""
+    compile: bool | Literal["auto"] = "auto"
+    """Wrap the model in torch.compile. 'auto': on CUDA only, where it was measured faster (same 5000 steps of the
+    seed GPT in 83 s instead of 94 s on an H200, compile included); on CPU it was measured slower (reports/bench.md)."""
+    adamw_impl: Literal["auto", "foreach", "fused", "for-loop"] = "auto"
+    """AdamW kernel: multi-tensor 'foreach', single-kernel 'fused' (CPU and CUDA), or the plain per-parameter loop;
+    the same update up to rounding (bench/train.py measures them). 'auto': fused on CUDA (nanoGPT), else foreach."""
+    tf32: bool = True
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (nanoGPT's setting; ~3 significant
+    digits per product, sums in float32). No effect on CPU or MPS."""
     threads: int = Field(default=0, ge=0)
     """Intra-op CPU threads for this run (torch.set_num_threads); 0 keeps torch's default (one per core)."""
     grad_accum: int = Field(default=1, ge=1)

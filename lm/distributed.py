@@ -19,7 +19,7 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available: use 'auto' or 'cpu'")
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available: set it to 'auto' or 'cpu'")
     if name == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("train.device is 'mps' but MPS is not available: use 'auto' or 'cpu'")
     return torch.device(name)

@@ -17,6 +17,7 @@ import torch
 from lm import batches as B
 from lm import checkpoint
 from lm.config import EvaluateConfig
+from lm.distributed import pick_device
 from lm.generate import format_samples, samples
 from lm.io import atomic_write_text, write_json
 from lm.metrics import metrics, score
@@ -33,14 +34,19 @@ def evaluate_run(
     metrics_path: Path,
     samples_path: Path,
     *,
-    device: str = "cpu",
+    device: str | None = None,
     logger: NullTracker | None = None,
 ) -> dict:
     """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples;
-    `logger` gets the same numbers (params_by_component as params/<component>) and both files."""
+    `logger` gets the same numbers (params_by_component as params/<component>) and both files.
+
+    `device`: where to compute ('auto', 'cpu', 'cuda', 'mps'); None, the run's own train.device, so a run
+    trained on a GPU is evaluated there. Scoring runs in float32 whatever train.dtype was."""
     logger = logger or NullTracker()
 
-    model, run, vocab_size = checkpoint.load(model_dir, device)
+    model, run, vocab_size = checkpoint.load(model_dir, "cpu")
+    device = pick_device(device or run.train.device)
+    model.to(device)
     stats, tokenizer = load_stats(tok_dir), load_tokenizer(tok_dir)
     logger.log_datasets(split_datasets(tok_dir, stats, {"val": "evaluation", "test": "evaluation"}))
     out: dict = {"run": name, "family": run.model.family, "tokenizer": run.tokenizer, "vocab_size": vocab_size}
@@ -58,6 +64,7 @@ def evaluate_run(
     if train_info.exists():
         t = json.loads(train_info.read_text())
         out.update({"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]})
+        out["train/selected_step"] = t.get("selected_step", t["steps"])
     dist = component_counts(model)
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist

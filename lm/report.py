@@ -51,6 +51,8 @@ def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
                 "val bpc": m["val/bpc"],
                 "val ppl": m["val/ppl"],
                 "test loss": m.get("test/loss", math.nan),
+                "steps": m["train/steps"],
+                "selected step": m.get("train/selected_step", m["train/steps"]),
                 "train tokens": m["train/tokens"],
                 "train FLOPs": math.nan if flops is None else float(flops) * m["train/tokens"],
                 "params_by_component": m["params_by_component"],
@@ -63,10 +65,19 @@ def _params_label(n: int, family: str) -> str:
     return f"{n:,} n-gram entries" if family == "ngram" else f"{n:,}"  # an n-gram's stored entries, not weights
 
 
+def _selected_label(selected: int, steps: int) -> str:
+    """The checkpoint's step as the run table shows it: 'counted' (no steps), '2,000 (last)', '1,750 of 2,000'."""
+    if steps == 0:
+        return "counted"
+    return f"{steps:,} (last)" if selected == steps else f"{selected:,} of {steps:,}"
+
+
 def _markdown_table(df: pd.DataFrame) -> str:
     shown = df.drop(columns=["params_by_component"]).copy()
     shown["params"] = [_params_label(n, f) for n, f in zip(shown["params"], shown["family"])]
     shown["train tokens"] = shown["train tokens"].map("{:,}".format)
+    shown["selected step"] = [_selected_label(sel, n) for sel, n in zip(shown["selected step"], shown["steps"])]
+    shown = shown.drop(columns=["steps"]).rename(columns={"selected step": "checkpoint step"})
     for col, fmt in [
         ("val loss", "{:.4f}"),
         ("val bpc", "{:.4f}"),
@@ -86,7 +97,8 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_loss_curves(study: StudyConfig, curves_dir: Path, out: Path) -> None:
+def plot_loss_curves(study: StudyConfig, curves_dir: Path, selected: dict[str, int], out: Path) -> None:
+    """Val and train loss per step, one panel per corpus, with a ring on the step each checkpoint holds."""
     corpora = list(dict.fromkeys(study.tokenizers[r.tokenizer].corpus for r in study.runs.values()))
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
@@ -100,7 +112,13 @@ def plot_loss_curves(study: StudyConfig, curves_dir: Path, out: Path) -> None:
                 continue
             ax.plot(c["step"], c["val_loss"], color=color, label=name)
             ax.plot(c["step"], c["train_loss"], color=color, ls="--", alpha=0.5)
-        ax.set(title=f"{corpus}: val (solid), train (dashed)", xlabel="step", ylabel="loss (nats/token)")
+            picked = c[c["step"] == selected[name]]  # the step whose weights the checkpoint holds (train.keep)
+            ax.plot(picked["step"], picked["val_loss"], "o", color=color, ms=6, mfc="none", mew=1.5)
+        ax.set(
+            title=f"{corpus}: val (solid), train (dashed), ○ selected checkpoint",
+            xlabel="step",
+            ylabel="loss (nats/token)",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, out)
@@ -185,7 +203,7 @@ def write_report(
     """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table."""
     fig_dir = out_dir / "figures"
     table = run_table(study, metrics_dir)
-    plot_loss_curves(study, curves_dir, fig_dir / "loss_curves.png")
+    plot_loss_curves(study, curves_dir, dict(zip(table["run"], table["selected step"])), fig_dir / "loss_curves.png")
     plot_bpc_vs_params(table, fig_dir / "bpc_vs_params.png")
     shares = dict(zip(table["run"], table["params_by_component"]))
     shares.update(reference_shares())

@@ -94,13 +94,16 @@ def train_run(
             result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress,
                          state_dir=state, fingerprint=fp)  # fmt: skip
         # Only numbers that a rerun reproduces bit for bit: timing goes to MLflow alone.
+        selected = next((r for r in result.curve if r["step"] == result.selected_step), result.curve[-1])
         summary = {
             "run": name,
             "family": run.model.family,
             "params": sum(p.numel() for p in model.parameters()),
             "steps": result.steps,
-            "train_loss": result.curve[-1]["train_loss"],
-            "val_loss": result.curve[-1]["val_loss"],
+            "keep": run.train.keep if run.model.fitting == "gradient" else "last",
+            "selected_step": selected["step"],
+            "train_loss": selected["train_loss"],
+            "val_loss": selected["val_loss"],
             "tokens": result.tokens,
         }
         timing = {
@@ -183,7 +186,11 @@ def log_outputs(
             for row in csv.DictReader(f):
                 curve_logger.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=int(row["step"]))
     # Final numbers as summary/ (the curve's `tokens_seen` history already ends at the total).
-    logger.log_metrics({"summary/params": summary["params"], "summary/steps": summary["steps"]}, step=0)
+    logger.log_metrics(
+        {"summary/params": summary["params"], "summary/steps": summary["steps"],
+         "summary/selected_step": summary.get("selected_step", summary["steps"])},
+        step=0,
+    )  # fmt: skip
     logger.log_artifact(tok_dir / "tokenizer.json", "tokenizer")
     for f in (checkpoint.CONFIG, "train.json"):
         logger.log_artifact(Path(out) / f, "checkpoint")

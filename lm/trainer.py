@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -61,6 +61,8 @@ class FitResult:
     """Target tokens seen by the optimizer (or counted, for a counting family)."""
     step_seconds: list[float] = field(default_factory=list)
     """Wall-clock seconds of each step this call ran (batch, forward, backward, update; no evaluation)."""
+    selected_step: int = 0
+    """The step whose weights the model holds on return: the best evaluation's (train.keep 'best') or the last."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,7 +82,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def compiles(cfg: TrainConfig, device: torch.device | str) -> bool:
+    """Whether `fit` wraps the model in torch.compile: train.compile, with 'auto' meaning CUDA only."""
+    return torch.device(device).type == "cuda" if cfg.compile == "auto" else cfg.compile
+
+
+def adamw_impl(cfg: TrainConfig, device: torch.device | str) -> str:
+    """The AdamW kernel `make_optimizer` uses: train.adamw_impl, with 'auto' meaning fused on CUDA, else foreach."""
+    if cfg.adamw_impl == "auto":
+        return "fused" if torch.device(device).type == "cuda" else "foreach"
+    return cfg.adamw_impl
+
+
+def use_device(cfg: TrainConfig, device: torch.device | str) -> None:
+    """Process-wide settings for training on `device`: TF32 matmuls on CUDA when train.tf32 (nanoGPT)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str = "cpu"
+) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (nanoGPT: not on biases and norm gains), or SGD."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -88,7 +111,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
-    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[cfg.adamw_impl]
+    kernels = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
+    impl = kernels[adamw_impl(cfg, device)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
 
 
@@ -117,6 +141,7 @@ def fit(
     returns the same curve; rank 0 alone saves states and logs.
     """
     device = device or pick_device(cfg.device)
+    use_device(cfg, device)
     model.to(device)
     if model.cfg.fitting == "counting":
         return _fit_by_counting(model, train, val, cfg, device, logger)
@@ -126,11 +151,11 @@ def fit(
     val_rng = np.random.default_rng([cfg.seed, 1])
     val_batches = [val.sample(val_rng, cfg.batch_size) for _ in range(cfg.eval_batches)]
     rng = np.random.default_rng([cfg.seed, 0])
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, device)
     random.seed(cfg.seed)
     saver = _Saver(state_dir, fingerprint, cfg, replica)
     prog = saver.resume(model, optimizer, rng)
-    replica.wrap(cfg)
+    replica.wrap(cfg, compiles(cfg, device))
     step_seconds: list[float] = []
     if prog.step == 0 and logger and replica.rank == 0:  # where the curve starts: ≈ ln V
         total, count = score(model, val_batches, device, cfg.dtype)
@@ -173,8 +198,9 @@ def fit(
                 elif saver.due(prog.step):
                     saver.save(model, optimizer, rng, prog)
     saver.save_final(model, optimizer, rng, prog)  # kept until the caller has written the outputs
+    prog.restore_selected(model)
     model.eval()
-    return FitResult(prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds)
+    return FitResult(prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds, prog.selected_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +210,8 @@ def fit(
 @dataclass
 class _Progress:
     """Everything besides model, optimizer and RNGs that a resumed run needs to continue exactly: the next
-    step, the running train-loss window, the curve so far and the counters."""
+    step, the running train-loss window, the curve so far, the counters, and (train.keep 'best') the step and
+    weights of the best evaluation so far (the weights are saved as tensors beside the rest, see `_Saver`)."""
 
     step: int = 0
     running: float = 0.0
@@ -192,6 +219,13 @@ class _Progress:
     t_train: float = 0.0
     tokens: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
+    keep: str = "last"
+    best_step: int | None = None
+    best: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def state(self) -> dict:
+        """The JSON-able part (everything but the best weights)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "best"}
 
     def record(self, loss: float, tokens: int, seconds: float) -> None:
         """One optimizer step done."""
@@ -212,7 +246,24 @@ class _Progress:
         }
         self.running, self.running_n = 0.0, 0
         self.curve.append(row)
+        if self.keep == "best" and (self.best_step is None or row["val_loss"] < self.best_val):
+            # A copy on the model's device (fast); strictly lower, so a tie keeps the earlier step.
+            self.best_step = self.step
+            self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return row
+
+    @property
+    def best_val(self) -> float:
+        return next(r["val_loss"] for r in self.curve if r["step"] == self.best_step)
+
+    @property
+    def selected_step(self) -> int:
+        return self.best_step if self.keep == "best" and self.best_step is not None else self.step
+
+    def restore_selected(self, model: torch.nn.Module) -> None:
+        """Load the best evaluation's weights into `model` (train.keep 'best'; the last step's are there already)."""
+        if self.keep == "best" and self.best is not None and self.best_step != self.step:
+            model.load_state_dict(self.best)
 
     @property
     def tok_s(self) -> float:
@@ -251,20 +302,20 @@ class _Replica:
             )
         return cls(model, device, rank, world, cfg.grad_accum)
 
-    def wrap(self, cfg: TrainConfig) -> None:
-        """DDP across processes, then torch.compile if asked (after a resume has loaded the weights)."""
+    def wrap(self, cfg: TrainConfig, compile: bool) -> None:
+        """DDP across processes, then torch.compile if `compile` (after a resume has loaded the weights)."""
         self.ddp = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
+        if compile:
             import torch._inductor.config as inductor_config
 
             # Inductor's generated kernels follow the deterministic-algorithms setting only through its own flag.
             inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
-        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.forward = torch.compile(self.ddp) if compile else self.ddp
 
     def backward(self, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, stop: bool) -> tuple[float, bool]:
         """Accumulate the gradient of the global batch (x, y); return its mean loss and whether any rank was
@@ -303,15 +354,16 @@ class _Saver:
         """The saved progress if a resumable state exists (model, optimizer, RNGs restored); otherwise a fresh
         start, with one line saying why a state that exists is not resumed (it is removed)."""
         if self.state_dir is None or not self.state_dir.exists():
-            return _Progress()
+            return _Progress(keep=self.cfg.keep)
         try:
-            saved = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
+            saved, best = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
         except checkpoint.StaleState as why:
             if self.replica.rank == 0:
                 print(f"note: not resuming from {self.state_dir}: {why}; training from scratch", file=sys.stderr)
                 shutil.rmtree(self.state_dir, ignore_errors=True)
-            return _Progress()
-        prog = _Progress(**saved)
+            return _Progress(keep=self.cfg.keep)
+        best = {k: v.to(self.replica.device) for k, v in best.items()} or None
+        prog = _Progress(**(saved | {"keep": self.cfg.keep}), best=best)
         self.last_saved = prog.step
         if self.replica.rank == 0:
             print(f"resuming from {self.state_dir} at step {prog.step}/{self.cfg.max_steps}", file=sys.stderr)
@@ -327,7 +379,9 @@ class _Saver:
         interrupt: the state is all the user will have), when it raises OutputError naming the path and fix."""
         try:
             if self.replica.rank == 0:
-                checkpoint.save_training_state(self.state_dir, model, optimizer, rng, asdict(prog), self.fingerprint)
+                checkpoint.save_training_state(
+                    self.state_dir, model, optimizer, rng, prog.state(), self.fingerprint, best=prog.best
+                )
         except OSError as e:
             if must:
                 raise

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             m = evaluate_run(
                 args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked
             )
-        except (CheckpointError, ValueError, OSError) as e:
+        except (CheckpointError, ValueError, RuntimeError, OSError) as e:  # RuntimeError: the run's device is missing
             fail(f"{stage}: {e}")
         outputs(tracked, metrics=args.metrics, samples=args.samples)
     print(f"evaluate@{args.run}: val loss {m['val/loss']:.4f}, ppl {m['val/ppl']:.2f}, bpc {m['val/bpc']:.4f}")

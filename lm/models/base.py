@@ -118,3 +118,33 @@ def causal_windows(idx: torch.Tensor, k: int, pad_id: int = 0) -> torch.Tensor:
     """
     padded = F.pad(idx, (k - 1, 0), value=pad_id)  # (B, T) -> (B, k-1+T)
     return padded.unfold(1, k, 1)  # (B, k-1+T) -> (B, T, k): window t ends at original position t
+
+
+class WindowMLP(LanguageModel):
+    """Base of the fixed-context networks with BatchNorm (MLP, WaveNet): every position t is predicted from its
+    own window idx[:, t-k+1 .. t] alone, so the windows are independent examples and ``window_logits`` maps a
+    (N, k) batch of them to (N, V) logits.
+
+    With targets, only the positions that have one (target != IGNORE_INDEX) are computed: BatchNorm's batch
+    statistics must be those of real examples, as makemore's, not of the padding after a short name or the
+    masked start of a text window (their logits are returned as 0, and no loss or score reads them). Without
+    targets (sampling, scoring) every position is computed.
+    """
+
+    def window_logits(self, win: torch.Tensor) -> torch.Tensor:
+        """(N, k) context ids, oldest first → (N, V) logits."""
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = check_idx(idx)
+        win = causal_windows(idx, self.block_size)  # (B, T, k) ids: the context of every position
+        if targets is None:
+            logits = self.window_logits(win.reshape(B * T, -1))  # (B*T, k) -> (B*T, V)
+            return logits.view(B, T, self.vocab_size), None  # (B*T, V) -> (B, T, V)
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape {(B, T)} to match idx, got {tuple(targets.shape)}")
+        scored = targets != IGNORE_INDEX  # (B, T)
+        rows = self.window_logits(win[scored])  # (N, k) -> (N, V): the examples alone
+        logits = rows.new_zeros(B, T, self.vocab_size)
+        logits[scored] = rows  # (N, V) back into (B, T, V)
+        return logits, F.cross_entropy(rows, targets[scored])

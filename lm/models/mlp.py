@@ -13,22 +13,19 @@ import torch
 import torch.nn as nn
 
 from lm.config import MLPConfig
-from lm.models.base import LanguageModel, causal_windows, check_idx, lm_loss
+from lm.models.base import WindowMLP
 
 TANH_GAIN = 5.0 / 3.0
 """Kaiming gain for tanh (makemore part 3): keeps pre-activations near unit variance."""
 
 
-class MLP(LanguageModel):
+class MLP(WindowMLP):
     """Concatenated embeddings of the previous ``block_size`` tokens → tanh hidden layer → logits.
 
     ``wte`` is Bengio's / makemore's C; ``hidden`` has no bias when BatchNorm (``bn``) follows, whose shift
     replaces it. Every position t of a (B, T) input is predicted from its window idx[:, t-k+1 .. t] (id 0
-    before the start: makemore's '...'), so all T positions train at once, like the transformers.
-
-    Why padding may pass through BatchNorm: positions whose target is ignored (after a short name) still
-    enter the batch statistics, but their inputs are real '.' tokens, the loss ignores them, and eval mode
-    uses the running statistics, so this shifts the statistics slightly and costs no correctness.
+    before the start: makemore's '...'); in training only the positions with a target enter the network
+    (:class:`WindowMLP`), so BatchNorm sees exactly the batch's examples.
 
     Parameters: V*n_embd + k*n_embd*n_hidden (+ n_hidden bias, or + 2*n_hidden BatchNorm) + n_hidden*V + V;
     names, k 3, emb 5, hidden 200 → 8,762; emb 10 with BatchNorm → 12,097.
@@ -58,16 +55,10 @@ class MLP(LanguageModel):
         nn.init.normal_(self.lm_head.weight, std=0.1 / math.sqrt(self.lm_head.in_features))
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        B, T = check_idx(idx)
-        k, E = self.block_size, self.cfg.n_embd
-        win = causal_windows(idx, k)  # (B, T, k) ids: the context of every position
-        emb = self.wte(win)  # (B, T, k, E)
-        # Concatenate the k embeddings of each window; all B*T windows form one batch.
-        x = emb.reshape(B * T, k * E)  # (B*T, k*E)
-        h = self.hidden(x)  # (B*T, n_hidden)
+    def window_logits(self, win: torch.Tensor) -> torch.Tensor:
+        N, k = win.shape
+        x = self.wte(win).view(N, k * self.cfg.n_embd)  # (N, k, E) -> (N, k*E): the k embeddings side by side
+        h = self.hidden(x)  # (N, n_hidden)
         if self.bn is not None:
-            h = self.bn(h)  # statistics over the B*T positions (train) / running stats (eval)
-        h = torch.tanh(h)  # (B*T, n_hidden)
-        logits = self.lm_head(h).view(B, T, self.vocab_size)  # (B*T, V) -> (B, T, V)
-        return logits, lm_loss(logits, targets)
+            h = self.bn(h)  # statistics over the N examples (train) / running stats (eval)
+        return self.lm_head(torch.tanh(h))  # (N, V)

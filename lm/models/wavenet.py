@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lm.config import WaveNetConfig
-from lm.models.base import LanguageModel, causal_windows, check_idx, lm_loss
+from lm.models.base import WindowMLP
 from lm.models.mlp import TANH_GAIN
 
 
@@ -53,14 +53,13 @@ class FusionLevel(nn.Module):
         return torch.tanh(x)
 
 
-class WaveNet(LanguageModel):
+class WaveNet(WindowMLP):
     """Embeddings → log2(k) fusion levels (pairs of neighbours, then pairs of pairs, ...) → logits.
 
     Every position t of a (B, T) input is predicted from its own window idx[:, t-k+1 .. t] (id 0 before
-    the start), so the B*T windows are one batch of independent examples, exactly makemore's. A real WaveNet
-    would share the lower levels of overlapping windows (dilated convolutions); recomputing them per window
-    keeps the BatchNorm statistics identical to makemore's. Padding flows through BatchNorm as in
-    :class:`lm.models.mlp.MLP`.
+    the start), so the windows are one batch of independent examples, exactly makemore's (in training only
+    those with a target: :class:`WindowMLP`). A real WaveNet would share the lower levels of overlapping
+    windows (dilated convolutions); recomputing them per window keeps the BatchNorm statistics makemore's.
 
     ``bias``: seed 000's 175,767-parameter net (k 8, emb 20, hidden 200) keeps the fusion Linears' biases;
     makemore part 5's 76,579-parameter net (k 8, emb 24, hidden 128, val 1.9937) drops them.
@@ -93,13 +92,8 @@ class WaveNet(LanguageModel):
         nn.init.normal_(self.lm_head.weight, std=0.1 / math.sqrt(self.lm_head.in_features))
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        B, T = check_idx(idx)
-        k = self.block_size
-        win = causal_windows(idx, k)  # (B, T, k)
-        x = self.wte(win.reshape(B * T, k))  # (B*T, k) ids -> (B*T, k, E): one window per row
+    def window_logits(self, win: torch.Tensor) -> torch.Tensor:
+        x = self.wte(win)  # (N, k) ids -> (N, k, E): one window per row
         for level in self.levels:
-            x = level(x)  # (B*T, L, C) -> (B*T, L/2, H); after the last level L = 1
-        x = x.view(B * T, self.cfg.n_hidden)  # (B*T, 1, H) -> (B*T, H)
-        logits = self.lm_head(x).view(B, T, self.vocab_size)  # (B*T, V) -> (B, T, V)
-        return logits, lm_loss(logits, targets)
+            x = level(x)  # (N, L, C) -> (N, L/2, H); after the last level L = 1
+        return self.lm_head(x.squeeze(1))  # (N, 1, H) -> (N, H) -> (N, V)
