@@ -539,6 +539,33 @@ class EvaluateConfig(Strict):
     """Sample only from the k most likely tokens (None: all)."""
 
 
+class Anchor(Strict):
+    """A published number the study should meet with one of its runs (STUDY.md, 'Published numbers')."""
+
+    run: str
+    """The run that reproduces the source's configuration (a key of `runs`)."""
+    metric: Literal["val/loss", "test/loss", "val/bpc", "test/bpc"] = "val/loss"
+    """Which number of the run's metrics JSON (whole split) compares with `target`."""
+    target: float = Field(gt=0)
+    """The published number: met when ours is at or below it."""
+    source: str = Field(min_length=1)
+    """Where the number comes from (seed and lecture, or repository)."""
+    steps: int | None = Field(default=None, ge=1)
+    """The source's training length: a run with fewer steps is reported as partial, not as a miss."""
+
+
+class PerTokenReference(Strict):
+    """A perplexity published per token of a tokenizer we do not have (seed 002's Oz 42.7): the report sets it
+    beside every run of the corpus in bits per character, the only number that compares across tokenizers."""
+
+    corpus: str
+    """The corpus the number is about (a key of `corpora`)."""
+    ppl: float = Field(gt=1)
+    """The published per-token perplexity."""
+    source: str = Field(min_length=1)
+    """Where it comes from, and what is unknown about it."""
+
+
 class ReportConfig(Strict):
     """Settings of the report stage."""
 
@@ -549,6 +576,11 @@ class ReportConfig(Strict):
     ablation: list[str] = []
     """Runs of one corpus in ladder order, each changing one thing from the row before: the report's table
     "What each change buys" (params, val loss, bpc, and the change in each against the previous row)."""
+    anchors: list[Anchor] = []
+    """Published numbers with the run that reproduces each: the report's table "Seed anchors" (ours, the target,
+    the difference, met or not, partial when the run trained fewer steps than the source)."""
+    per_token: list[PerTokenReference] = []
+    """Per-token perplexities of unknown tokenizers, compared in bits per character."""
     embedding_families: FamilyNames = ["mlp", "wavenet"]
     """Families whose char-level token embeddings the report compares (cosine similarity, seed 000 figs. 3, 5)."""
 
@@ -608,6 +640,14 @@ class StudyConfig(Strict):
         for i, name in enumerate(self.report.ablation):
             if name not in self.runs:
                 problems.append(f"report.ablation[{i}]: got {name!r}; must be a run of `runs`")
+        for i, anchor in enumerate(self.report.anchors):
+            if anchor.run not in self.runs:
+                problems.append(f"report.anchors[{i}].run: got {anchor.run!r}; must be a run of `runs`")
+        for i, ref in enumerate(self.report.per_token):
+            if ref.corpus not in self.corpora:
+                problems.append(
+                    f"report.per_token[{i}].corpus: got {ref.corpus!r}; must be one of {sorted(self.corpora)}"
+                )
         if problems:
             raise ParamsError("params", problems)
         return self

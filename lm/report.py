@@ -229,7 +229,7 @@ def write_report(
 
     table.drop(columns=["params_by_component"]).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
     anchors = published_anchors(study, tokenizers_dir) + ngram_anchors(study, table)
-    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir))
+    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir, metrics_dir))
     return table
 
 
@@ -387,6 +387,54 @@ def ablation_table(study: StudyConfig, table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def anchor_table(study: StudyConfig, metrics_dir: Path) -> str:
+    """Markdown: each `report.anchors` entry, its source, the target, ours, the difference and the verdict (met,
+    missed, or partial when the run trained fewer steps than the source, e.g. a GPU-scale run cut short on a CPU)."""
+    if not study.report.anchors:
+        return ""
+    lines = ["| anchor | source | run | steps | target | ours | ours − target | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for a in study.report.anchors:
+        m = json.loads((metrics_dir / f"{a.run}.json").read_text())
+        ours, steps = m[a.metric], int(m["train/steps"])
+        sel = m.get("train/selected_step", steps)
+        if a.steps and steps < a.steps:
+            verdict = f"partial: {steps:,} of the source's {a.steps:,} steps"
+        else:
+            verdict = "**met**" if ours <= a.target else "missed"
+        shown = f"{sel:,} of {steps:,}" if sel != steps else f"{steps:,}"
+        lines.append(
+            f"| {a.metric} | {a.source} | {a.run} | {shown} | {a.target:.4f} | {ours:.4f} | {ours - a.target:+.4f} "
+            f"| {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def per_token_table(study: StudyConfig, table: pd.DataFrame) -> str:
+    """Markdown: per `report.per_token` reference, every run of its corpus in tokens, per-token ppl and bpc, and
+    the characters per token the reference's tokenizer would need for its ppl to equal that run's bpc."""
+    out = []
+    for ref in study.report.per_token:
+        bits = math.log2(ref.ppl)
+        rows = table[table["corpus"] == ref.corpus]
+        lines = [
+            f"**{ref.corpus}**: {ref.source}: perplexity {ref.ppl:g} per token = {bits:.3f} bits per token, of a "
+            "tokenizer whose characters per token are not published. It equals a run's bpc only if its tokens "
+            "average (bits per token ÷ bpc) characters: the last column. Per-token ppl compares only within one "
+            "tokenizer.",
+            "",
+            "| run | tokenizer | val ppl (per token) | val bpc | chars/token the reference needs to match |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for _, r in rows.iterrows():
+            lines.append(
+                f"| {r['run']} | {r['tokenizer']} | {r['val ppl']:.2f} | {r['val bpc']:.4f} "
+                f"| {bits / r['val bpc']:.2f} |"
+            )
+        out += lines + [""]
+    return "\n".join(out)
+
+
 EUREKA_NGRAM_TEST = 2.106
 """EurekaLabsAI/ngram: a 4-gram with add-k smoothing on names, test loss 2.106 nats (STUDY.md)."""
 
@@ -405,7 +453,9 @@ def ngram_anchors(study: StudyConfig, table: pd.DataFrame) -> list[str]:
     return rows
 
 
-def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], anchors: list[str], samples_dir: Path) -> str:
+def _markdown(
+    study: StudyConfig, table: pd.DataFrame, made: list[str], anchors: list[str], samples_dir: Path, metrics_dir: Path
+) -> str:
     lines = [
         f"# {study.report.title}",
         "",
@@ -424,6 +474,19 @@ def _markdown(study: StudyConfig, table: pd.DataFrame, made: list[str], anchors:
     ]
     if anchors:
         lines += ["## Published numbers", "", "| what | this study (nats) | published |", "|---|---|---|", *anchors, ""]
+    if anchor_rows := anchor_table(study, metrics_dir):
+        lines += [
+            "## Seed anchors",
+            "",
+            "Each source's number beside ours from the run that reproduces its configuration (whole split, the "
+            "checkpoint `train.keep` selected). Selection looks at a fixed val subset, so a val number is slightly "
+            "optimistic; where a split has a test part, the test number is the unbiased one.",
+            "",
+            anchor_rows,
+            "",
+        ]
+    if per_token := per_token_table(study, table):
+        lines += ["## Per-token numbers of other tokenizers, in bits per character", "", per_token]
     if orders := ngram_orders(study, table):
         lines += [
             "## N-gram order against val bpc",

@@ -119,7 +119,7 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["corpora"] = {"toy": corpus_cfg(raw).model_dump(mode="json")}
     params["tokenizers"], params["runs"], params["tracking"] = {}, {}, {"enabled": False}
-    params["report"]["ablation"] = []  # (it names runs)
+    params["report"]["ablation"] = params["report"]["per_token"] = []  # (they name runs and corpora)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "toy"
     r = subprocess.run(

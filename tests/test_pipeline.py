@@ -47,6 +47,8 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
     # makemore's published count-bigram NLL, recomputed over every split (the fixture names: 14,035 bigrams).
     assert "| names-bigram_counts: count bigram (smoothing 1) over all 14,035 bigrams of names | 2." in report
     assert "| 2.4544 (makemore, float32 sum) |" in report
+    # Every gradient run names the step its checkpoint holds.
+    assert "checkpoint step" in report
     for fig in ["loss_curves", "bpc_vs_params", "param_shares", "bigram_heatmaps", "embedding_similarity"]:
         assert (project / "reports" / "figures" / f"{fig}.png").stat().st_size > 1000
         assert f"figures/{fig}.png" in report

@@ -66,3 +66,55 @@ def test_ngram_order_table_bolds_the_best_val_order():
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "**3**", "4"]
     assert "5,000" in lines[-1] and "2.4000" in lines[-1]
+
+
+def anchored(anchors: list[dict], per_token: list[dict] | None = None) -> StudyConfig:
+    raw = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+    raw["runs"] = {n: {"tokenizer": "shakespeare-char", "model": BASE} for n in ("long", "short")}
+    raw["report"] |= {"anchors": anchors, "per_token": per_token or []}
+    return StudyConfig.model_validate(raw)
+
+
+def test_anchor_table_says_met_missed_or_partial(tmp_path):
+    import json
+
+    from lm.report import anchor_table
+
+    for name, val, steps, sel in [("long", 1.46, 5000, 2000), ("short", 2.5, 20, 20)]:
+        m = {"val/loss": val, "test/loss": val + 0.01, "train/steps": steps, "train/selected_step": sel}
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+    s = anchored(
+        [
+            {"run": "long", "target": 1.4697, "source": "nanoGPT", "steps": 5000},
+            {"run": "long", "metric": "test/loss", "target": 1.45, "source": "made up"},
+            {"run": "short", "target": 1.4697, "source": "nanoGPT", "steps": 5000},
+        ]
+    )
+    rows = anchor_table(s, tmp_path).splitlines()[2:]
+    assert rows[0] == "| val/loss | nanoGPT | long | 2,000 of 5,000 | 1.4697 | 1.4600 | -0.0097 | **met** |"
+    assert rows[1].endswith("| 1.4500 | 1.4700 | +0.0200 | missed |")
+    assert rows[2].endswith("| partial: 20 of the source's 5,000 steps |")  # cut short: not called a miss
+
+
+def test_anchor_runs_and_per_token_corpora_must_exist():
+    with pytest.raises(ValueError, match=r"report.anchors\[0\].run: got 'nope'; must be a run of `runs`"):
+        anchored([{"run": "nope", "target": 2.0, "source": "x"}])
+    with pytest.raises(ValueError, match=r"report.per_token\[0\].corpus: got 'mars'; must be one of"):
+        anchored([], [{"corpus": "mars", "ppl": 42.7, "source": "x"}])
+
+
+def test_per_token_reference_is_read_through_bits_per_character():
+    from lm.report import per_token_table
+
+    s = anchored([], [{"corpus": "oz", "ppl": 42.7, "source": "seed 002"}])
+    t = pd.DataFrame(
+        [
+            {"run": "oz-char", "corpus": "oz", "tokenizer": "oz-char", "val ppl": 3.9, "val bpc": 1.9637},
+            {"run": "oz-bpe", "corpus": "oz", "tokenizer": "oz-bpe512", "val ppl": 16.0, "val bpc": 1.8},
+            {"run": "sh", "corpus": "shakespeare", "tokenizer": "sh", "val ppl": 4.0, "val bpc": 2.0},
+        ]
+    )
+    text = per_token_table(s, t)
+    assert "perplexity 42.7 per token = 5.416 bits per token" in text  # log2(42.7)
+    assert "| oz-char | oz-char | 3.90 | 1.9637 | 2.76 |" in text  # 5.416 / 1.9637 characters per token
+    assert "| oz-bpe | oz-bpe512 | 16.00 | 1.8000 | 3.01 |" in text and "| sh |" not in text
