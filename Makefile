@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # What `make verify` compares: every pipeline output git tracks.
 TRACKED_OUTPUTS := dvc.lock metrics curves samples reports
 
-.PHONY: install repro track verify test lint format ui screenshots check-params clean-venv
+.PHONY: install repro track verify test lint format ui screenshots check-params gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -76,6 +76,18 @@ ui: install
 # chromium). Not part of `dvc repro`: the UI's pixels are not results.
 screenshots: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/lm ui --screenshots reports/mlflow
+
+# The wheels bench/gpu.sh installs on a lent GPU machine (no network there; it lacks pydantic): pinned versions
+# from requirements.lock, for CPython 3.12 on x86-64 Linux.
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	for p in $(GPU_WHEELS); do \
+	  $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$(grep -i "^$$p==" requirements.lock)" || exit 1; \
+	done
+	ls .whl
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.train import fit_to_budget
@@ -91,3 +93,38 @@ def test_a_throttled_bf16_peak_is_flagged_only_where_bf16_is_native(ratio, flags
 
     caveat = bf16_caveat(ratio, flags)
     assert bool(caveat) == warns and (not warns or f"{ratio:.1f}x" in caveat)
+
+
+def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
+    """bench.seed_gpu end to end on a tiny run (on the CPU here): the study's row and the reference's row, each with
+    its selected step and a whole-split val loss from the same scorer; bench/nanogpt.py uses no study code."""
+    import ast
+
+    import yaml
+    from conftest import FIXTURE_CORPORA, tiny_params
+
+    from bench.seed_gpu import main
+    from lm.config import TokenizerConfig
+    from lm.tokenizer import tokenize_corpus
+
+    text = (FIXTURE_CORPORA / "tinyshakespeare.txt").read_text()[:20000]
+    tok = tmp_path / "tok"
+    tokenize_corpus(TokenizerConfig(corpus="c", kind="char"), {"train": [text[:18000]], "val": [text[18000:]]},
+                    "text", tok)  # fmt: skip
+    params = tiny_params()
+    params["runs"] = {
+        "gpt": {
+            "tokenizer": "shakespeare-char",
+            "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
+            "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 4, "eval_batches": 2, "warmup_steps": 2},
+        }
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "gpu.md"
+    main(["--params", str(tmp_path / "p.yaml"), "--run", "gpt", "--tokenizer", str(tok), "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| study") or line.startswith("| ref")]
+    assert len(rows) == 2 and all("| **" in r for r in rows)
+    nanogpt = ast.parse((Path(__file__).parents[1] / "bench" / "nanogpt.py").read_text())
+    imported = {n.module for n in ast.walk(nanogpt) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(nanogpt) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.split(".")[0] in ("lm", "stages") for m in imported)

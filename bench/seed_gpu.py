@@ -1,0 +1,153 @@
+"""The seed-scale Shakespeare GPT on a GPU, through the study's own code, beside nanoGPT's loop on the same GPU:
+``python -m bench.seed_gpu [--steps N] [--out FILE]`` (bench/gpu.sh runs it on a lent device).
+
+1. **Study**: `presets/seed.yaml`'s ``shakespeare-gpt`` (10,788,929 params) trained by `lm.train.train_run` (the
+   train stage's library call: compile, fused AdamW and TF32 'auto', bf16 autocast, keep-best), then scored by
+   `lm.evaluate.evaluate_run` (the evaluate stage's) on the whole val split, on the run's device.
+2. **Reference**: bench/nanogpt.py, nanoGPT's ``train_shakespeare_char`` written plainly (no study code), with
+   the run's shape and schedule, which for the seed run are nanoGPT's config (no biases, as nanoGPT). Its kept
+   model is scored on the same whole val split by the study's one scorer (`lm.metrics.score`), so the two
+   numbers are the same measurement.
+
+Prints a markdown table (val loss at the selected step, whole-split val loss, step time, tokens/s, MFU against the
+datasheet when the GPU is in bench.train's table) and writes it to ``--out``. ``--steps`` shortens both runs
+(warmup and eval interval scale with it) for a smoke test on a CPU. Needs the tokenized Shakespeare
+(``tokenizers/shakespeare-char``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _shorten(train, steps: int):
+    """The run's train settings over `steps` steps: warmup and eval interval scaled alike."""
+    scale = steps / train.max_steps
+    return train.model_copy(
+        update={
+            "max_steps": steps,
+            "warmup_steps": max(1, round(train.warmup_steps * scale)) if train.warmup_steps else 0,
+            "eval_interval": max(1, round(train.eval_interval * scale)),
+            "eval_batches": min(train.eval_batches, max(2, round(train.eval_batches * scale))),
+        }
+    )
+
+
+def study(run_name: str, run, tok: Path, work: Path) -> dict:
+    from lm.config import EvaluateConfig
+    from lm.evaluate import evaluate_run
+    from lm.train import train_run
+
+    t0 = time.perf_counter()
+    info = train_run(run_name, run, tok, work / "model", work / "curve.csv", progress=True)
+    wall = time.perf_counter() - t0
+    cfg = EvaluateConfig(num_passages=1, passage_chars=200)
+    m = evaluate_run(run_name, work / "model", tok, cfg, work / "metrics.json", work / "samples.txt")
+    return {
+        "params": info["params"],
+        "selected": info["selected_step"],
+        "estimate": info["val_loss"],
+        "val": m["val/loss"],
+        "train_s": info["train_seconds"],
+        "wall_s": wall,
+        "tokens_per_s": info["tokens_per_s"],
+        "device": info["device"],
+        "sample": (work / "samples.txt").read_text()[:200],
+    }
+
+
+def reference(run, tok: Path, device: str) -> dict:
+    from bench import nanogpt
+    from lm import batches as B
+    from lm.metrics import score
+    from lm.tokenizer import load_ids, load_stats
+
+    train_ids, val_ids = load_ids(tok, "train"), load_ids(tok, "val")
+    m, t = run.model, run.train  # the seed run's settings are nanoGPT's; a smaller run (a test) scales them down
+    c = nanogpt.Config(
+        vocab_size=int(load_stats(tok)["vocab_size"]), block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+        n_embd=m.n_embd, dropout=m.dropout, batch_size=t.batch_size, max_iters=t.max_steps, lr=t.lr, min_lr=t.min_lr,
+        warmup_iters=t.warmup_steps, weight_decay=t.weight_decay, beta2=t.beta2, grad_clip=t.grad_clip,
+        eval_interval=t.eval_interval, eval_iters=t.eval_batches,
+    )  # fmt: skip
+    r = nanogpt.train(c, train_ids, val_ids, device, compile=device.startswith("cuda"))
+    batches = B.for_model(run.model, val_ids, "text", None).iterate(64)  # the windows the study is scored on
+    total, count = score(r["model"], batches, device)
+    return {
+        "params": r["params"],
+        "selected": r["best_step"],
+        "estimate": r["best_estimate"],
+        "val": total / count,
+        "train_s": r["train_s"],
+        "wall_s": r["train_s"],
+        "tokens_per_s": r["tokens_per_s"],
+        "device": device,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", type=Path, default=Path("presets/seed.yaml"))
+    p.add_argument("--run", default="shakespeare-gpt")
+    p.add_argument("--tokenizer", type=Path, default=Path("tokenizers/shakespeare-char"))
+    p.add_argument("--steps", type=int, help="train both for this many steps instead of the config's (smoke test)")
+    p.add_argument("--no-reference", action="store_true", help="train the study's run only")
+    p.add_argument("--out", type=Path, help="also write the markdown here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    from bench.train import datasheet_peak, flops_per_token
+    from lm.config import load_params
+    from lm.distributed import pick_device
+
+    if not (args.tokenizer / "stats.json").exists():
+        raise SystemExit(f"error: {args.tokenizer} not found: run `dvc repro tokenize@{args.tokenizer.name}` first")
+    cfg = load_params(args.params)
+    run = cfg.runs[args.run]
+    if args.steps:
+        run = run.model_copy(update={"train": _shorten(run.train, args.steps)})
+    device = str(pick_device(run.train.device))
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        ours = study(args.run, run, args.tokenizer, Path(work))
+    rows = {f"study ({args.run}, lm.train + lm.evaluate)": ours}
+    if not args.no_reference:
+        rows["reference (nanoGPT train_shakespeare_char, bench/nanogpt.py)"] = reference(run, args.tokenizer, device)
+    sheet = datasheet_peak(device)
+    fpt = flops_per_token(run.model, 65)
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    lines = [
+        f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
+        "",
+        f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
+        + (f" (shortened from the preset's: --steps {args.steps})" if args.steps else ""),
+        "",
+        "| | params | selected step | val estimate there | val loss, whole split | train s | tokens/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        mfu = f"{100 * r['tokens_per_s'] * fpt / sheet['bfloat16']:.1f}% of bf16" if sheet else "n/a"
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
+            f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
+        )
+    lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
+    text = "\n".join(lines)
+    print(text)
+    print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "sample"} for k, r in rows.items()}))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
