@@ -262,6 +262,9 @@ class MLPConfig(ModelConfig):
     """Width of the tanh hidden layer."""
     batchnorm: bool = False
     """BatchNorm before tanh (Ioffe & Szegedy 2015); the Linear before it then has no bias."""
+    bn_momentum: float = Field(default=0.1, gt=0, le=1)
+    """BatchNorm's running-statistics update rate (PyTorch's default 0.1; makemore part 3 uses 0.001, which
+    averages the eval-time statistics over ~1000 batches instead of ~10)."""
 
 
 class WaveNetConfig(ModelConfig):
@@ -481,6 +484,11 @@ class TrainConfig(Strict):
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step (per process): batch_size is the global batch, split over
     processes x grad_accum, so the update does not depend on how many processes share it."""
+    health_every: int = Field(default=0, ge=0)
+    """Training health (makemore part 4), recorded every this many steps and at the first and last: the log10
+    update-to-data ratio of every weight matrix (also MLflow metrics ``ud/<weight>``), and at the first and last
+    step histograms of activations (tanh: with the saturated share) and weight gradients; written to
+    models/<run>/health.json for the report. 0 (default) records nothing: it costs a copy of the weights per record."""
     checkpoint_interval: int = Field(default=250, ge=0)
     """Save the resumable training state (model, optimizer, step, RNGs, curve) every this many steps,
     so a killed run continues where it stopped; 0 saves only on Ctrl-C / SIGTERM."""
@@ -537,6 +545,13 @@ class EvaluateConfig(Strict):
     """Softmax temperature for sampling."""
     top_k: int | None = Field(default=None, ge=1)
     """Sample only from the k most likely tokens (None: all)."""
+    quality_prompts: int = Field(default=8, ge=0)
+    """Text corpora: fixed val prompts whose continuations (greedy and sampled) are scored against the true ones
+    (BLEU, chrF, distinct-n, 8-gram copy rate; lm/inspection.py); 0 turns it off."""
+    prompt_chars: int = Field(default=64, ge=1)
+    """Characters of each quality prompt."""
+    continuation_chars: int = Field(default=100, ge=8)
+    """Characters generated after each prompt and compared with the true continuation."""
 
 
 class Anchor(Strict):
@@ -576,6 +591,9 @@ class ReportConfig(Strict):
     ablation: list[str] = []
     """Runs of one corpus in ladder order, each changing one thing from the row before: the report's table
     "What each change buys" (params, val loss, bpc, and the change in each against the previous row)."""
+    attention_offset: int = Field(default=0, ge=0)
+    """Where the attention grids' passage starts: the first line start at or after this character of each corpus's
+    val text (the same passage for every run of a corpus)."""
     anchors: list[Anchor] = []
     """Published numbers with the run that reproduces each: the report's table "Seed anchors" (ours, the target,
     the difference, met or not, partial when the run trained fewer steps than the source)."""

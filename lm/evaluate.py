@@ -10,8 +10,10 @@ the scorer are in lm/metrics.py.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm import batches as B
@@ -68,11 +70,35 @@ def evaluate_run(
     dist = component_counts(model)
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist
+    out.update(_inside(model, run, tokenizer, tok_dir, stats, vocab_size, cfg, device))
     texts = samples(model, tokenizer, stats["format"], stats.get("boundary_id"), cfg, device)
     write_json(metrics_path, out)
     atomic_write_text(samples_path, format_samples(texts, stats["format"]))
     logger.set_tags({"device": str(device), "torch": torch.__version__})
     log_outputs(logger, metrics_path, samples_path)
+    return out
+
+
+def _inside(model, run, tokenizer, tok_dir: Path, stats: dict, vocab_size: int, cfg: EvaluateConfig, device) -> dict:
+    """What lm.inspection measures: each attention head's previous-token and induction scores ('heads'), and for
+    text corpora the quality of continuations of fixed val prompts ('quality': BLEU, chrF, distinct-n, copying)."""
+    from lm.inspection import generation_quality, head_scores
+
+    out: dict = {}
+    val_ids = load_ids(tok_dir, "val")
+    if run.model.context == "window" and (heads := head_scores(model, val_ids, vocab_size, run.model.block_size)):
+        out["heads"] = heads
+    if stats["format"] == "text" and cfg.quality_prompts:
+        decode = lambda split: tokenizer.decode(np.asarray(load_ids(tok_dir, split)).tolist())  # noqa: E731
+        val_text = decode("val")
+        if len(val_text) >= cfg.prompt_chars + cfg.continuation_chars:
+            out["quality"] = generation_quality(model, tokenizer, val_text, decode("train"), cfg, device)
+        else:
+            print(
+                f"note: no generation-quality scores: the val text has {len(val_text)} characters, fewer than "
+                f"evaluate.prompt_chars + evaluate.continuation_chars = {cfg.prompt_chars + cfg.continuation_chars}",
+                file=sys.stderr,
+            )
     return out
 
 

@@ -21,6 +21,7 @@ from lm.io import atomic_write_text  # noqa: E402
 from lm.models import COMPONENTS  # noqa: E402
 
 FIGURES = {
+    "embedding_pca": "Character embeddings in two dimensions (PCA)",
     "loss_curves": "Loss curves per corpus",
     "bigram_heatmaps": "Names bigram table: counted vs learned",
     "embedding_similarity": "Character-embedding cosine similarity",
@@ -227,9 +228,13 @@ def write_report(
         plot_embedding_similarity(embeddings, loaded[emb_runs[-1]][1], fig_dir / "embedding_similarity.png")
         made.append("embedding_similarity")
 
+    inside = _inside_figures(study, metrics_dir, models_dir, tokenizers_dir, fig_dir, weights)
+    if inside.pop("embedding_pca", None):
+        made.append("embedding_pca")
+
     table.drop(columns=["params_by_component"]).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
     anchors = published_anchors(study, tokenizers_dir) + ngram_anchors(study, table)
-    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir, metrics_dir))
+    atomic_write_text(out_dir / "README.md", _markdown(study, table, made, anchors, samples_dir, metrics_dir, inside))
     return table
 
 
@@ -454,8 +459,15 @@ def ngram_anchors(study: StudyConfig, table: pd.DataFrame) -> list[str]:
 
 
 def _markdown(
-    study: StudyConfig, table: pd.DataFrame, made: list[str], anchors: list[str], samples_dir: Path, metrics_dir: Path
+    study: StudyConfig,
+    table: pd.DataFrame,
+    made: list[str],
+    anchors: list[str],
+    samples_dir: Path,
+    metrics_dir: Path,
+    inside: dict[str, list[str]] | None = None,
 ) -> str:
+    inside = inside or {}
     lines = [
         f"# {study.report.title}",
         "",
@@ -511,6 +523,47 @@ def _markdown(
         ]
     for key in made:
         lines += [f"## {FIGURES[key]}", "", f"![{FIGURES[key]}](figures/{key}.png)", ""]
+    if heads := heads_table(study, metrics_dir):
+        lines += [
+            "## Attention: what each head looks at",
+            "",
+            "Per head of every attention run (lm/inspection.py): the **previous-token** score, its mean attention from "
+            "each position to the one before, on val text; and the **induction** score (Olsson et al. 2022's prefix "
+            "matching), its mean attention from each token of a repeated random sequence's second half to the token "
+            "that followed the same token in the first half. 1.0 is a pure head of that kind.",
+            "",
+            heads,
+        ]
+        for name in inside.get("attention", []):
+            lines += [f"![{name}: attention](figures/attention-{name}.png)", ""]
+    if inside.get("health"):
+        lines += [
+            "## Training health",
+            "",
+            "As makemore part 4 diagnoses a net (runs with `train.health_every`): activation histograms per layer at "
+            "the first and last step (tanh layers with their saturated share, |t| > 0.97), weight-gradient histograms "
+            "at the last step, and the log10 ratio of each update to its weights over training (makemore's rule of "
+            "thumb: about -3).",
+            "",
+        ]
+        lines += [line for name in inside["health"] for line in (f"![{name}: health](figures/health-{name}.png)", "")]
+    if quality := quality_table(study, metrics_dir):
+        e = study.evaluate
+        lines += [
+            "## Generation quality beyond perplexity",
+            "",
+            f"Each text run continues {e.quality_prompts} fixed val prompts of {e.prompt_chars} characters by "
+            f"{e.continuation_chars} characters, greedily and with the evaluate sampling settings (temperature "
+            f"{e.temperature:g}, top-k {e.top_k or 'off'}). BLEU and chrF (sacrebleu, 0-100) compare each continuation "
+            "with the true one; distinct-1/2 are the unique share of word uni/bigrams (Li et al. 2016); the copy rate "
+            "is the share of generated 8-character strings found verbatim in the training split (memorisation; the "
+            "true continuations' own rate is the baseline). Seed 002 reports BLEU "
+            f"{BLEU_SEED002} for its Oz model: its own split, tokenizer and protocol (and scale), so it is cited "
+            "here as its number, not compared with these.",
+            "",
+            quality,
+            "",
+        ]
     if study.report.samples_per_run:
         lines += ["## Samples", ""]
         for name in study.runs:
@@ -525,3 +578,191 @@ def _markdown(
             else:
                 lines += [f"**{name}**", "", "```text", texts[0].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# inside the models (lm/inspection.py): attention, head roles, training health, embeddings in 2-D, generation
+
+
+def attention_passage(study: StudyConfig, run_name: str, tokenizers_dir: Path, length: int) -> np.ndarray:
+    """The fixed val passage whose attention the report draws: `length` token ids of the run's val split, from the
+    first line start at or after character `report.attention_offset` (the same place for every run of a corpus)."""
+    from lm.tokenizer import load_ids, load_tokenizer
+
+    run = study.runs[run_name]
+    tok_dir = tokenizers_dir / run.tokenizer
+    ids = np.asarray(load_ids(tok_dir, "val"), dtype=np.int64)
+    text = load_tokenizer(tok_dir).decode(ids.tolist())
+    offset = min(study.report.attention_offset, max(0, len(text) - 1))
+    nl = text.find("\n", offset)
+    start_char = nl + 1 if 0 <= nl < len(text) - 1 else offset
+    # The token where that character falls: decode prefixes (cheap: the val split is small).
+    tokenizer = load_tokenizer(tok_dir)
+    start = len(tokenizer.encode(text[:start_char]).ids) if start_char else 0
+    start = min(start, max(0, len(ids) - length))
+    return ids[start : start + length]
+
+
+def plot_attention_grid(
+    name: str, maps: list[torch.Tensor], labels: list[str], scores: dict[str, dict[str, float]], out: Path
+) -> None:
+    """An n_layer x n_head grid of causal attention maps on one passage (shared 0-1 colour scale), each titled with
+    its head's previous-token and induction scores; tokens on the axes when the passage is short enough."""
+    n_layer, n_head = len(maps), maps[0].size(1)
+    size = 2.6 if len(labels) <= 32 else 2.2
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.2, size * n_layer + 0.6), squeeze=False)
+    im = None
+    for layer, att in enumerate(maps):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            im = ax.imshow(att[0, head].numpy(), cmap="viridis", vmin=0, vmax=1)
+            s = scores.get(f"L{layer}.H{head}", {})
+            ax.set_title(
+                f"L{layer}.H{head}  prev {s.get('prev_token', 0):.2f}  ind {s.get('induction', 0):.2f}", fontsize=7
+            )
+            if len(labels) <= 32:
+                ax.set_xticks(range(len(labels)), labels, fontsize=5, rotation=90)
+                ax.set_yticks(range(len(labels)), labels, fontsize=5)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(f"{name}: attention (rows: query, columns: key)", fontsize=9)
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
+    _save(fig, out)
+
+
+def heads_table(study: StudyConfig, metrics_dir: Path) -> str:
+    """Markdown: per attention run, its clearest previous-token and induction heads (from the numbers), then every
+    head's two scores, layer by layer."""
+    out = []
+    for name in study.runs:
+        heads = json.loads((metrics_dir / f"{name}.json").read_text()).get("heads")
+        if not heads:
+            continue
+        from lm.inspection import clearest_heads
+
+        best = clearest_heads(heads)
+        (p_head, p), (i_head, i) = best["prev_token"], best["induction"]
+        out += [
+            f"**{name}**: its clearest previous-token head is {p_head} ({p:.2f} of its attention on the token before) "
+            f"and its clearest induction head {i_head} ({i:.2f} on the token after the current token's earlier "
+            "occurrence, on repeated random tokens; chance is about 2 / context length).",
+            "",
+            "| head | " + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(heads),
+            "| previous-token | " + " | ".join(f"{s['prev_token']:.2f}" for s in heads.values()) + " |",
+            "| induction | " + " | ".join(f"{s['induction']:.2f}" for s in heads.values()) + " |",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def plot_health(name: str, records: list[dict], out: Path) -> None:
+    """makemore part 4's three views of one run: activation histograms (first and last snapshot, with the tanh
+    layers' saturated share), weight-gradient histograms (last snapshot) and log10 update/data ratio per weight."""
+    snaps = [r for r in records if "activations" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    for j, r in enumerate([snaps[0], snaps[-1]] if len(snaps) > 1 else snaps):
+        for i, (layer, h) in enumerate(r["activations"].items()):
+            edges = np.linspace(-h["limit"], h["limit"], len(h["counts"]) + 1)
+            mids = (edges[:-1] + edges[1:]) / 2
+            dens = np.array(h["counts"]) / max(1, sum(h["counts"]))
+            sat = f", saturated {100 * h['saturated']:.1f}%" if "saturated" in h else ""
+            axes[0].plot(mids, dens, color=f"C{i}", ls="--" if j == 0 and len(snaps) > 1 else "-",
+                         label=f"{layer} @ {r['step']}{sat}")  # fmt: skip
+    axes[0].set(title="activations (dashed: first snapshot)", xlabel="value", ylabel="share")
+    last = snaps[-1]
+    for i, (param, h) in enumerate(last["gradients"].items()):
+        edges = np.linspace(-h["limit"], h["limit"], len(h["counts"]) + 1)
+        axes[1].plot((edges[:-1] + edges[1:]) / 2, np.array(h["counts"]) / max(1, sum(h["counts"])), color=f"C{i}",
+                     label=f"{param} (std {h['std']:.1e})")  # fmt: skip
+    axes[1].set(title=f"weight gradients @ step {last['step']}", xlabel="gradient", ylabel="share")
+    steps = [r["step"] for r in records]
+    for i, param in enumerate(records[0]["update_ratio"]):
+        axes[2].plot(steps, [r["update_ratio"][param] for r in records], color=f"C{i % 10}", label=param)
+    axes[2].axhline(-3, color="k", ls="--", lw=1, label="1e-3 (makemore's rule of thumb)")
+    axes[2].set(title="log10 update / data ratio", xlabel="step", ylabel="log10 std(Δw) / std(w)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{name}: training health", fontsize=10)
+    _save(fig, out)
+
+
+def plot_embedding_pca(embeddings: dict[str, torch.Tensor], labels: list[str], out: Path) -> None:
+    """Seed 000: the character embeddings projected on their first two principal components, one panel per run."""
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(6 * len(embeddings), 5.6), squeeze=False)
+    for ax, (name, emb) in zip(axes[0], embeddings.items()):
+        x = emb.float() - emb.float().mean(0)
+        _, s, v = torch.linalg.svd(x, full_matrices=False)
+        xy = (x @ v[:2].T).numpy()  # (V, 2)
+        explained = float((s[:2] ** 2).sum() / (s**2).sum())
+        ax.scatter(xy[:, 0], xy[:, 1], s=160, color="C0", alpha=0.35)
+        for (px, py), lab in zip(xy, labels):
+            ax.annotate(lab, (px, py), ha="center", va="center", fontsize=9)
+        ax.set(title=f"{name}: embeddings, PCA ({100 * explained:.0f}% of variance)", xlabel="PC 1", ylabel="PC 2")
+        ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+BLEU_SEED002 = 0.25
+"""Seed 002's BLEU of its Oz model's generations: its own corpus split, tokenizer and protocol, not ours."""
+
+
+def quality_table(study: StudyConfig, metrics_dir: Path) -> str:
+    """Markdown: per text run, BLEU and chrF of its greedy and sampled continuations of the fixed val prompts, and
+    distinct-1/2 and the 8-gram copy rate of the sampled ones, beside the true continuations' own numbers."""
+    rows, ref = [], {}
+    for name in study.runs:
+        q = json.loads((metrics_dir / f"{name}.json").read_text()).get("quality")
+        if not q:
+            continue
+        g, s = q["greedy"], q["sampled"]
+        ref[study.corpus_of(name).url] = (study.tokenizers[study.runs[name].tokenizer].corpus, q["reference"])
+        rows.append(
+            f"| {name} | {g['bleu']:.2f} | {g['chrf']:.1f} | {s['bleu']:.2f} | {s['chrf']:.1f} | {s['distinct_1']:.3f} "
+            f"| {s['distinct_2']:.3f} | {s['copy_rate_8']:.3f} | {g['copy_rate_8']:.3f} |"
+        )
+    if not rows:
+        return ""
+    for corpus, r in ref.values():
+        rows.append(f"| *true {corpus} continuations* | | | | | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} "
+                    f"| {r['copy_rate_8']:.3f} | |")  # fmt: skip
+    head = [
+        "| run | greedy BLEU | greedy chrF | sampled BLEU | sampled chrF | sampled distinct-1 | sampled distinct-2 "
+        "| sampled 8-gram copy rate | greedy 8-gram copy rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(head + rows)
+
+
+def _inside_figures(
+    study: StudyConfig, metrics_dir: Path, models_dir: Path, tokenizers_dir: Path, fig_dir: Path, weights
+) -> dict[str, list[str]]:
+    """Draw the attention grids (every run with head scores), the training-health figures (every run with a
+    health.json) and the names embeddings' PCA; return which were drawn."""
+    from lm.inspection import attention_maps
+
+    drawn: dict[str, list[str]] = {"attention": [], "health": []}
+    for name, run in study.runs.items():
+        heads = json.loads((metrics_dir / f"{name}.json").read_text()).get("heads")
+        if heads:
+            model, labels = weights.load(name)
+            ids = attention_passage(study, name, tokenizers_dir, min(run.model.block_size, 32))
+            maps = attention_maps(model, torch.from_numpy(ids)[None])
+            plot_attention_grid(name, maps, [labels[i] for i in ids], heads, fig_dir / f"attention-{name}.png")
+            drawn["attention"].append(name)
+        if (health := models_dir / name / "health.json").exists():
+            plot_health(name, json.loads(health.read_text())["records"], fig_dir / f"health-{name}.png")
+            drawn["health"].append(name)
+    pca = [
+        n for n, r in study.runs.items()
+        if r.model.family in study.report.embedding_families and study.tokenizers[r.tokenizer].kind == "char"
+        and study.corpus_of(n).format == "lines"
+    ]  # fmt: skip
+    if pca:
+        loaded = {n: weights.load(n) for n in pca}
+        plot_embedding_pca({n: token_embedding(m) for n, (m, _) in loaded.items()}, loaded[pca[0]][1],
+                           fig_dir / "embedding_pca.png")  # fmt: skip
+        drawn["embedding_pca"] = pca
+    return drawn

@@ -1,6 +1,6 @@
 """The train stage as a library call: build a run's model, fit it, and write its outputs atomically.
 
-models/<run>/      model.safetensors, config.json (checkpoint), train.json (summary)
+models/<run>/      model.safetensors, config.json (checkpoint), train.json (summary), health.json (train.health_every)
 curves/<run>.csv   step, tokens, train_loss, val_loss, lr (one row per evaluation)
 
 Both hold only numbers a rerun reproduces bit for bit (on the same machine and device); wall-clock figures
@@ -115,7 +115,7 @@ def train_run(
             "machine": platform.machine(),
         }
         if rank == 0:
-            _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state)
+            _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state, result.health)
     if rank == 0:
         logger.log_metrics({"summary/train_seconds": timing["train_seconds"]}, step=result.steps)
         logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
@@ -124,13 +124,24 @@ def train_run(
 
 
 def _write_outputs(
-    model, run: RunConfig, vocab_size: int, summary: dict, rows: list, out: Path, curve: Path, state: Path
+    model,
+    run: RunConfig,
+    vocab_size: int,
+    summary: dict,
+    rows: list,
+    out: Path,
+    curve: Path,
+    state: Path,
+    health: list[dict] | None = None,
 ) -> None:
-    """Checkpoint + train.json (one atomic directory) and the curve CSV; then the training state goes."""
+    """Checkpoint + train.json (+ health.json with train.health_every; one atomic directory) and the curve CSV;
+    then the training state goes."""
     try:
         with atomic_dir(out) as tmp:
             checkpoint.save(model, run, vocab_size, tmp)
             write_json(tmp / "train.json", summary)
+            if health:
+                write_json(tmp / "health.json", {"run": summary["run"], "records": health})
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
         w.writeheader()

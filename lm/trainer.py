@@ -33,6 +33,7 @@ from lm import checkpoint, distributed
 from lm.batches import Batches
 from lm.config import TrainConfig
 from lm.distributed import pick_device
+from lm.health import HealthRecorder
 from lm.metrics import autocast, score
 from lm.models import IGNORE_INDEX
 
@@ -63,6 +64,8 @@ class FitResult:
     """Wall-clock seconds of each step this call ran (batch, forward, backward, update; no evaluation)."""
     selected_step: int = 0
     """The step whose weights the model holds on return: the best evaluation's (train.keep 'best') or the last."""
+    health: list[dict] = field(default_factory=list)
+    """Training-health records (train.health_every; lm.inspection.HealthRecorder), one per recorded step."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -156,6 +159,7 @@ def fit(
     saver = _Saver(state_dir, fingerprint, cfg, replica)
     prog = saver.resume(model, optimizer, rng)
     replica.wrap(cfg, compiles(cfg, device))
+    health = HealthRecorder(records=prog.health) if cfg.health_every else None
     step_seconds: list[float] = []
     if prog.step == 0 and logger and replica.rank == 0:  # where the curve starts: ≈ ln V
         total, count = score(model, val_batches, device, cfg.dtype)
@@ -170,15 +174,24 @@ def fit(
             t0 = time.perf_counter()
             x, y = train.sample(rng, cfg.batch_size)
             optimizer.zero_grad(set_to_none=True)
+            watch = health is not None and _health_due(step + 1, cfg)
+            if watch:
+                health.arm(model)  # its hooks see this step's forward pass
             loss, stop_asked = replica.backward(x, y, cfg, stop.set)
             if not math.isfinite(loss):
                 raise DivergedError(
                     f"loss became {loss} at step {step} (lr {lr:.3g}); {saver.last_good()}: "
                     "lower train.lr or raise train.warmup_steps"
                 )
+            if watch:
+                health.after_backward(model)  # the raw gradients, before clipping
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if watch:
+                rec = health.after_update(model, step + 1, histograms=step + 1 in (1, cfg.max_steps))
+                if logger and replica.rank == 0:
+                    logger.log_metrics({f"ud/{k}": v for k, v in rec["update_ratio"].items()}, step=step + 1)
             step_seconds.append(time.perf_counter() - t0)
             prog.record(loss, int((y != IGNORE_INDEX).sum()), step_seconds[-1])
             bar.update()
@@ -200,7 +213,14 @@ def fit(
     saver.save_final(model, optimizer, rng, prog)  # kept until the caller has written the outputs
     prog.restore_selected(model)
     model.eval()
-    return FitResult(prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds, prog.selected_step)
+    return FitResult(
+        prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds, prog.selected_step, prog.health
+    )
+
+
+def _health_due(step: int, cfg: TrainConfig) -> bool:
+    """Whether training health is recorded after `step` (1-based): the first, every health_every-th, the last."""
+    return step == 1 or step % cfg.health_every == 0 or step == cfg.max_steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +240,7 @@ class _Progress:
     tokens: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
     keep: str = "last"
+    health: list[dict] = field(default_factory=list)
     best_step: int | None = None
     best: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 

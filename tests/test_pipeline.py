@@ -49,6 +49,21 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
     assert "| 2.4544 (makemore, float32 sum) |" in report
     # Every gradient run names the step its checkpoint holds.
     assert "checkpoint step" in report
+    # Inside the models: head scores of every attention run with its grid, quality scores of every text run, the
+    # health records of the runs that ask for them, the names embeddings in 2-D.
+    for run, cfg in params["runs"].items():
+        m = json.loads((project / "metrics" / f"{run}.json").read_text())
+        attention = cfg["model"]["family"] in {"single_head", "multi_head", "block", "gpt", "llama"}
+        assert bool(m.get("heads")) == attention, run
+        if attention:
+            assert (project / "reports" / "figures" / f"attention-{run}.png").stat().st_size > 1000
+            assert all(0 <= v <= 1 for h in m["heads"].values() for v in h.values())
+        text = params["corpora"][params["tokenizers"][cfg["tokenizer"]]["corpus"]]["format"] == "text"
+        assert ("quality" in m) == text, run
+        health = project / "models" / run / "health.json"
+        assert health.exists() == ("health_every" in cfg.get("train", {})), run
+    assert "its clearest previous-token head is" in report and "## Generation quality beyond perplexity" in report
+    assert "figures/health-names-mlp.png" in report and "figures/embedding_pca.png" in report
     for fig in ["loss_curves", "bpc_vs_params", "param_shares", "bigram_heatmaps", "embedding_similarity"]:
         assert (project / "reports" / "figures" / f"{fig}.png").stat().st_size > 1000
         assert f"figures/{fig}.png" in report

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lm.config import BlockConfig, GPTConfig, LlamaConfig
 from lm.models.attention import CausalLM, CausalSelfAttention, KVCache, Rope
@@ -50,10 +49,11 @@ class SwiGLU(nn.Module):
         self.c_gate = nn.Linear(n_embd, n_hidden, bias=bias)  # Hugging Face Llama: gate_proj
         self.c_fc = nn.Linear(n_embd, n_hidden, bias=bias)  # up_proj
         self.c_proj = nn.Linear(n_hidden, n_embd, bias=bias)  # down_proj
+        self.silu = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, C) -> (B, T, H): the gate scales each hidden unit
+        h = self.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, C) -> (B, T, H): the gate scales each hidden unit
         return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
 
 

@@ -38,7 +38,8 @@ class MLP(WindowMLP):
         super().__init__(cfg, vocab_size)
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.hidden = nn.Linear(cfg.block_size * cfg.n_embd, cfg.n_hidden, bias=not cfg.batchnorm)
-        self.bn = nn.BatchNorm1d(cfg.n_hidden) if cfg.batchnorm else None
+        self.bn = nn.BatchNorm1d(cfg.n_hidden, momentum=cfg.bn_momentum) if cfg.batchnorm else None
+        self.act = nn.Tanh()  # a module, so training-health hooks see its output (lm/inspection.py)
         self.lm_head = nn.Linear(cfg.n_hidden, vocab_size)
         self._init_weights()
 
@@ -61,4 +62,4 @@ class MLP(WindowMLP):
         h = self.hidden(x)  # (N, n_hidden)
         if self.bn is not None:
             h = self.bn(h)  # statistics over the N examples (train) / running stats (eval)
-        return self.lm_head(torch.tanh(h))  # (N, V)
+        return self.lm_head(self.act(h))  # (N, V)

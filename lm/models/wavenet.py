@@ -45,12 +45,13 @@ class FusionLevel(nn.Module):
         self.flatten = FlattenConsecutive(2)
         self.fc = nn.Linear(2 * dim_in, n_hidden, bias=bias)
         self.bn = nn.BatchNorm1d(n_hidden)
+        self.act = nn.Tanh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(self.flatten(x))  # (N, L, C) -> (N, L/2, 2C) -> (N, L/2, H)
         N, L, H = x.shape
         x = self.bn(x.reshape(N * L, H)).view(N, L, H)  # stats over (N, L): (N*L, H) -> (N, L, H)
-        return torch.tanh(x)
+        return self.act(x)
 
 
 class WaveNet(WindowMLP):
