@@ -643,10 +643,12 @@ def heads_table(study: StudyConfig, metrics_dir: Path) -> str:
 
         best = clearest_heads(heads)
         (p_head, p), (i_head, i) = best["prev_token"], best["induction"]
+        half = study.runs[name].model.block_size // 2
+        chance = sum(1 / (t + 1) for t in range(half, 2 * half)) / half  # a head attending uniformly to the past
         out += [
             f"**{name}**: its clearest previous-token head is {p_head} ({p:.2f} of its attention on the token before) "
-            f"and its clearest induction head {i_head} ({i:.2f} on the token after the current token's earlier "
-            "occurrence, on repeated random tokens; chance is about 2 / context length).",
+            f"and its clearest induction head {i_head} ({i:.3f} on the token after the current token's earlier "
+            f"occurrence, on repeated random tokens; uniform attention would give {chance:.3f}).",
             "",
             "| head | " + " | ".join(heads) + " |",
             "|---|" + "---:|" * len(heads),
