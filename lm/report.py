@@ -611,7 +611,7 @@ def plot_attention_grid(
     n_layer, n_head = len(maps), maps[0].size(1)
     size = 2.6 if len(labels) <= 32 else 2.2
     fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.2, size * n_layer + 0.6), squeeze=False)
-    im = None
+    im, fits = None, len(labels) <= 32
     for layer, att in enumerate(maps):
         for head in range(n_head):
             ax = axes[layer][head]
@@ -620,12 +620,11 @@ def plot_attention_grid(
             ax.set_title(
                 f"L{layer}.H{head}  prev {s.get('prev_token', 0):.2f}  ind {s.get('induction', 0):.2f}", fontsize=7
             )
-            if len(labels) <= 32:
-                ax.set_xticks(range(len(labels)), labels, fontsize=5, rotation=90)
-                ax.set_yticks(range(len(labels)), labels, fontsize=5)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
+            # Tokens on the outer axes only (each row and column shares the passage), where they fit.
+            ax.set_xticks(
+                range(len(labels)), labels, fontsize=5, rotation=90
+            ) if fits and layer == n_layer - 1 else ax.set_xticks([])
+            ax.set_yticks(range(len(labels)), labels, fontsize=5) if fits and head == 0 else ax.set_yticks([])
     fig.suptitle(f"{name}: attention (rows: query, columns: key)", fontsize=9)
     fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
     _save(fig, out)
