@@ -186,7 +186,7 @@ class ModelConfig(Strict):
         if isinstance(value, ModelConfig):
             return value
         family = value.get("family") if isinstance(value, dict) else None
-        if family not in FAMILY_CONFIGS:
+        if not isinstance(family, str) or family not in FAMILY_CONFIGS:  # a list or dict is no family name
             raise _family_error(value)
         return FAMILY_CONFIGS[family].model_validate(value)
 

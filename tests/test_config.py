@@ -135,3 +135,12 @@ def test_validation_never_imports_torch():
     """Stages validate params before importing anything heavy, so a broken file fails in well under a second."""
     code = "import sys, lm.config, lm.cli; lm.config.load_params(sys.argv[1]); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code, str(ROOT / "params.yaml")], check=True)
+
+
+@pytest.mark.parametrize("family", [[], {"a": 1}])
+def test_a_family_that_is_not_a_name_is_one_params_error(family, good):
+    """Found by the fuzzer: an unhashable family (a YAML list or mapping) is a problem line, not a TypeError."""
+    d = copy.deepcopy(good)
+    d["runs"]["names-wavenet"]["model"]["family"] = family
+    with pytest.raises(ParamsError, match=r"runs.names-wavenet.model.family: must be one of bigram_counts"):
+        parse_params(d, "p")
