@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.train import datasheet_peak, flops_per_token
     from lm.config import load_params
     from lm.distributed import pick_device
+    from lm.tokenizer import load_stats
 
     if not (args.tokenizer / "stats.json").exists():
         raise SystemExit(f"error: {args.tokenizer} not found: run `dvc repro tokenize@{args.tokenizer.name}` first")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_reference:
         rows["reference (nanoGPT train_shakespeare_char, bench/nanogpt.py)"] = reference(run, args.tokenizer, device)
     sheet = datasheet_peak(device)
-    fpt = flops_per_token(run.model, 65)
+    fpt = flops_per_token(run.model, int(load_stats(args.tokenizer)["vocab_size"]))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     lines = [
         f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
