@@ -250,13 +250,22 @@ def samples(model, tokenizer, fmt: str, boundary_id: int | None, cfg: EvaluateCo
         start_ids = [0]
     passages = []
     for _ in range(cfg.num_passages):
-        idx = torch.tensor([start_ids], device=device)
-        text = ""
-        while len(text) < cfg.passage_chars:  # tokens are 1 to many characters: grow until long enough
-            idx = generate(model, idx, 256, **kw)
-            text = tokenizer.decode(idx[0, len(start_ids) :].tolist())
-        passages.append(text[: cfg.passage_chars])
+        ids = list(start_ids)
+        while not long_enough(tokenizer, ids[len(start_ids) :], cfg.passage_chars):
+            # Chunks of at most 256 tokens (a BPE token is several characters), each stopped once the text is long
+            # enough: the tokens drawn and the text written are those of drawing the whole chunk.
+            for nxt in stream(model, torch.tensor([ids], device=device), 256, **kw):
+                ids.append(int(nxt))
+                if long_enough(tokenizer, ids[len(start_ids) :], cfg.passage_chars):
+                    break
+        passages.append(tokenizer.decode(ids[len(start_ids) :])[: cfg.passage_chars])
     return passages
+
+
+def long_enough(tokenizer, ids: list[int], chars: int) -> bool:
+    """Whether `ids` decode to at least `chars` characters that no later token can change: complete characters (a
+    byte-level token that ends inside a UTF-8 character decodes to U+FFFD until the next one completes it)."""
+    return len(tokenizer.decode(ids).rstrip("\ufffd")) >= chars
 
 
 def format_samples(texts: list[str], fmt: str) -> str:

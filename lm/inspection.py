@@ -141,7 +141,8 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def copy_rate(texts: Sequence[str], train_text: str, n: int = 8) -> float:
     """The share of the character n-grams of `texts` that occur verbatim in `train_text` (memorisation)."""
     grams = [t[i : i + n] for t in texts for i in range(len(t) - n + 1)]
-    return sum(g in train_text for g in grams) / len(grams) if grams else 0.0
+    found = {g: g in train_text for g in set(grams)}  # each distinct n-gram searched once (greedy text repeats)
+    return sum(found[g] for g in grams) / len(grams) if grams else 0.0
 
 
 def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -182,15 +183,21 @@ def continuations(
     """The model's continuation of each prompt, as many characters as its true continuation: greedy (top-1) or
     sampled with the evaluate settings `cfg` (temperature, top_k, seed). The prompts are encoded, cut on the left to
     the shortest one's token count (so they run as one batch) and continued together."""
-    from lm.generate import generate
+    from lm.generate import long_enough, stream
 
     ids = [tokenizer.encode(p).ids for p, _ in pairs]
     n = min(len(i) for i in ids)
     idx = torch.tensor([i[len(i) - n :] for i in ids], device=device)  # (B, n)
-    length = max(len(c) for _, c in pairs)
+    length = max(len(c) for _, c in pairs)  # tokens: at least one character each (a byte-level token may be less)
     kw = {"top_k": 1} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k}
-    out = generate(model, idx, length, generator=torch.Generator().manual_seed(cfg.seed), **kw)  # (B, n + length)
-    return [tokenizer.decode(row[n:].tolist())[: len(c)] for row, (_, c) in zip(out, pairs)]
+    rows: list[list[int]] = [[] for _ in pairs]
+    for nxt in stream(model, idx, length, generator=torch.Generator().manual_seed(cfg.seed), **kw):
+        for row, t in zip(rows, nxt[:, 0].tolist()):
+            row.append(t)
+        # A BPE token is several characters: stop once every text is long enough (later tokens cannot change it).
+        if all(long_enough(tokenizer, row, len(c)) for row, (_, c) in zip(rows, pairs)):
+            break
+    return [tokenizer.decode(row)[: len(c)] for row, (_, c) in zip(rows, pairs)]
 
 
 def generation_quality(

@@ -592,12 +592,12 @@ def attention_passage(study: StudyConfig, run_name: str, tokenizers_dir: Path, l
     run = study.runs[run_name]
     tok_dir = tokenizers_dir / run.tokenizer
     ids = np.asarray(load_ids(tok_dir, "val"), dtype=np.int64)
-    text = load_tokenizer(tok_dir).decode(ids.tolist())
+    tokenizer = load_tokenizer(tok_dir)
+    text = tokenizer.decode(ids.tolist())
     offset = min(study.report.attention_offset, max(0, len(text) - 1))
     nl = text.find("\n", offset)
     start_char = nl + 1 if 0 <= nl < len(text) - 1 else offset
-    # The token where that character falls: decode prefixes (cheap: the val split is small).
-    tokenizer = load_tokenizer(tok_dir)
+    # The token where that character falls: the token count of the text before it.
     start = len(tokenizer.encode(text[:start_char]).ids) if start_char else 0
     start = min(start, max(0, len(ids) - length))
     return ids[start : start + length]
@@ -607,26 +607,38 @@ def plot_attention_grid(
     name: str, maps: list[torch.Tensor], labels: list[str], scores: dict[str, dict[str, float]], out: Path
 ) -> None:
     """An n_layer x n_head grid of causal attention maps on one passage (shared 0-1 colour scale), each titled with
-    its head's previous-token and induction scores; tokens on the axes when the passage is short enough."""
-    n_layer, n_head = len(maps), maps[0].size(1)
-    size = 2.6 if len(labels) <= 32 else 2.2
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.2, size * n_layer + 0.6), squeeze=False)
-    im, fits = None, len(labels) <= 32
+    its head's previous-token and induction scores; tokens on the axes when the passage is short enough.
+
+    The grid is drawn as one mosaic image on one axes (maps separated by a blank line) rather than a subplot per
+    head: matplotlib's cost is per axes and per tick label."""
+    n_layer, n_head, T = len(maps), maps[0].size(1), maps[0].size(-1)
+    # Blank (NaN) rows between map rows hold each head's title; a thinner blank column separates the heads.
+    row, col = T + max(2, round(T * 0.16)), T + max(1, round(T * 0.05))
+    mosaic = np.full((n_layer * row, n_head * col), np.nan, dtype=np.float32)
+    top = row - T
     for layer, att in enumerate(maps):
         for head in range(n_head):
-            ax = axes[layer][head]
-            im = ax.imshow(att[0, head].numpy(), cmap="viridis", vmin=0, vmax=1)
+            mosaic[layer * row + top : (layer + 1) * row, head * col : head * col + T] = att[0, head].numpy()
+    size = 2.6 if T <= 32 else 2.2
+    fig, ax = plt.subplots(figsize=(size * n_head + 1.2, size * n_layer + 0.6))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    im = ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    for layer in range(n_layer):
+        for head in range(n_head):
             s = scores.get(f"L{layer}.H{head}", {})
-            ax.set_title(
-                f"L{layer}.H{head}  prev {s.get('prev_token', 0):.2f}  ind {s.get('induction', 0):.2f}", fontsize=7
-            )
-            # Tokens on the outer axes only (each row and column shares the passage), where they fit.
-            ax.set_xticks(
-                range(len(labels)), labels, fontsize=5, rotation=90
-            ) if fits and layer == n_layer - 1 else ax.set_xticks([])
-            ax.set_yticks(range(len(labels)), labels, fontsize=5) if fits and head == 0 else ax.set_yticks([])
-    fig.suptitle(f"{name}: attention (rows: query, columns: key)", fontsize=9)
-    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
+            title = f"L{layer}.H{head}  prev {s.get('prev_token', 0):.2f}  ind {s.get('induction', 0):.2f}"
+            ax.text(head * col + T / 2 - 0.5, layer * row + top - 1, title, ha="center", va="bottom", fontsize=7)
+    # Tokens under every column of maps and beside every row (each map shows the same passage), where they fit.
+    fits = len(labels) <= 32
+    ax.set_xticks([h * col + t for h in range(n_head) for t in range(T)] if fits else [],
+                  labels * n_head if fits else [], fontsize=5, rotation=90)  # fmt: skip
+    ax.set_yticks([r * row + top + t for r in range(n_layer) for t in range(T)] if fits else [],
+                  labels * n_layer if fits else [], fontsize=5)  # fmt: skip
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(f"{name}: attention (rows: query, columns: key)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     _save(fig, out)
 
 
