@@ -11,6 +11,7 @@ resuming and saving (`_Saver`) and Ctrl-C (`_StopFlag`) are small helpers below 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import shutil
@@ -466,6 +467,12 @@ def _progress_bar(start: int, cfg: TrainConfig, enabled: bool) -> tqdm:
     )
 
 
+COUNTED_TRAIN_STRIDE = 4
+"""A counted run's train loss scores every 4th batch of the train split's fixed order (a quarter of it: an estimate,
+as every run's train loss is; ±0.003 nats on Shakespeare's 250k scored tokens): scoring all of it was a third of
+each Kneser-Ney run's time. Its val loss is the whole split, as evaluate's."""
+
+
 def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, device, logger) -> FitResult:
     """Fit a counting family with one pass over the training split in fixed order."""
     result = FitResult()
@@ -478,7 +485,7 @@ def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, devi
     row = {
         "step": 0,
         "tokens": result.tokens,
-        "train_loss": _mean_loss(model, train.iterate(4096), device),
+        "train_loss": _mean_loss(model, itertools.islice(train.iterate(1024), 0, None, COUNTED_TRAIN_STRIDE), device),
         "val_loss": _mean_loss(model, val.iterate(cfg.batch_size), device),
         "lr": 0.0,
     }

@@ -162,14 +162,18 @@ class NGram(LanguageModel):
 
     def _cumulative(self) -> list[tuple[torch.Tensor, ...]]:
         """Per order, running sums over the sorted entries of counts and of (count == 1, 2, >= 3), each with a
-        leading 0: a context's totals are the difference at the two ends of its run."""
+        leading 0: a context's totals are the difference at the two ends of its run. Then, per entry, what every
+        scoring pass needs of it: its discounted count max(c - D, 0) and its next token (the key's last digit)."""
         if self._runs is None:
             self._rebuild()
             self._runs = []
+            V = self.vocab_size
             for table in self.orders:
-                c = table.counts.data
+                c, d = table.counts.data, table.discounts
                 sums = [c, (c == 1).double(), (c == 2).double(), (c >= 3).double()]
-                self._runs.append(tuple(torch.cat([c.new_zeros(1), s.cumsum(0)]) for s in sums))
+                cums = tuple(torch.cat([c.new_zeros(1), s.cumsum(0)]) for s in sums)
+                discounted = (c - d[c.clamp(1, 3).long() - 1]).clamp_min(0)  # D1, D2 or D3+ by the entry's count
+                self._runs.append((*cums, discounted, table.keys % V))
         return self._runs
 
     # -- scoring ------------------------------------------------------------------------------------------------
@@ -198,7 +202,7 @@ class NGram(LanguageModel):
             p = torch.zeros(N, V, dtype=torch.float64, device=chunk.device)
             for k in range(self.cfg.order, 0, -1):
                 table, (start, end, total, gamma) = self.orders[k - 1], orders[k - 1]
-                self._scatter(p, weight, start, end, total, table, dense=k == 1)
+                self._scatter(p, weight, start, end, total, table, runs[k - 1][4:], dense=k == 1)
                 weight = weight * gamma
             out.append(p + weight[:, None] / V)  # Γ_0 · p_0, p_0 uniform
         return torch.cat(out)
@@ -207,7 +211,7 @@ class NGram(LanguageModel):
         """For contexts h (N,) (packed k-1 tokens): where each one's entries lie in the table (start, end), its
         count c_k(h) and its γ_k(h) (1 for a context never seen: it passes p_{k-1} through)."""
         V = self.vocab_size
-        cum_c, cum_1, cum_2, cum_3 = run
+        cum_c, cum_1, cum_2, cum_3 = run[:4]
         start = torch.searchsorted(table.keys, h * V)  # (N,) the run of entries h w, w = 0 .. V-1
         end = torch.searchsorted(table.keys, h * V + V)  # (N,)
         total = cum_c[end] - cum_c[start]  # c_k(h), (N,)
@@ -217,15 +221,15 @@ class NGram(LanguageModel):
         gamma = torch.where(total > 0, mass / total.clamp_min(1), torch.ones_like(total))
         return start, end, total, gamma
 
-    def _scatter(self, p, weight, start, end, total, table: NGramTable, dense: bool) -> None:
-        """p[i, w] += weight_i · max(c(h_i w) - D, 0) / c(h_i) over the stored entries of each context h_i."""
+    def _scatter(self, p, weight, start, end, total, table: NGramTable, entries, dense: bool) -> None:
+        """p[i, w] += weight_i · max(c(h_i w) - D, 0) / c(h_i) over the stored entries of each context h_i;
+        `entries`: every entry's max(c - D, 0) and next token (from :meth:`_cumulative`)."""
         V = self.vocab_size
-        d = table.discounts
+        discounted, token = entries
         if dense:  # the unigram order: one context, one row for every position
-            c = table.counts.data
             row = torch.zeros(V, dtype=torch.float64, device=p.device)
-            if c.numel():
-                row[table.keys] = (c - d[c.clamp(1, 3).long() - 1]).clamp_min(0) / c.sum()
+            if discounted.numel():
+                row[table.keys] = discounted / table.counts.data.sum()
             p.add_(weight[:, None] * row[None, :])  # (N, 1) * (1, V)
             return
         lengths = end - start  # entries per position
@@ -233,9 +237,7 @@ class NGram(LanguageModel):
         rows = per_entry(torch.arange(start.numel(), device=p.device))  # (E,)
         first = torch.cumsum(lengths, 0) - lengths  # where each position's entries begin in the flat list
         entry = per_entry(start - first) + torch.arange(rows.numel(), device=p.device)  # (E,) index into table
-        c = table.counts.data[entry]
-        discount = d[c.clamp(1, 3).long() - 1]  # D1, D2 or D3+ by the entry's count, in float64
-        p[rows, table.keys[entry] % V] += per_entry(weight) * (c - discount).clamp_min(0) / per_entry(total)
+        p[rows, token[entry]] += per_entry(weight) * discounted[entry] / per_entry(total)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = check_idx(idx)
