@@ -4,10 +4,13 @@
   whose speed drifts: `fit_to_budget` against simulated clocks, and the report's caveat.
 * The bf16 throttling warning, from given peaks and CPU flags.
 * `bench.generate` end to end on a few tokens: every column, and the cache draws the same tokens.
+* `bench.makemore_bn`, the BatchNorm anchor's reference: the study's split, the lecture's example counts, ln V at
+  the start, learning, bit-identical reruns.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,43 @@ def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
     imported = {n.module for n in ast.walk(nanogpt) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(nanogpt) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.split(".")[0] in ("lm", "stages") for m in imported)
+
+
+def test_the_batchnorm_reference_draws_the_lectures_split_which_is_the_studys():
+    # bench.makemore_bn is makemore part 3 written independently of the study: its split must be the study's
+    # seed-42 split of names.txt, and its examples the lecture's Xtr / Xdev / Xte (182,625 / 22,655 / 22,866).
+    from conftest import SOURCE_CORPORA
+
+    from bench import makemore_bn
+    from lm.config import SplitConfig
+    from lm.data import split_corpus
+
+    text = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8")
+    ref = makemore_bn.split_words(text.splitlines())
+    assert ref == split_corpus(text, "lines", SplitConfig(train=0.8, val=0.1, test=0.1), seed=42)
+    stoi = makemore_bn.vocab(text.splitlines())
+    assert len(stoi) == 27 and stoi["."] == 0 and stoi["a"] == 1
+    sizes = {name: makemore_bn.build_dataset(words, stoi)[0].shape for name, words in ref.items()}
+    assert sizes == {"train": (182625, 3), "val": (22655, 3), "test": (22866, 3)}
+
+
+def test_the_batchnorm_reference_starts_at_ln_v_learns_and_repeats_itself(tmp_path):
+    from conftest import FIXTURE_CORPORA
+
+    from bench import makemore_bn
+
+    words = (FIXTURE_CORPORA / "names.txt").read_text(encoding="utf-8").splitlines()
+    stoi = makemore_bn.vocab(words)
+    data = {name: makemore_bn.build_dataset(ws, stoi) for name, ws in makemore_bn.split_words(words).items()}
+    start = makemore_bn.train_one(7, data, len(stoi), steps=0)
+    assert start["val"] == pytest.approx(math.log(len(stoi)), abs=0.03)  # W2 * 0.01: near-uniform logits
+    first, again = (makemore_bn.train_one(7, data, len(stoi), steps=300) for _ in range(2))
+    assert first["train"] < start["train"] - 0.5
+    assert {k: first[k] for k in ("train", "val", "test")} == {k: again[k] for k in ("train", "val", "test")}
+    out = tmp_path / "bn.md"
+    makemore_bn.main(
+        ["--names", str(FIXTURE_CORPORA / "names.txt"), "--seeds", "1", "2", "--steps", "20", "--out", str(out)]
+    )
+    rows = out.read_text().splitlines()
+    assert sum(r.startswith("| 1 |") or r.startswith("| 2 |") for r in rows) == 2
+    assert any(r.startswith("| mean |") for r in rows) and any(r.startswith("| sd |") for r in rows)
