@@ -1,4 +1,29 @@
 """Benchmarks that are run by hand (``python -m bench.<name>``), not by the test suite or the pipeline.
 
 - ``bench.generate``: sampling tokens/s with and without the KV cache (``--write`` appends to reports/bench.md).
+- ``bench.makemore_bn`` / ``bench.makemore_transformer``: a seed anchor's source recipe written plainly and run
+  here over seeds, so a published number can be read against its own code's spread (reports/seed/).
 """
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_names_argument(ap: argparse.ArgumentParser) -> None:
+    """``--names``: names.txt, by default from the corpora mirror (``$LM_DATA_MIRROR/names.txt``)."""
+    mirror = os.environ.get("LM_DATA_MIRROR")
+    default = Path(mirror) / "names.txt" if mirror else None
+    ap.add_argument("--names", type=Path, default=default, help="names.txt (default: $LM_DATA_MIRROR/names.txt)")
+
+
+def names_text(ap: argparse.ArgumentParser, path: Path | None) -> str:
+    """The text of names.txt, or the parser's usage error naming the fix."""
+    if path is None or not path.is_file():
+        ap.error(
+            f"names.txt not found ({path}): pass --names PATH (the file at params' corpora.names.url) "
+            "or set LM_DATA_MIRROR to the folder that holds it"
+        )
+    return path.read_text(encoding="utf-8")

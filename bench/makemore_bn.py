@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import random
 import statistics
@@ -36,6 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench import add_names_argument, names_text
+from lm.io import atomic_write_text
 
 LECTURE_SEED = 2147483647
 """The lecture's ``torch.Generator().manual_seed(2147483647)``: its published run."""
@@ -117,13 +119,9 @@ def train_one(seed: int, data: dict[str, tuple[torch.Tensor, torch.Tensor]], voc
     return {"seed": seed, **out, "seconds": time.perf_counter() - t0}
 
 
-def _default_names() -> Path | None:
-    mirror = os.environ.get("LM_DATA_MIRROR")
-    return Path(mirror) / "names.txt" if mirror else None
-
-
-def run(names: Path, seeds: list[int], steps: int, jobs: int = 1) -> list[dict]:
-    words = names.read_text(encoding="utf-8").splitlines()
+def run(text: str, seeds: list[int], steps: int, jobs: int = 1) -> list[dict]:
+    """Train every seed (``jobs`` at once) on names.txt's `text`; one result dict per seed, in order."""
+    words = text.splitlines()
     stoi = vocab(words)
     data = {name: build_dataset(ws, stoi) for name, ws in split_words(words).items()}
     if jobs <= 1:
@@ -163,23 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[LECTURE_SEED, *range(1, 9)], help="generator seeds")
     ap.add_argument("--steps", type=int, default=200_000, help="SGD steps (the lecture: 200,000)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and thread each")
-    ap.add_argument(
-        "--names", type=Path, default=_default_names(), help="names.txt (default: $LM_DATA_MIRROR/names.txt)"
-    )
+    add_names_argument(ap)
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     args = ap.parse_args(argv)
-    if args.names is None or not args.names.is_file():
-        ap.error(
-            f"names.txt not found ({args.names}): pass --names PATH (the file at params' corpora.names.url) "
-            "or set LM_DATA_MIRROR to the folder that holds it"
-        )
-    text = table(run(args.names, args.seeds, args.steps, args.jobs), args.steps)
+    text = table(run(names_text(ap, args.names), args.seeds, args.steps, args.jobs), args.steps)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,46 @@ def test_the_batchnorm_reference_starts_at_ln_v_learns_and_repeats_itself(tmp_pa
     rows = out.read_text().splitlines()
     assert sum(r.startswith("| 1 |") or r.startswith("| 2 |") for r in rows) == 2
     assert any(r.startswith("| mean |") for r in rows) and any(r.startswith("| sd |") for r in rows)
+
+
+def test_the_transformer_reference_is_makemores_shape_split_and_rows():
+    from conftest import SOURCE_CORPORA
+
+    from bench import makemore_transformer as mt
+
+    words = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8").splitlines()
+    train, test = mt.split(words, mt.MAKEMORE_SEED)
+    assert (len(train), len(test)) == (31033, 1000) and sorted(train + test) == sorted(words)
+    assert mt.split(words, mt.MAKEMORE_SEED) == (train, test)  # torch.manual_seed makes it the same every time
+    stoi = {c: i + 1 for i, c in enumerate(sorted(set("".join(words))))}
+    X, Y = mt.encode(["emma"], stoi, 16)
+    e, m, a = stoi["e"], stoi["m"], stoi["a"]
+    assert X[0, :6].tolist() == [0, e, m, m, a, 0] and Y[0, :6].tolist() == [e, m, m, a, 0, -1]
+    assert (Y[0, 5:] == -1).all()
+    model = mt.Transformer(27, 16)
+    assert sum(p.numel() for p in model.parameters()) == 204_544  # makemore.py's default model
+
+
+def test_the_transformer_reference_keeps_its_lowest_test_estimate(tmp_path):
+    from conftest import FIXTURE_CORPORA
+
+    from bench import makemore_transformer as mt
+
+    out = tmp_path / "tf.md"
+    mt.main(["--names", str(FIXTURE_CORPORA / "names.txt"), "--steps", "500", "--every", "500", "--out", str(out)])
+    text = out.read_text()
+    kept = [r for r in text.splitlines() if r.startswith("| 3407 | 500 |")]
+    assert len(kept) == 2  # the trace row and the kept-model row
+    cells = [float(c) for c in kept[1].strip("|").split("|")[2:4]]
+    assert all(1.5 < c < math.log(27) for c in cells)  # learned something; estimate and whole split agree in range
+
+
+@pytest.mark.parametrize("module", ["makemore_bn", "makemore_transformer"])
+def test_a_reference_without_names_txt_says_where_to_point_it(module, tmp_path, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"bench.{module}").main(["--names", str(tmp_path / "missing.txt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "names.txt not found" in err and "--names PATH" in err and "LM_DATA_MIRROR" in err
