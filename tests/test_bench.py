@@ -5,7 +5,8 @@
 * The bf16 throttling warning, from given peaks and CPU flags.
 * `bench.generate` end to end on a few tokens: every column, and the cache draws the same tokens.
 * `bench.makemore_bn`, the BatchNorm anchor's reference: the study's split, the lecture's example counts, ln V at
-  the start, learning, bit-identical reruns.
+  the start, learning, bit-identical reruns. `bench.makemore_transformer`: makemore's split, rows, parameter count
+  and kept step. Both: a missing names.txt is a usage error naming the fix.
 """
 
 from __future__ import annotations
