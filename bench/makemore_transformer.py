@@ -1,6 +1,7 @@
 """The reference for the transformer anchor: makemore.py's default run, written plainly, on its own split.
 
-``python -m bench.makemore_transformer [--seeds S ...] [--steps N] [--jobs J] [--names FILE] [--out FILE]``
+``python -m bench.makemore_transformer [--seeds S ...] [--steps N] [--split makemore|study] [--jobs J] [--names FILE]
+[--out FILE]``
 
 makemore's README says its default settings reach a test loss of "~1.92" on names.txt; makemore.py trains without a
 step limit and keeps the model whose test loss is lowest. This script is that run written plainly (no study code), so
@@ -13,6 +14,9 @@ the anchor can be checked against the source's own recipe rather than the study'
   MLP of 4 × 64, biases everywhere but the head, PyTorch's default initialisation (204,544 parameters);
 - AdamW on every parameter (lr 5e-4, betas 0.9/0.99, eps 1e-8, weight decay 0.01), constant lr, 32 names a step
   drawn with replacement;
+- ``--split study`` trains and tests on the study's ``names-makemore`` split instead (presets/seed.yaml: names
+  shuffled with ``random.Random(42)``, 30,034 train / 1,000 val (unused) / 1,000 test), so the recipe's test loss
+  is on the same names as the study's names-gpt run's;
 - every 500 steps makemore's test estimate: the mean of the per-batch mean losses over the 1,000 test names in
   shuffled batches of 100; the lowest one is kept (makemore selects on its test set).
 
@@ -39,6 +43,10 @@ import torch.nn.functional as F
 from bench import add_names_argument, names_text
 from lm.io import atomic_write_text
 
+SPLITS = {
+    "makemore": "its own split (31,033 / 1,000 names, randperm after the seed)",
+    "study": "the study's names-makemore split (30,034 / 1,000 test names, as the names-gpt run)",
+}
 MAKEMORE_SEED = 3407
 """makemore.py's default ``--seed``: its split and its run."""
 PUBLISHED_TEST = 1.92
@@ -134,13 +142,24 @@ def whole_split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> floa
     return total / (Y >= 0).sum().item()
 
 
-def train_one(seed: int, words: list[str], steps: int, every: int) -> dict:
+def study_split(words: list[str]) -> tuple[list[str], list[str]]:
+    """The study's names-makemore split (presets/seed.yaml): train and test names; val is not used here."""
+    from lm.config import SplitConfig
+    from lm.data import split_corpus
+
+    parts = split_corpus("\n".join(words), "lines", SplitConfig(train=0.9376, val=0.0312, test=0.0312), seed=42)
+    return parts["train"], parts["test"]
+
+
+def train_one(seed: int, words: list[str], steps: int, every: int, which: str = "makemore") -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     chars = sorted(set("".join(words)))
     stoi = {c: i + 1 for i, c in enumerate(chars)}
     width = max(len(w) for w in words) + 1  # <START> + the longest name: makemore's block_size, 16
     train_words, test_words = split(words, seed)  # seeds torch's global RNG, as makemore.py does first
+    if which == "study":
+        train_words, test_words = study_split(words)
     Xtr, Ytr = encode(train_words, stoi, width)
     Xte, Yte = encode(test_words, stoi, width)
     model = Transformer(len(chars) + 1, width)
@@ -172,13 +191,13 @@ def train_one(seed: int, words: list[str], steps: int, every: int) -> dict:
     }
 
 
-def table(results: list[dict], steps: int) -> str:
+def table(results: list[dict], steps: int, which: str = "makemore") -> str:
     lines = [
         f"### bench.makemore_transformer: {dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, "
         f"torch {torch.__version__}",
         "",
-        f"makemore.py's default transformer ({results[0]['params']:,} params) on its own split, {steps:,} steps. "
-        "Estimates are makemore's (train: 11 random batches of 100 names; test: its 1,000 test names).",
+        f"makemore.py's default transformer ({results[0]['params']:,} params) on {SPLITS[which]}, {steps:,} steps. "
+        "Estimates are makemore's (train: 11 random batches of 100 names; test: the 1,000 test names).",
         "",
         "| seed | step | train estimate | test estimate |",
         "|---|---:|---:|---:|",
@@ -198,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[MAKEMORE_SEED], help="seeds (3407: makemore's default)")
     ap.add_argument("--steps", type=int, default=60_000, help="optimizer steps")
+    ap.add_argument("--split", choices=sorted(SPLITS), default="makemore", help="whose train/test names")
     ap.add_argument("--every", type=int, default=5_000, help="steps between rows of the printed trace")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and thread each")
     add_names_argument(ap)
@@ -208,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     words = [w.strip() for w in names_text(ap, args.names).splitlines() if w.strip()]
     n = len(args.seeds)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(train_one, args.seeds, [words] * n, [args.steps] * n, [args.every] * n))
-    text = table(results, args.steps)
+        results = list(
+            pool.map(train_one, args.seeds, [words] * n, [args.steps] * n, [args.every] * n, [args.split] * n)
+        )
+    text = table(results, args.steps, args.split)
     print(text)
     if args.out:
         atomic_write_text(args.out, text)

@@ -215,3 +215,18 @@ def test_a_reference_without_names_txt_says_where_to_point_it(module, tmp_path, 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "names.txt not found" in err and "--names PATH" in err and "LM_DATA_MIRROR" in err
+
+
+def test_the_transformer_reference_on_the_study_split_tests_on_the_seed_runs_names():
+    import yaml
+    from conftest import ROOT, SOURCE_CORPORA
+
+    from bench import makemore_transformer as mt
+    from lm.config import SplitConfig
+    from lm.data import split_corpus
+
+    text = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8")
+    preset = yaml.safe_load((ROOT / "presets" / "seed.yaml").read_text())
+    parts = split_corpus(text, "lines", SplitConfig(**preset["corpora"]["names-makemore"]["split"]), preset["seed"])
+    train, test = mt.study_split(text.splitlines())
+    assert (train, test) == (parts["train"], parts["test"]) and (len(train), len(test)) == (30034, 1000)
