@@ -152,6 +152,8 @@ def study_split(words: list[str]) -> tuple[list[str], list[str]]:
 
 
 def train_one(seed: int, words: list[str], steps: int, every: int, which: str = "makemore") -> dict:
+    """One run of makemore's loop on `which` split: the trace (every `every` steps: train and test estimates),
+    the step whose test estimate was lowest, that estimate, and the kept model's whole-test-split loss."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     chars = sorted(set("".join(words)))
