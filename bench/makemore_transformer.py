@@ -47,6 +47,8 @@ SPLITS = {
     "makemore": "its own split (31,033 / 1,000 names, randperm after the seed)",
     "study": "the study's names-makemore split (30,034 / 1,000 test names, as the names-gpt run)",
 }
+SEED_PRESET = Path(__file__).resolve().parents[1] / "presets" / "seed.yaml"
+"""Where the study's names-makemore split is defined (``--split study``)."""
 MAKEMORE_SEED = 3407
 """makemore.py's default ``--seed``: its split and its run."""
 PUBLISHED_TEST = 1.92
@@ -115,9 +117,9 @@ def encode(words: list[str], stoi: dict[str, int], width: int) -> tuple[torch.Te
     return X, Y
 
 
-def split(words: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """makemore.py's split: after ``torch.manual_seed(seed)``, a randperm; the last 1,000 names are the test set."""
-    torch.manual_seed(seed)
+def split(words: list[str]) -> tuple[list[str], list[str]]:
+    """makemore.py's split, drawn from torch's global RNG right after ``torch.manual_seed``: a randperm, whose last
+    1,000 names are the test set."""
     rp = torch.randperm(len(words)).tolist()
     return [words[i] for i in rp[:-TEST_NAMES]], [words[i] for i in rp[-TEST_NAMES:]]
 
@@ -142,12 +144,14 @@ def whole_split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> floa
     return total / (Y >= 0).sum().item()
 
 
-def study_split(words: list[str]) -> tuple[list[str], list[str]]:
-    """The study's names-makemore split (presets/seed.yaml): train and test names; val is not used here."""
-    from lm.config import SplitConfig
+def study_split(words: list[str], preset: Path = SEED_PRESET) -> tuple[list[str], list[str]]:
+    """The study's names-makemore split, as `preset` defines it (its seed and fractions): train and test names;
+    val is not used here."""
+    from lm.config import load_params
     from lm.data import split_corpus
 
-    parts = split_corpus("\n".join(words), "lines", SplitConfig(train=0.9376, val=0.0312, test=0.0312), seed=42)
+    params = load_params(preset)
+    parts = split_corpus("\n".join(words), "lines", params.corpora["names-makemore"].split, params.seed)
     return parts["train"], parts["test"]
 
 
@@ -159,9 +163,8 @@ def train_one(seed: int, words: list[str], steps: int, every: int, which: str = 
     chars = sorted(set("".join(words)))
     stoi = {c: i + 1 for i, c in enumerate(chars)}
     width = max(len(w) for w in words) + 1  # <START> + the longest name: makemore's block_size, 16
-    train_words, test_words = split(words, seed)  # seeds torch's global RNG, as makemore.py does first
-    if which == "study":
-        train_words, test_words = study_split(words)
+    torch.manual_seed(seed)  # as makemore.py: the split's randperm, the init and the batches all draw from it
+    train_words, test_words = split(words) if which == "makemore" else study_split(words)
     Xtr, Ytr = encode(train_words, stoi, width)
     Xte, Yte = encode(test_words, stoi, width)
     model = Transformer(len(chars) + 1, width)
