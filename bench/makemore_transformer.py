@@ -1,7 +1,7 @@
 """The reference for the transformer anchor: makemore.py's default run, written plainly, on its own split.
 
-``python -m bench.makemore_transformer [--seeds S ...] [--steps N] [--split makemore|study] [--jobs J] [--names FILE]
-[--out FILE]``
+``python -m bench.makemore_transformer [--seeds S ...] [--steps N] [--split makemore|study] [--select test|val]
+[--jobs J] [--names FILE] [--out FILE]``
 
 makemore's README says its default settings reach a test loss of "~1.92" on names.txt; makemore.py trains without a
 step limit and keeps the model whose test loss is lowest. This script is that run written plainly (no study code), so
@@ -15,13 +15,16 @@ the anchor can be checked against the source's own recipe rather than the study'
 - AdamW on every parameter (lr 5e-4, betas 0.9/0.99, eps 1e-8, weight decay 0.01), constant lr, 32 names a step
   drawn with replacement;
 - ``--split study`` trains and tests on the study's ``names-makemore`` split instead (presets/seed.yaml: names
-  shuffled with ``random.Random(42)``, 30,034 train / 1,000 val (unused) / 1,000 test), so the recipe's test loss
+  shuffled with ``random.Random(42)``, 30,034 train / 999 val / 1,000 test), so the recipe's test loss
   is on the same names as the study's names-gpt run's;
 - every 500 steps makemore's test estimate: the mean of the per-batch mean losses over the 1,000 test names in
-  shuffled batches of 100; the lowest one is kept (makemore selects on its test set).
+  shuffled batches of 100; the lowest one is kept (makemore selects on its test set);
+- ``--select val`` (with ``--split study``) keeps the model whose estimate on the 999 *val* names is lowest, as the
+  study's names-gpt run does, so the kept model's test loss is not chosen on the test names it is reported on.
 
-Prints, per seed, the test estimate every ``--every`` steps, the kept step and its estimate, and the kept model's
-loss over the whole test split (token-weighted, the study's metric), then writes the table to ``--out``.
+Prints, per seed, the estimates every ``--every`` steps, the kept step and its estimate, and the kept model's
+loss over the whole test split (and val split, with ``--select val``; token-weighted, the study's metric), then
+writes the table to ``--out``.
 About 20 ms a step on one CPU core; ``--jobs`` trains seeds in parallel processes, one thread each.
 """
 
@@ -144,29 +147,39 @@ def whole_split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> floa
     return total / (Y >= 0).sum().item()
 
 
-def study_split(words: list[str], preset: Path = SEED_PRESET) -> tuple[list[str], list[str]]:
-    """The study's names-makemore split, as `preset` defines it (its seed and fractions): train and test names;
-    val is not used here."""
+def study_split(words: list[str], preset: Path = SEED_PRESET) -> tuple[list[str], list[str], list[str]]:
+    """The study's names-makemore split, as `preset` defines it (its seed and fractions): train, val and test
+    names."""
     from lm.config import load_params
     from lm.data import split_corpus
 
     params = load_params(preset)
     parts = split_corpus("\n".join(words), "lines", params.corpora["names-makemore"].split, params.seed)
-    return parts["train"], parts["test"]
+    return parts["train"], parts["val"], parts["test"]
 
 
-def train_one(seed: int, words: list[str], steps: int, every: int, which: str = "makemore") -> dict:
-    """One run of makemore's loop on `which` split: the trace (every `every` steps: train and test estimates),
-    the step whose test estimate was lowest, that estimate, and the kept model's whole-test-split loss."""
+def train_one(
+    seed: int, words: list[str], steps: int, every: int, which: str = "makemore", select: str = "test"
+) -> dict:
+    """One run of makemore's loop on `which` split: the trace (every `every` steps: train, `select` and, when that
+    is val, test estimates), the step whose `select` estimate was lowest, that estimate, and the kept model's
+    whole-split losses (``best_test``; ``best_val`` when selecting on val)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     chars = sorted(set("".join(words)))
     stoi = {c: i + 1 for i, c in enumerate(chars)}
     width = max(len(w) for w in words) + 1  # <START> + the longest name: makemore's block_size, 16
     torch.manual_seed(seed)  # as makemore.py: the split's randperm, the init and the batches all draw from it
-    train_words, test_words = split(words) if which == "makemore" else study_split(words)
+    if which == "makemore":
+        train_words, test_words = split(words)
+        val_words = []
+    else:
+        train_words, val_words, test_words = study_split(words)
+    if select == "val" and not val_words:
+        raise ValueError("selecting on val needs a split with val names: --split study")
     Xtr, Ytr = encode(train_words, stoi, width)
     Xte, Yte = encode(test_words, stoi, width)
+    Xse, Yse = encode(val_words, stoi, width) if select == "val" else (Xte, Yte)
     model = Transformer(len(chars) + 1, width)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.99), eps=1e-8)
     eval_g = torch.Generator().manual_seed(seed)
@@ -179,11 +192,12 @@ def train_one(seed: int, words: list[str], steps: int, every: int, which: str = 
         loss.backward()
         opt.step()
         if step % 500 == 0:
-            test = batch_mean_estimate(model, Xte, Yte, eval_g)
-            if test < best[0]:
-                best = (test, step, copy.deepcopy(model.state_dict()))
+            est = batch_mean_estimate(model, Xse, Yse, eval_g)
+            if est < best[0]:
+                best = (est, step, copy.deepcopy(model.state_dict()))
             if step % every == 0:
-                trace.append((step, batch_mean_estimate(model, Xtr, Ytr, eval_g), test))
+                row = (step, batch_mean_estimate(model, Xtr, Ytr, eval_g), est)
+                trace.append(row + ((batch_mean_estimate(model, Xte, Yte, eval_g),) if select == "val" else ()))
     model.load_state_dict(best[2])
     return {
         "seed": seed,
@@ -192,27 +206,34 @@ def train_one(seed: int, words: list[str], steps: int, every: int, which: str = 
         "best_step": best[1],
         "best_estimate": best[0],
         "best_test": whole_split_loss(model, Xte, Yte),
+        "best_val": whole_split_loss(model, Xse, Yse) if select == "val" else None,
+        "select_names": len(Xse),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def table(results: list[dict], steps: int, which: str = "makemore") -> str:
+def table(results: list[dict], steps: int, which: str = "makemore", select: str = "test") -> str:
     lines = [
         f"### bench.makemore_transformer: {dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, "
         f"torch {torch.__version__}",
         "",
         f"makemore.py's default transformer ({results[0]['params']:,} params) on {SPLITS[which]}, {steps:,} steps. "
-        "Estimates are makemore's (train: 11 random batches of 100 names; test: the 1,000 test names).",
+        f"Estimates are makemore's (train: 11 random batches of 100 names; {select}: the "
+        f"{results[0]['select_names']:,} {select} names). "
+        f"The kept model is the one with the lowest {select} estimate.",
         "",
-        "| seed | step | train estimate | test estimate |",
-        "|---|---:|---:|---:|",
+        "| seed | step | train estimate | "
+        + ("val estimate | test estimate |" if select == "val" else "test estimate |"),
+        "|---|---:|---:|---:|" + ("---:|" if select == "val" else ""),
     ]
     for r in results:
-        lines += [f"| {r['seed']} | {s:,} | {tr:.4f} | {te:.4f} |" for s, tr, te in r["trace"]]
-    lines += ["", "| seed | kept step (lowest test estimate) | its test estimate | whole test split | s |"]
-    lines += ["|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['seed']} | {t[0]:,} | " + " | ".join(f"{x:.4f}" for x in t[1:]) + " |" for t in r["trace"]]
+    whole = "whole val split | whole test split" if select == "val" else "whole test split"
+    lines += ["", f"| seed | kept step (lowest {select} estimate) | its {select} estimate | {whole} | s |"]
+    lines += ["|---|---:|---:|---:|---:|" + ("---:|" if select == "val" else "")]
     for r in results:
-        kept = f"{r['best_step']:,} | {r['best_estimate']:.4f} | {r['best_test']:.4f}"
+        kept = f"{r['best_step']:,} | {r['best_estimate']:.4f} | "
+        kept += (f"{r['best_val']:.4f} | " if select == "val" else "") + f"{r['best_test']:.4f}"
         lines.append(f"| {r['seed']} | {kept} | {r['seconds']:.0f} |")
     lines += ["", f"Published (makemore README, default settings, no step count given): test ~{PUBLISHED_TEST}."]
     return "\n".join(lines) + "\n"
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[MAKEMORE_SEED], help="seeds (3407: makemore's default)")
     ap.add_argument("--steps", type=int, default=60_000, help="optimizer steps")
     ap.add_argument("--split", choices=sorted(SPLITS), default="makemore", help="whose train/test names")
+    ap.add_argument("--select", choices=["test", "val"], default="test", help="which names choose the kept model")
     ap.add_argument("--every", type=int, default=5_000, help="steps between rows of the printed trace")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and thread each")
     add_names_argument(ap)
@@ -230,13 +252,23 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.steps < 500 or args.every % 500:
         ap.error("--steps must be at least 500 and --every a multiple of 500 (makemore evaluates every 500 steps)")
+    if args.select == "val" and args.split != "study":
+        ap.error("--select val needs --split study (makemore's own split has no val names)")
     words = [w.strip() for w in names_text(ap, args.names).splitlines() if w.strip()]
     n = len(args.seeds)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(
-            pool.map(train_one, args.seeds, [words] * n, [args.steps] * n, [args.every] * n, [args.split] * n)
+            pool.map(
+                train_one,
+                args.seeds,
+                [words] * n,
+                [args.steps] * n,
+                [args.every] * n,
+                [args.split] * n,
+                [args.select] * n,
+            )
         )
-    text = table(results, args.steps, args.split)
+    text = table(results, args.steps, args.split, args.select)
     print(text)
     if args.out:
         atomic_write_text(args.out, text)

@@ -99,15 +99,32 @@ def test_a_throttled_bf16_peak_is_flagged_only_where_bf16_is_native(ratio, flags
     assert bool(caveat) == warns and (not warns or f"{ratio:.1f}x" in caveat)
 
 
+DEVICE_LACKS = ("mlflow", "datasets", "dvc")
+"""Packages of requirements.lock that the device machine's image does not have (the device tool's KINDS.md); what
+bench/gpu.sh runs must not import them (pydantic travels as wheels: `make gpu-wheels`)."""
+WITHOUT_THEM = f"""
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {DEVICE_LACKS!r}:
+            raise ImportError(f"{{name}} is not installed on the device machine")
+sys.meta_path.insert(0, Absent())
+from bench.seed_gpu import main
+main(sys.argv[1:])
+"""
+
+
 def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
-    """bench.seed_gpu end to end on a tiny run (on the CPU here): the study's row and the reference's row, each with
-    its selected step and a whole-split val loss from the same scorer; bench/nanogpt.py uses no study code."""
+    """bench.seed_gpu end to end on a tiny run (on the CPU here), in a process where the packages the device machine
+    lacks cannot be imported: the study's row and the reference's row, each with its selected step and a whole-split
+    val loss from the same scorer; bench/nanogpt.py uses no study code."""
     import ast
+    import subprocess
+    import sys
 
     import yaml
-    from conftest import FIXTURE_CORPORA, tiny_params
+    from conftest import FIXTURE_CORPORA, ROOT, tiny_params
 
-    from bench.seed_gpu import main
     from lm.config import TokenizerConfig
     from lm.tokenizer import tokenize_corpus
 
@@ -125,7 +142,9 @@ def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "gpu.md"
-    main(["--params", str(tmp_path / "p.yaml"), "--run", "gpt", "--tokenizer", str(tok), "--out", str(out)])
+    args = ["--params", str(tmp_path / "p.yaml"), "--run", "gpt", "--tokenizer", str(tok), "--out", str(out)]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| study") or line.startswith("| ref")]
     assert len(rows) == 2 and all("| **" in r for r in rows)
     nanogpt = ast.parse((Path(__file__).parents[1] / "bench" / "nanogpt.py").read_text())
@@ -209,6 +228,40 @@ def test_the_transformer_reference_keeps_its_lowest_test_estimate(tmp_path):
     assert all(1.5 < c < math.log(27) for c in cells)  # learned something; estimate and whole split agree in range
 
 
+def test_the_transformer_reference_can_select_on_val_and_report_test(tmp_path):
+    from conftest import FIXTURE_CORPORA
+
+    from bench import makemore_transformer as mt
+
+    out = tmp_path / "tf.md"
+    names = str(FIXTURE_CORPORA / "names.txt")
+    mt.main(
+        [
+            "--names",
+            names,
+            "--split",
+            "study",
+            "--select",
+            "val",
+            "--steps",
+            "1000",
+            "--every",
+            "500",
+            "--out",
+            str(out),
+        ]
+    )
+    text = out.read_text()
+    assert "lowest val estimate" in text and "| whole val split | whole test split |" in text
+    trace, kept = [r for r in text.splitlines() if r.startswith("| 3407 | ")][:2], text.splitlines()[-3]
+    assert all(len(r.strip("|").split("|")) == 5 for r in trace)  # step, train, val and test estimates
+    cells = kept.strip("|").split("|")
+    assert cells[1].strip() in {"500", "1,000"} and all(1.5 < float(c) < math.log(27) for c in cells[2:5])
+    with pytest.raises(SystemExit) as exc:  # makemore's own split has no val names to select on
+        mt.main(["--names", names, "--select", "val"])
+    assert exc.value.code == 2
+
+
 @pytest.mark.parametrize("module", ["makemore_bn", "makemore_transformer"])
 def test_a_reference_without_names_txt_says_where_to_point_it(module, tmp_path, capsys):
     import importlib
@@ -231,5 +284,6 @@ def test_the_transformer_reference_on_the_study_split_tests_on_the_seed_runs_nam
     text = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8")
     preset = yaml.safe_load((ROOT / "presets" / "seed.yaml").read_text())
     parts = split_corpus(text, "lines", SplitConfig(**preset["corpora"]["names-makemore"]["split"]), preset["seed"])
-    train, test = mt.study_split(text.splitlines())
-    assert (train, test) == (parts["train"], parts["test"]) and (len(train), len(test)) == (30034, 1000)
+    train, val, test = mt.study_split(text.splitlines())
+    assert (train, val, test) == (parts["train"], parts["val"], parts["test"])
+    assert (len(train), len(val), len(test)) == (30034, 999, 1000)
