@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.train import datasheet_peak, flops_per_token
     from lm.config import load_params
     from lm.distributed import pick_device
+    from lm.io import atomic_write_text
     from lm.tokenizer import load_stats
 
     if not (args.tokenizer / "stats.json").exists():
@@ -118,36 +119,42 @@ def main(argv: list[str] | None = None) -> None:
         run = run.model_copy(update={"train": _shorten(run.train, args.steps)})
     device = str(pick_device(run.train.device))
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as work:
-        ours = study(args.run, run, args.tokenizer, Path(work))
-    rows = {f"study ({args.run}, lm.train + lm.evaluate)": ours}
-    if not args.no_reference:
-        rows["reference (nanoGPT train_shakespeare_char, bench/nanogpt.py)"] = reference(run, args.tokenizer, device)
     sheet = datasheet_peak(device)
     fpt = flops_per_token(run.model, int(load_stats(args.tokenizer)["vocab_size"]))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
-    lines = [
-        f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
-        "",
-        f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
-        + (f" (shortened from the preset's: --steps {args.steps})" if args.steps else ""),
-        "",
-        "| | params | selected step | val estimate there | val loss, whole split | train s | tokens/s | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in rows.items():
-        mfu = f"{100 * r['tokens_per_s'] * fpt / sheet['bfloat16']:.1f}% of bf16" if sheet else "n/a"
-        lines.append(
-            f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
-            f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
-        )
-    lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
-    text = "\n".join(lines)
-    print(text)
-    print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "sample"} for k, r in rows.items()}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    rows: dict[str, dict] = {}
+
+    def report() -> None:
+        """Print and write the table of the rows so far: written after each side, so a run stopped during the
+        reference (a device call's time limit) still leaves the study's row."""
+        lines = [
+            f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
+            "",
+            f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
+            + (f" (shortened from the preset's: --steps {args.steps})" if args.steps else ""),
+            "",
+            "| | params | selected step | val estimate there | val loss, whole split | train s | tokens/s | MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in rows.items():
+            mfu = f"{100 * r['tokens_per_s'] * fpt / sheet['bfloat16']:.1f}% of bf16" if sheet else "n/a"
+            lines.append(
+                f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
+                f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
+            )
+        lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
+        text = "\n".join(lines)
+        print(text)
+        print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "sample"} for k, r in rows.items()}))
+        if args.out:
+            atomic_write_text(args.out, text + "\n")
+
+    with tempfile.TemporaryDirectory() as work:
+        rows[f"study ({args.run}, lm.train + lm.evaluate)"] = study(args.run, run, args.tokenizer, Path(work))
+    report()
+    if not args.no_reference:
+        rows["reference (nanoGPT train_shakespeare_char, bench/nanogpt.py)"] = reference(run, args.tokenizer, device)
+        report()
 
 
 if __name__ == "__main__":

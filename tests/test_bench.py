@@ -114,16 +114,11 @@ main(sys.argv[1:])
 """
 
 
-def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
-    """bench.seed_gpu end to end on a tiny run (on the CPU here), in a process where the packages the device machine
-    lacks cannot be imported: the study's row and the reference's row, each with its selected step and a whole-split
-    val loss from the same scorer; bench/nanogpt.py uses no study code."""
-    import ast
-    import subprocess
-    import sys
-
+def _tiny_gpu_check(tmp_path: Path) -> list[str]:
+    """The arguments of bench.seed_gpu for a tiny GPT on a Shakespeare excerpt (a char tokenizer and a params file
+    in `tmp_path`), writing its table to ``tmp_path / "gpu.md"``."""
     import yaml
-    from conftest import FIXTURE_CORPORA, ROOT, tiny_params
+    from conftest import FIXTURE_CORPORA, tiny_params
 
     from lm.config import TokenizerConfig
     from lm.tokenizer import tokenize_corpus
@@ -141,16 +136,56 @@ def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
         }
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "gpu.md"
-    args = ["--params", str(tmp_path / "p.yaml"), "--run", "gpt", "--tokenizer", str(tok), "--out", str(out)]
+    return [
+        "--params",
+        str(tmp_path / "p.yaml"),
+        "--run",
+        "gpt",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "gpu.md"),
+    ]
+
+
+def _table_rows(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith(("| study", "| ref"))]
+
+
+def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
+    """bench.seed_gpu end to end on a tiny run (on the CPU here), in a process where the packages the device machine
+    lacks cannot be imported: the study's row and the reference's row, each with its selected step and a whole-split
+    val loss from the same scorer; bench/nanogpt.py uses no study code."""
+    import ast
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = _tiny_gpu_check(tmp_path)
     done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, *args], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| study") or line.startswith("| ref")]
+    rows = _table_rows(tmp_path / "gpu.md")
     assert len(rows) == 2 and all("| **" in r for r in rows)
     nanogpt = ast.parse((Path(__file__).parents[1] / "bench" / "nanogpt.py").read_text())
     imported = {n.module for n in ast.walk(nanogpt) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(nanogpt) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.split(".")[0] in ("lm", "stages") for m in imported)
+
+
+def test_the_gpu_check_keeps_the_studys_row_when_the_reference_is_cut_short(tmp_path, monkeypatch):
+    # A device call has a time limit: the study's row is written before the reference starts, so a run stopped
+    # during the reference still brings back the study's number.
+    from bench import seed_gpu
+
+    def stopped(*_):
+        raise KeyboardInterrupt("the device call's time limit")
+
+    monkeypatch.setattr(seed_gpu, "reference", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        seed_gpu.main(_tiny_gpu_check(tmp_path))
+    rows = _table_rows(tmp_path / "gpu.md")
+    assert len(rows) == 1 and rows[0].startswith("| study") and "| **" in rows[0]
 
 
 def test_the_batchnorm_reference_draws_the_lectures_split_which_is_the_studys():
