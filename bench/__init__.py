@@ -3,6 +3,8 @@
 - ``bench.generate``: sampling tokens/s with and without the KV cache (``--write`` appends to reports/bench.md).
 - ``bench.makemore_bn`` / ``bench.makemore_transformer``: a seed anchor's source recipe written plainly and run
   here over seeds, so a published number can be read against its own code's spread (reports/seed/).
+- ``bench.seeds``: runs of the params file trained again over several seeds, so a difference between two rows of
+  the report can be read against a run's own seed-to-seed spread (reports/seeds/).
 """
 
 from __future__ import annotations

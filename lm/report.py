@@ -514,9 +514,11 @@ def _markdown(
             "## What each change buys",
             "",
             "From GPT-2's block to LLaMA's, one change per row, every row trained with the same settings (the "
-            "runs' `train`, shorter than shakespeare-gpt's). Δ is against the row above; one seed each, so "
-            "differences of a few thousandths are within seed noise. Throughput is wall-clock, so it is not "
-            "here: `python -m bench.train --ablation` measures tokens/s per row ([bench.md](bench.md)).",
+            "runs' `train`, shorter than shakespeare-gpt's). Δ is against the row above, from one seed each: a "
+            "run's val loss moves with its seed, so read Δ against that spread, which `python -m bench.seeds "
+            "--ablation` measures by training every row again over five seeds (the default ladder's: "
+            "[seeds/ablation.md](seeds/ablation.md)). Throughput is wall-clock, so it is not here: "
+            "`python -m bench.train --ablation` measures tokens/s per row ([bench.md](bench.md)).",
             "",
             ablation,
             "",

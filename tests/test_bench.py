@@ -322,3 +322,86 @@ def test_the_transformer_reference_on_the_study_split_tests_on_the_seed_runs_nam
     train, val, test = mt.study_split(text.splitlines())
     assert (train, val, test) == (parts["train"], parts["val"], parts["test"])
     assert (len(train), len(val), len(test)) == (30034, 999, 1000)
+
+
+def _seeds_setup(tmp_path: Path) -> list[str]:
+    """A params file with two tiny GPTs (the second one layer deeper) and a counted bigram, a char tokenizer for
+    them in ``tmp_path/tokenizers``, and the bench.seeds arguments that point at both."""
+    import yaml
+    from conftest import FIXTURE_CORPORA, tiny_params
+
+    from lm.config import TokenizerConfig
+    from lm.tokenizer import tokenize_corpus
+
+    text = (FIXTURE_CORPORA / "tinyshakespeare.txt").read_text()[:20000]
+    tokenize_corpus(TokenizerConfig(corpus="c", kind="char"), {"train": [text[:18000]], "val": [text[18000:]]},
+                    "text", tmp_path / "tokenizers" / "shakespeare-char")  # fmt: skip
+    params = tiny_params()
+    model = {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    train = {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "eval_batches": 2, "warmup_steps": 1}
+    params["runs"] = {
+        "a": {"tokenizer": "shakespeare-char", "model": model, "train": train},
+        "b": {"tokenizer": "shakespeare-char", "model": {**model, "n_layer": 2}, "train": train},
+        "counted": {"tokenizer": "shakespeare-char", "model": {"family": "bigram_counts"}},
+    }
+    params["report"]["ablation"] = ["a", "b"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", str(tmp_path / "p.yaml"), "--tokenizers", str(tmp_path / "tokenizers"),
+            "--metrics", str(tmp_path / "metrics")]  # fmt: skip
+
+
+def test_the_seed_spread_trains_each_run_per_seed_and_pairs_consecutive_runs(tmp_path):
+    from bench import seeds
+
+    args = _seeds_setup(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "a.json").write_text('{"val/loss": 4.0}')
+    out = tmp_path / "seeds.md"
+    seeds.main([*args, "--ablation", "--seeds", "3", "4", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    row = {line.split("|")[1].strip(): line.strip("|").split("|") for line in lines if line.startswith("| a |")}
+    a3, a4 = float(row["a"][1]), float(row["a"][2])
+    assert a3 != a4 and all(1.0 < v < 5.0 for v in (a3, a4))  # the seed moves the number
+    assert float(row["a"][3]) == pytest.approx((a3 + a4) / 2, abs=1e-4) and row["a"][-1].strip() == "4.0000"
+    paired = [line for line in lines if line.startswith("| b | a |")]
+    assert len(paired) == 1 and paired[0].strip("|").split("|")[2].strip() == ""  # b has no committed number
+    b = next(line for line in lines if line.startswith("| b |") and "| a |" not in line).strip("|").split("|")
+    diffs = [float(b[1]) - a3, float(b[2]) - a4]
+    assert float(paired[0].strip("|").split("|")[3]) == pytest.approx(sum(diffs) / 2, abs=2e-4)
+    again = tmp_path / "again.md"
+    seeds.main([*args, "a", "--seeds", "3", "--out", str(again)])  # same seed, same number
+    assert f"| a | {a3:.4f} |" in again.read_text()
+    bpc = tmp_path / "bpc.md"
+    seeds.main([*args, "a", "--seeds", "3", "--metric", "bpc", "--out", str(bpc)])
+    text = bpc.read_text()
+    cell = next(line for line in text.splitlines() if line.startswith("| a |")).split("|")[2]
+    assert "val bpc (bits/character)" in text and float(cell) == pytest.approx(a3 / math.log(2), rel=1e-3)  # char
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["nope"], "'nope' is not a run of"),
+        (["counted"], "counted: a counted model has no seed to vary"),
+        (["a", "--seeds", "1", "1"], "--seeds repeats a seed"),
+        ([], "name at least one RUN, or --ablation"),
+    ],
+)
+def test_the_seed_spread_refuses_bad_input_before_training(tmp_path, capsys, extra, message):
+    from bench import seeds
+
+    with pytest.raises(SystemExit) as exc:
+        seeds.main([*_seeds_setup(tmp_path), *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_seed_spread_names_the_stage_that_builds_a_missing_tokenizer(tmp_path, capsys):
+    import shutil
+
+    from bench import seeds
+
+    args = _seeds_setup(tmp_path)
+    shutil.rmtree(tmp_path / "tokenizers" / "shakespeare-char")
+    with pytest.raises(SystemExit):
+        seeds.main([*args, "a"])
+    assert "dvc repro tokenize@shakespeare-char" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""How far a run's number moves with its seed: ``python -m bench.seeds [RUN ...] [--ablation] [--seeds S ...]
+[--metric loss|bpc] [--jobs J] [--params FILE] [--tokenizers DIR] [--out FILE]``.
+
+The report gives one seed per run, so a difference between two rows means something only against the spread a
+single run has across seeds. This trains each named run of the params file again with ``train.seed`` set to each
+of ``--seeds`` (the model's initialisation and the batch order; the data split stays the study's, which the
+study-level ``seed`` fixes), through the train stage's library call (`lm.train.train_run`) and the evaluate stage's
+(`lm.evaluate.evaluate_run`, sampling off), each in a temporary folder: the committed outputs are not touched.
+
+Prints, per run, the whole-split val ``--metric`` (loss in nats per token, or bpc, the one that compares runs of
+different tokenizers; and test, where the split has one) for every seed, their mean,
+sample sd, min and max, and the committed run's own number (metrics/RUN.json); then, for the runs in the order
+given, each run's difference from the one before, paired by seed (the same seed draws the same batches): the
+mean and sd of the paired differences and how many seeds agree on its sign. ``--ablation`` names the runs of
+``report.ablation``. Numbers are deterministic (same seeds, same numbers); the seconds are wall-clock.
+
+Each job trains with one thread (``--jobs 2`` on 2 cores). Thread count can change the last bits of a CPU
+matmul, so a seed equal to the run's own can differ from the committed number in the last decimals; the table
+shows both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lm.io import atomic_write_text
+
+DEFAULT_SEEDS = [1337, 1, 2, 3, 4]
+"""The runs' own seed (train.seed's default) and four more."""
+
+
+def train_and_score(name: str, run_json: str, tok_dir: str, seed: int) -> dict:
+    """Train `name` (its RunConfig as JSON) with ``train.seed = seed`` in a temporary folder and score it on the
+    whole val (and test) split; one thread, in this process."""
+    from lm.config import EvaluateConfig, RunConfig
+    from lm.evaluate import evaluate_run
+    from lm.train import train_run
+
+    torch.set_num_threads(1)
+    run = RunConfig.model_validate_json(run_json)
+    run = run.model_copy(update={"train": run.train.model_copy(update={"seed": seed, "device": "cpu"})})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        w = Path(work)
+        info = train_run(name, run, Path(tok_dir), w / "model", w / "curve.csv", progress=False)
+        cfg = EvaluateConfig(num_names=0, num_passages=0, quality_prompts=0)
+        m = evaluate_run(name, w / "model", Path(tok_dir), cfg, w / "metrics.json", w / "samples.txt", device="cpu")
+    return {
+        "run": name,
+        "seed": seed,
+        "val": {k: m[f"val/{k}"] for k in ("loss", "bpc")},
+        "test": {k: m[f"test/{k}"] for k in ("loss", "bpc")} if "test/loss" in m else None,
+        "selected": info["selected_step"],
+        "steps": info["steps"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def table(
+    results: list[dict], runs: list[str], seeds: list[int], committed: dict[str, dict], metric: str = "loss"
+) -> str:
+    """The markdown: per-run spread of `metric`, then the paired differences of consecutive runs."""
+    by = {(r["run"], r["seed"]): r for r in results}
+    unit = "nats/token" if metric == "loss" else "bits/character"
+    lines = [
+        f"### bench.seeds: {dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, torch {torch.__version__}, "
+        "one thread a run",
+        "",
+        f"Whole-split val {metric} ({unit}) by `train.seed` (init and batch order; the split is the study's), "
+        f"{len(seeds)} seeds.",
+        "",
+        "| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | min | max | committed |",
+        "|---|" + "---:|" * (len(seeds) + 5),
+    ]
+    for name in runs:
+        vals = [by[name, s]["val"][metric] for s in seeds]
+        done = committed.get(name, {}).get(f"val/{metric}")
+        cells = [f"{v:.4f}" for v in vals]
+        cells += [f"{statistics.fmean(vals):.4f}", f"{_sd(vals):.4f}", f"{min(vals):.4f}", f"{max(vals):.4f}"]
+        cells.append(f"{done:.4f}" if done is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tested = [n for n in runs if by[n, seeds[0]]["test"] is not None]
+    if tested:
+        lines += ["", f"Test {metric}, where the split has one:", ""]
+        lines += ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | committed |"]
+        lines += ["|---|" + "---:|" * (len(seeds) + 3)]
+        for name in tested:
+            vals = [by[name, s]["test"][metric] for s in seeds]
+            done = committed.get(name, {}).get(f"test/{metric}")
+            cells = [f"{v:.4f}" for v in vals] + [f"{statistics.fmean(vals):.4f}", f"{_sd(vals):.4f}"]
+            cells.append(f"{done:.4f}" if done is not None else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if len(runs) > 1:
+        lines += [
+            "",
+            f"Each run against the one before it, paired by seed (val {metric}; negative: the later run is better):",
+            "",
+            "| run | against | committed Δ | paired Δ mean | paired Δ sd | seeds with Δ < 0 |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for before, after in zip(runs, runs[1:], strict=False):
+            diffs = [by[after, s]["val"][metric] - by[before, s]["val"][metric] for s in seeds]
+            a, b = committed.get(after, {}).get(f"val/{metric}"), committed.get(before, {}).get(f"val/{metric}")
+            once = f"{a - b:+.4f}" if a is not None and b is not None else ""
+            better = sum(d < 0 for d in diffs)
+            lines.append(
+                f"| {after} | {before} | {once} | {statistics.fmean(diffs):+.4f} | {_sd(diffs):.4f} "
+                f"| {better} of {len(diffs)} |"
+            )
+    seconds = sum(r["seconds"] for r in results)
+    lines += ["", f"{len(results)} trainings, {seconds / 60:.1f} CPU-thread minutes in all."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", metavar="RUN", help="runs of the params file, in the order to compare them")
+    ap.add_argument("--ablation", action="store_true", help="the runs of report.ablation (after any RUN given)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="train.seed values (default: %(default)s)"
+    )
+    ap.add_argument("--metric", choices=["loss", "bpc"], default="loss", help="val loss (nats/token) or bpc")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once, one process and thread each")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    ap.add_argument("--tokenizers", type=Path, default=Path("tokenizers"), help="built tokenizers (dvc repro)")
+    ap.add_argument("--metrics", type=Path, default=Path("metrics"), help="the committed metrics (for the table)")
+    ap.add_argument("--out", type=Path, help="also write the table to this file")
+    args = ap.parse_args(argv)
+
+    from lm.config import ParamsError, load_params
+
+    try:
+        study = load_params(args.params)
+    except ParamsError as e:
+        ap.error(str(e))
+    runs = list(dict.fromkeys(args.runs + (study.report.ablation if args.ablation else [])))
+    if not runs:
+        ap.error("name at least one RUN, or --ablation")
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds repeats a seed: {args.seeds}")
+    problems = [f"{n!r} is not a run of {args.params}" for n in runs if n not in study.runs]
+    problems += [
+        f"{n}: {args.tokenizers / study.runs[n].tokenizer} is not built: `dvc repro tokenize@{study.runs[n].tokenizer}`"
+        for n in runs
+        if n in study.runs and not (args.tokenizers / study.runs[n].tokenizer / "stats.json").is_file()
+    ]
+    problems += [
+        f"{n}: a counted model has no seed to vary"
+        for n in runs
+        if n in study.runs and study.runs[n].model.fitting != "gradient"
+    ]
+    if problems:
+        ap.error("; ".join(problems))
+    jobs = [
+        (n, study.runs[n].model_dump_json(), str(args.tokenizers / study.runs[n].tokenizer), s)
+        for n in runs
+        for s in args.seeds
+    ]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(train_and_score, *zip(*jobs, strict=True)))
+    committed = {}
+    for n in runs:
+        path = args.metrics / f"{n}.json"
+        if path.is_file():
+            committed[n] = json.loads(path.read_text())
+    text = table(results, runs, args.seeds, committed, args.metric)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
