@@ -1,5 +1,5 @@
 """How far a run's number moves with its seed: ``python -m bench.seeds [RUN ...] [--ablation] [--seeds S ...]
-[--metric loss|bpc] [--jobs J] [--params FILE] [--tokenizers DIR] [--out FILE]``.
+[--metric loss|bpc] [--jobs J] [--params FILE] [--tokenizers DIR] [--out FILE] [--plot PNG]``.
 
 The report gives one seed per run, so a difference between two rows means something only against the spread a
 single run has across seeds. This trains each named run of the params file again with ``train.seed`` set to each
@@ -12,7 +12,8 @@ different tokenizers; and test, where the split has one) for every seed, their m
 sample sd, min and max, and the committed run's own number (metrics/RUN.json); then, for the runs in the order
 given, each run's difference from the one before, paired by seed (the same seed draws the same batches): the
 mean and sd of the paired differences and how many seeds agree on its sign. ``--ablation`` names the runs of
-``report.ablation``. Numbers are deterministic (same seeds, same numbers); the seconds are wall-clock.
+``report.ablation``. Numbers are deterministic (same seeds, same numbers); the seconds are wall-clock. ``--plot``
+draws every seed's number per run, with the mean and the committed run's, as a PNG.
 
 Each job trains with one thread (``--jobs 2`` on 2 cores). Thread count can change the last bits of a CPU
 matmul, so a seed equal to the run's own can differ from the committed number in the last decimals; the table
@@ -126,6 +127,36 @@ def table(
     return "\n".join(lines) + "\n"
 
 
+def plot(
+    results: list[dict], runs: list[str], seeds: list[int], committed: dict[str, dict], metric: str, out: Path
+) -> None:
+    """One row per run (in the given order, top down): a dot per seed, a bar at their mean, a cross at the
+    committed run's number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lm.report import _save
+
+    by = {(r["run"], r["seed"]): r["val"][metric] for r in results}
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(runs) + 1.2))
+    for y, name in enumerate(runs):
+        vals = [by[name, s] for s in seeds]
+        ax.scatter(vals, [y] * len(vals), s=22, color="tab:blue", alpha=0.7, label="a seed" if y == 0 else None)
+        ax.plot([statistics.fmean(vals)] * 2, [y - 0.3, y + 0.3], color="black", lw=1.5,
+                label="mean" if y == 0 else None)  # fmt: skip
+        if (done := committed.get(name, {}).get(f"val/{metric}")) is not None:
+            ax.scatter([done], [y], marker="x", s=50, color="tab:red", label="committed" if y == 0 else None)
+    ax.set_yticks(range(len(runs)), runs)
+    ax.invert_yaxis()  # the first run on top, as in the tables
+    ax.set_xlabel(f"val {metric} ({'nats/token' if metric == 'loss' else 'bits/character'}), whole split")
+    ax.set_title(f"{len(seeds)} seeds a run (train.seed: init and batch order)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", metavar="RUN", help="runs of the params file, in the order to compare them")
@@ -139,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizers", type=Path, default=Path("tokenizers"), help="built tokenizers (dvc repro)")
     ap.add_argument("--metrics", type=Path, default=Path("metrics"), help="the committed metrics (for the table)")
     ap.add_argument("--out", type=Path, help="also write the table to this file")
+    ap.add_argument("--plot", type=Path, help="also draw every seed's number per run to this PNG")
     args = ap.parse_args(argv)
 
     from lm.config import ParamsError, load_params
@@ -181,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
+    if args.plot:
+        plot(results, runs, args.seeds, committed, args.metric, args.plot)
 
 
 if __name__ == "__main__":

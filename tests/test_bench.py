@@ -357,7 +357,8 @@ def test_the_seed_spread_trains_each_run_per_seed_and_pairs_consecutive_runs(tmp
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "a.json").write_text('{"val/loss": 4.0}')
     out = tmp_path / "seeds.md"
-    seeds.main([*args, "--ablation", "--seeds", "3", "4", "--out", str(out)])
+    seeds.main([*args, "--ablation", "--seeds", "3", "4", "--out", str(out), "--plot", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = out.read_text().splitlines()
     row = {line.split("|")[1].strip(): line.strip("|").split("|") for line in lines if line.startswith("| a |")}
     a3, a4 = float(row["a"][1]), float(row["a"][2])
