@@ -94,6 +94,27 @@ def reference(run, tok: Path, device: str) -> dict:
     }
 
 
+def table(rows: dict[str, dict], run, steps: int | None, gpu: str, fpt: float, sheet: dict | None) -> str:
+    """The markdown of the rows so far: one per side, with MFU against the datasheet's bf16 peak where known."""
+    lines = [
+        f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
+        "",
+        f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
+        + (f" (shortened from the preset's: --steps {steps})" if steps else ""),
+        "",
+        "| | params | selected step | val estimate there | val loss, whole split | train s | tokens/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        mfu = f"{100 * r['tokens_per_s'] * fpt / sheet['bfloat16']:.1f}% of bf16" if sheet else "n/a"
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
+            f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
+        )
+    lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--params", type=Path, default=Path("presets/seed.yaml"))
@@ -125,25 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict] = {}
 
     def report() -> None:
-        """Print and write the table of the rows so far: written after each side, so a run stopped during the
-        reference (a device call's time limit) still leaves the study's row."""
-        lines = [
-            f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
-            "",
-            f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
-            + (f" (shortened from the preset's: --steps {args.steps})" if args.steps else ""),
-            "",
-            "| | params | selected step | val estimate there | val loss, whole split | train s | tokens/s | MFU |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in rows.items():
-            mfu = f"{100 * r['tokens_per_s'] * fpt / sheet['bfloat16']:.1f}% of bf16" if sheet else "n/a"
-            lines.append(
-                f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
-                f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
-            )
-        lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
-        text = "\n".join(lines)
+        """Print and write the rows so far: called after each side, so a run stopped during the reference (a
+        device call's time limit) still leaves the study's row."""
+        text = table(rows, run, args.steps, gpu, fpt, sheet)
         print(text)
         print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "sample"} for k, r in rows.items()}))
         if args.out:

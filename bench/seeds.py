@@ -71,6 +71,21 @@ def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
 
+def _spread(by: dict, names: list[str], seeds: list[int], committed: dict[str, dict], key: str) -> list[str]:
+    """Markdown rows of `key` ("val/loss", "test/bpc", ...) per run: every seed, mean, sd, min, max, committed."""
+    split, metric = key.split("/")
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | min | max | committed |"]
+    lines.append("|---|" + "---:|" * (len(seeds) + 5))
+    for name in names:
+        vals = [by[name, s][split][metric] for s in seeds]
+        done = committed.get(name, {}).get(key)
+        cells = [f"{v:.4f}" for v in vals]
+        cells += [f"{statistics.fmean(vals):.4f}", f"{_sd(vals):.4f}", f"{min(vals):.4f}", f"{max(vals):.4f}"]
+        cells.append(f"{done:.4f}" if done is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(
     results: list[dict], runs: list[str], seeds: list[int], committed: dict[str, dict], metric: str = "loss"
 ) -> str:
@@ -84,27 +99,15 @@ def table(
         f"Whole-split val {metric} ({unit}) by `train.seed` (init and batch order; the split is the study's), "
         f"{len(seeds)} seeds.",
         "",
-        "| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | min | max | committed |",
-        "|---|" + "---:|" * (len(seeds) + 5),
+        *_spread(by, runs, seeds, committed, f"val/{metric}"),
     ]
-    for name in runs:
-        vals = [by[name, s]["val"][metric] for s in seeds]
-        done = committed.get(name, {}).get(f"val/{metric}")
-        cells = [f"{v:.4f}" for v in vals]
-        cells += [f"{statistics.fmean(vals):.4f}", f"{_sd(vals):.4f}", f"{min(vals):.4f}", f"{max(vals):.4f}"]
-        cells.append(f"{done:.4f}" if done is not None else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    tested = [n for n in runs if by[n, seeds[0]]["test"] is not None]
-    if tested:
-        lines += ["", f"Test {metric}, where the split has one:", ""]
-        lines += ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | committed |"]
-        lines += ["|---|" + "---:|" * (len(seeds) + 3)]
-        for name in tested:
-            vals = [by[name, s]["test"][metric] for s in seeds]
-            done = committed.get(name, {}).get(f"test/{metric}")
-            cells = [f"{v:.4f}" for v in vals] + [f"{statistics.fmean(vals):.4f}", f"{_sd(vals):.4f}"]
-            cells.append(f"{done:.4f}" if done is not None else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if tested := [n for n in runs if by[n, seeds[0]]["test"] is not None]:
+        lines += [
+            "",
+            f"Test {metric}, where the split has one:",
+            "",
+            *_spread(by, tested, seeds, committed, f"test/{metric}"),
+        ]
     if len(runs) > 1:
         lines += [
             "",
@@ -137,7 +140,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lm.report import _save
+    from lm.report import save_figure
 
     by = {(r["run"], r["seed"]): r["val"][metric] for r in results}
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(runs) + 1.2))
@@ -154,7 +157,7 @@ def plot(
     ax.set_title(f"{len(seeds)} seeds a run (train.seed: init and batch order)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:

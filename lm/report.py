@@ -90,7 +90,8 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return shown.to_markdown(index=False)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` to `path` as a PNG with reproducible bytes (no timestamp), through a temp file, and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})  # no timestamps: reproducible bytes
@@ -122,7 +123,7 @@ def plot_loss_curves(study: StudyConfig, curves_dir: Path, selected: dict[str, i
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _char_labels(tokenizer, vocab_size: int) -> list[str]:
@@ -142,7 +143,7 @@ def plot_bigram_heatmaps(counted: torch.Tensor, learned: torch.Tensor, labels: l
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set(title=f"P(next | current): {title}", xlabel="next", ylabel="current")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_embedding_similarity(embeddings: dict[str, torch.Tensor], labels: list[str], out: Path) -> None:
@@ -155,7 +156,7 @@ def plot_embedding_similarity(embeddings: dict[str, torch.Tensor], labels: list[
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(f"{name}: cosine similarity of embeddings")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_param_shares(shares: dict[str, dict[str, int]], out: Path) -> None:
@@ -171,7 +172,7 @@ def plot_param_shares(shares: dict[str, dict[str, int]], out: Path) -> None:
     ax.invert_yaxis()
     ax.set(xlabel="share of parameters", xlim=(0, 1))
     ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_bpc_vs_params(table: pd.DataFrame, out: Path) -> None:
@@ -189,7 +190,7 @@ def plot_bpc_vs_params(table: pd.DataFrame, out: Path) -> None:
     ax.set(xscale="log", xlabel="parameters", ylabel="val bits per character", title="The ladder: bpc against size")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def write_report(
@@ -641,7 +642,7 @@ def plot_attention_grid(
         side.set_visible(False)
     ax.set_title(f"{name}: attention (rows: query, columns: key)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def heads_table(study: StudyConfig, metrics_dir: Path) -> str:
@@ -701,7 +702,7 @@ def plot_health(name: str, records: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle(f"{name}: training health", fontsize=10)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_embedding_pca(embeddings: dict[str, torch.Tensor], labels: list[str], out: Path) -> None:
@@ -717,7 +718,7 @@ def plot_embedding_pca(embeddings: dict[str, torch.Tensor], labels: list[str], o
             ax.annotate(lab, (px, py), ha="center", va="center", fontsize=9)
         ax.set(title=f"{name}: embeddings, PCA ({100 * explained:.0f}% of variance)", xlabel="PC 1", ylabel="PC 2")
         ax.grid(alpha=0.3)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 BLEU_SEED002 = 0.25
