@@ -19,7 +19,7 @@ export HF_DATASETS_CACHE := $(CURDIR)/.cache/huggingface/datasets
 export HF_HUB_OFFLINE := 1
 
 # What `make verify` compares: every pipeline output git tracks.
-TRACKED_OUTPUTS := dvc.lock metrics curves samples reports
+TRACKED_OUTPUTS := dvc.lock metrics curves samples inside reports
 
 .PHONY: install repro track verify test lint format ui screenshots check-params gpu-wheels clean-venv
 

@@ -1,8 +1,13 @@
 """Benchmarks that are run by hand (``python -m bench.<name>``), not by the test suite or the pipeline.
 
+- ``bench.train_speed``: training throughput and MFU, the race against nanoGPT's CPU example, the levers, the
+  ablation's tokens/s; ``bench.mfu``: the matmul peaks and FLOPs they are measured against.
 - ``bench.generate``: sampling tokens/s with and without the KV cache (``--write`` appends to reports/bench.md).
-- ``bench.makemore_bn`` / ``bench.makemore_transformer``: a seed anchor's source recipe written plainly and run
-  here over seeds, so a published number can be read against its own code's spread (reports/seed/).
+- ``bench.ngram``: Kneser–Ney fitting and scoring speed.
+- ``bench.gpu_check`` (run by ``bench/gpu.sh`` on a lent GPU): the sources preset's Shakespeare GPT through the
+  study's code beside nanoGPT's loop (``bench.nanogpt``).
+- ``bench.makemore_bn`` / ``bench.makemore_transformer``: a source anchor's recipe written plainly and run
+  here over seeds, so a published number can be read against its own code's spread (reports/sources/).
 - ``bench.seeds``: runs of the params file trained again over several seeds, so a difference between two rows of
   the report can be read against a run's own seed-to-seed spread (reports/seeds/).
 """
@@ -29,3 +34,16 @@ def names_text(ap: argparse.ArgumentParser, path: Path | None) -> str:
             "or set LM_DATA_MIRROR to the folder that holds it"
         )
     return path.read_text(encoding="utf-8")
+
+
+BENCH_MD = Path("reports") / "bench.md"
+"""Where ``--write`` appends a benchmark's tables (not a pipeline output: DVC does not track it)."""
+
+
+def append_to_bench(text: str, path: Path = BENCH_MD) -> Path:
+    """Append a benchmark's markdown to reports/bench.md (created with its title if missing); return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "" if path.exists() else "# Benchmarks\n\nAppended by the benchmarks' `--write` (bench/).\n"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(header + "\n" + text.rstrip("\n") + "\n")
+    return path

@@ -16,7 +16,7 @@ that both draw the same tokens from the same seed:
 
 MFU counts the model's forward FLOPs per sampled token, (6N + 12·n_layer·n_embd·ctx) / 3 at the
 full context (an upper bound while the context is still growing), against the machine's fp32
-matmul peak measured by bench.train's GEMM probe: at batch 1, sampling is bound by memory and
+matmul peak measured by bench.mfu's GEMM probe: at batch 1, sampling is bound by memory and
 per-call overhead, not FLOPs, and the uncached path's recomputation is not counted as useful work.
 
 Prints a markdown table; ``--write`` also appends it, with the machine and versions, to
@@ -35,27 +35,33 @@ from pathlib import Path
 
 import torch
 
-from lm.config import ModelConfig
+from bench import append_to_bench
+from bench.mfu import flops_per_token, gemm_peak
+from lm.families import ModelConfig
 from lm.generate import generate
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelConfig, str]:
-    """The checkpoint of --run / --model-dir, or the untrained 10.7M seed GPT; with its config and a description."""
+    """The checkpoint of --run / --model-dir, or the untrained Let's build GPT model; with its config and a
+    description."""
     if args.model_dir is not None or args.run is not None:
         from lm import checkpoint
 
         path = args.model_dir or Path("models") / args.run
         model, run, _ = checkpoint.load(path, args.device)
         return model, run.model, f"{path} ({run.model.family}, trained)"
-    from lm.config import LlamaConfig
+    from lm.families import LlamaConfig
     from lm.model_size import REFERENCES
     from lm.models import build_model
 
-    ref = REFERENCES["seed-gpt-10.7m"]
-    cfg, what = ref.model, "seed-gpt-10.7m (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
+    ref = REFERENCES["nanogpt-shakespeare-char"]
+    cfg, what = ref.model, "nanogpt-shakespeare-char (untrained: 6 layers, 6 heads, n_embd 384, vocab 65)"
     if args.family == "llama":  # the same shape as LLaMA: RMSNorm, rotary (its cache rolls), SwiGLU, no biases
         shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
-        cfg, what = LlamaConfig(family="llama", **shape), "llama of seed-gpt-10.7m's shape (untrained, vocab 65)"
+        cfg, what = (
+            LlamaConfig(family="llama", **shape),
+            "llama of nanogpt-shakespeare-char's shape (untrained, vocab 65)",
+        )
     torch.manual_seed(1337)
     model = build_model(cfg, ref.vocab_size).to(args.device).eval()
     return model, cfg, what
@@ -75,17 +81,18 @@ def timed(
     return time.perf_counter() - t0, out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained 10.7M seed GPT)"
+        "--run", default=None, help="benchmark the checkpoint models/RUN (default: the untrained Let's build GPT model)"
     )
     p.add_argument("--model-dir", type=Path, default=None, help="benchmark this checkpoint directory instead")
     p.add_argument(
         "--family",
         choices=["gpt", "llama"],
         default="gpt",
-        help="untrained model without --run: the seed GPT, or a llama of its shape (rotary: 'slide' rolls the cache)",
+        help="untrained model without --run: Let's build GPT's model, or a llama of its shape (rotary: 'slide' rolls "
+        "the cache)",
     )
     p.add_argument("--new-tokens", type=int, default=500, help="tokens sampled per measurement (default: 500)")
     p.add_argument("--prompt-tokens", type=int, default=1, help="length of the (random) prompt (default: 1)")
@@ -102,21 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
     p.add_argument("--write", action="store_true", help="append the results to reports/bench.md")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.error = p.error
+    return args
 
-    model, cfg, desc = load_model(args)
-    if not model.kv_cache:
-        p.error(
-            f"{type(model).__name__} has no KV cache: benchmark an attention-family run "
-            "(single_head, multi_head, block, gpt)"
-        )
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)  # (1, T)
-    generate(model, prompt, 8, use_cache=True)  # warm-up: first-call allocations and kernel selection
-    generate(model, prompt, 8, use_cache=False)
 
+def measure_all(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> tuple[list, dict]:
+    """Every (overflow, cache) setting, the fastest of --repeats each: rows (overflow, cache, tokens/s, seconds)
+    and the tokens each drew."""
     rows, tokens = [], {}
     for overflow in args.overflow:
         for use_cache in (True, False):
@@ -129,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             tokens[overflow, use_cache] = out
             rows.append((overflow, use_cache, args.new_tokens / best, best))
-            print(
-                f"  {overflow:6s} {'cache' if use_cache else 'no cache':8s} {args.new_tokens / best:10.1f} tokens/s",
-                flush=True,
-            )
+            cache = "cache" if use_cache else "no cache"
+            print(f"  {overflow:6s} {cache:8s} {args.new_tokens / best:10.1f} tokens/s", flush=True)
+    return rows, tokens
 
-    from bench.train import flops_per_token, gemm_peak
 
+def table(model, cfg, desc: str, rows: list, tokens: dict, args: argparse.Namespace) -> str:
+    """The markdown of the measurements, with MFU against the measured fp32 matmul peak."""
     forward_flops = flops_per_token(cfg, model.vocab_size) / 3  # training is 3x forward; per token, full context
     peak = gemm_peak(torch.float32, args.device)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     speed = {(o, c): tps for o, c, tps, _ in rows}
     baseline = speed.get(("slide", False))
     lines = [
@@ -162,16 +162,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{tps / speed[overflow, False]:.2f}x | {f'{tps / baseline:.2f}x' if baseline else 'n/a'} | "
             f"{'yes' if same else 'NO'} |"
         )
-    table = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, cfg, desc = load_model(args)
+    if not model.kv_cache:
+        args.error(
+            f"{type(model).__name__} has no KV cache: benchmark an attention-family run "
+            "(single_head, multi_head, block, gpt)"
+        )
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)  # (1, T)
+    generate(model, prompt, 8, use_cache=True)  # warm-up: first-call allocations and kernel selection
+    generate(model, prompt, 8, use_cache=False)
+    rows, tokens = measure_all(model, prompt, args)
+    text = table(model, cfg, desc, rows, tokens, args)
     print()
-    print(table)
+    print(text)
     if args.write:
-        out = Path("reports") / "bench.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        header = "" if out.exists() else "# Benchmarks\n\nAppended by `python -m bench.generate --write`.\n\n"
-        with out.open("a", encoding="utf-8") as f:
-            f.write(header + table + "\n")
-        print(f"appended to {out}")
+        print(f"appended to {append_to_bench(text)}")
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device check (at most ~8 minutes on one H100/H200): the seed-scale Shakespeare GPT trained and
+# The prepared device check (at most ~8 minutes on one H100/H200): the sources preset's Shakespeare GPT trained and
 # evaluated through the study's own code, beside nanoGPT's loop (bench/nanogpt.py) on the same GPU.
 #
 # The device machine has torch, numpy, tokenizers, safetensors, tqdm and pyyaml but no pydantic and no network,
@@ -22,5 +22,5 @@ gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
 file="$out/$(date +%F)-${gpu:-cpu}.md"
 nvidia-smi || true
 python3 -c 'import torch, pydantic; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "pydantic", pydantic.VERSION)'
-python3 -m bench.seed_gpu --out "$file" "$@"
+python3 -m bench.gpu_check --out "$file" "$@"
 echo "wrote $file"

@@ -2,11 +2,12 @@
 
 ``python -m bench.makemore_bn [--seeds S ...] [--steps N] [--jobs J] [--names FILE] [--out FILE]``
 
-Zero to Hero lecture 3 (makemore part 3, seed 000) trains the BatchNorm MLP (context 3, embedding 10, hidden 200,
-12,097 parameters) for 200,000 SGD steps of 32 examples and reports train 2.0668, val 2.1048: one run, from the one
-``torch.Generator`` seeded 2147483647 that draws its weights and its batches. The study's anchor table reads
-"val 2.10" from it. This script is that loop written plainly (no study code), so the published number can be read
-against the distribution it is one draw of:
+Zero to Hero lecture 3 (makemore part 3, which the Language modeling journey follows) trains the BatchNorm MLP
+(context 3, embedding 10, hidden 200) for 200,000 SGD steps of 32 examples and prints its train and val loss
+(lm/references.py: makemore-bn-notebook-train, -val): one run, from the one ``torch.Generator`` seeded 2147483647
+that draws its weights and its batches. The study's anchor table reads makemore-bn-val, the lecture's rounding.
+This script is that loop written plainly (no study code), so the published number can be read against the
+distribution it is one draw of:
 
 - names.txt shuffled by ``random.seed(42)``, cut 80/10/10 (25,626 / 3,203 / 3,204 names), every position of a name
   one (3-character context, next character) example, '.' (id 0) padding before the start and ending each name;
@@ -37,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from bench import add_names_argument, names_text
-from lm.io import atomic_write_text
+from lm.atomic import atomic_write_text
+from lm.references import value
 
 LECTURE_SEED = 2147483647
 """The lecture's ``torch.Generator().manual_seed(2147483647)``: its published run."""
-PUBLISHED = {"train": 2.0668, "val": 2.1048}
+PUBLISHED = {"train": value("makemore-bn-notebook-train"), "val": value("makemore-bn-notebook-val")}
 """The lecture's "add batch norm layer" losses (its loss log, rounded to 4 places)."""
 BLOCK_SIZE, N_EMBD, N_HIDDEN, BATCH, SPLIT_SEED = 3, 10, 200, 32, 42
 

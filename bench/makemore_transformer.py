@@ -3,9 +3,10 @@
 ``python -m bench.makemore_transformer [--seeds S ...] [--steps N] [--split makemore|study] [--select test|val]
 [--jobs J] [--names FILE] [--out FILE]``
 
-makemore's README says its default settings reach a test loss of "~1.92" on names.txt; makemore.py trains without a
-step limit and keeps the model whose test loss is lowest. This script is that run written plainly (no study code), so
-the anchor can be checked against the source's own recipe rather than the study's:
+makemore's README gives the test loss its default settings reach on names.txt (lm/references.py,
+makemore-transformer-test); makemore.py trains without a step limit and keeps the model whose test loss is
+lowest. This script is that run written plainly (no study code), so the anchor can be checked against the source's
+own recipe rather than the study's:
 
 - split as makemore.py: ``torch.manual_seed(seed)``, then ``torch.randperm`` over the 32,033 names, the last 1,000
   are the test set, the other 31,033 train (seed 3407 is makemore.py's default, so its own test names);
@@ -14,7 +15,7 @@ the anchor can be checked against the source's own recipe rather than the study'
   MLP of 4 × 64, biases everywhere but the head, PyTorch's default initialisation (204,544 parameters);
 - AdamW on every parameter (lr 5e-4, betas 0.9/0.99, eps 1e-8, weight decay 0.01), constant lr, 32 names a step
   drawn with replacement;
-- ``--split study`` trains and tests on the study's ``names-makemore`` split instead (presets/seed.yaml: names
+- ``--split study`` trains and tests on the study's ``names-makemore`` split instead (presets/sources.yaml: names
   shuffled with ``random.Random(42)``, 30,034 train / 999 val / 1,000 test), so the recipe's test loss
   is on the same names as the study's names-gpt run's;
 - every 500 steps makemore's test estimate: the mean of the per-batch mean losses over the 1,000 test names in
@@ -44,18 +45,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench import add_names_argument, names_text
-from lm.io import atomic_write_text
+from lm.atomic import atomic_write_text
+from lm.references import value
 
 SPLITS = {
     "makemore": "its own split (31,033 / 1,000 names, randperm after the seed)",
     "study": "the study's names-makemore split (30,034 / 1,000 test names, as the names-gpt run)",
 }
-SEED_PRESET = Path(__file__).resolve().parents[1] / "presets" / "seed.yaml"
+SOURCES_PRESET = Path(__file__).resolve().parents[1] / "presets" / "sources.yaml"
 """Where the study's names-makemore split is defined (``--split study``)."""
 MAKEMORE_SEED = 3407
 """makemore.py's default ``--seed``: its split and its run."""
-PUBLISHED_TEST = 1.92
-"""makemore README: "test logprob of ~1.92" from the default settings."""
+PUBLISHED_TEST = value("makemore-transformer-test")
+"""makemore README: the test loss of the default settings."""
 N_LAYER, N_HEAD, N_EMBD, BATCH, LR, WEIGHT_DECAY, TEST_NAMES = 4, 4, 64, 32, 5e-4, 0.01, 1000
 
 
@@ -147,7 +149,7 @@ def whole_split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> floa
     return total / (Y >= 0).sum().item()
 
 
-def study_split(words: list[str], preset: Path = SEED_PRESET) -> tuple[list[str], list[str], list[str]]:
+def study_split(words: list[str], preset: Path = SOURCES_PRESET) -> tuple[list[str], list[str], list[str]]:
     """The study's names-makemore split, as `preset` defines it (its seed and fractions): train, val and test
     names."""
     from lm.config import load_params

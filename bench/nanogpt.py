@@ -128,6 +128,36 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
 
 
+def get_batch(data: torch.Tensor, c: Config, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's get_batch: batch_size random windows (torch.randint), pinned on their way to a GPU."""
+    ix = torch.randint(len(data) - c.block_size, (c.batch_size,))
+    x = torch.stack([data[i : i + c.block_size] for i in ix])
+    y = torch.stack([data[i + 1 : i + 1 + c.block_size] for i in ix])
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it: int, c: Config) -> float:
+    """nanoGPT's get_lr: linear warmup, then cosine decay to min_lr."""
+    if it < c.warmup_iters:
+        return c.lr * (it + 1) / (c.warmup_iters + 1)
+    ratio = (it - c.warmup_iters) / (c.max_iters - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (c.lr - c.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, fwd, val_data: torch.Tensor, c: Config, device: str, ctx) -> float:
+    """nanoGPT's estimate_loss on val: the mean of eval_iters random batches."""
+    model.eval()
+    losses = torch.zeros(c.eval_iters)
+    for k in range(c.eval_iters):
+        with ctx:
+            losses[k] = fwd(*get_batch(val_data, c, device))[1].item()
+    model.train()
+    return float(losses.mean())
+
+
 def train(c: Config, train_ids: np.ndarray, val_ids: np.ndarray, device: str, compile: bool) -> dict:
     """nanoGPT's loop. Returns the best estimate, its step, the kept model, the train seconds and tokens/s."""
     torch.manual_seed(c.seed)
@@ -136,15 +166,6 @@ def train(c: Config, train_ids: np.ndarray, val_ids: np.ndarray, device: str, co
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train_data = torch.from_numpy(train_ids.astype(np.int64))
     val_data = torch.from_numpy(val_ids.astype(np.int64))
-
-    def get_batch(data):
-        ix = torch.randint(len(data) - c.block_size, (c.batch_size,))
-        x = torch.stack([data[i : i + c.block_size] for i in ix])
-        y = torch.stack([data[i + 1 : i + 1 + c.block_size] for i in ix])
-        if cuda:
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
     model = NanoGPT(c).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -153,26 +174,10 @@ def train(c: Config, train_ids: np.ndarray, val_ids: np.ndarray, device: str, co
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     fwd = torch.compile(model) if compile else model
 
-    def lr_at(it):
-        if it < c.warmup_iters:
-            return c.lr * (it + 1) / (c.warmup_iters + 1)
-        ratio = (it - c.warmup_iters) / (c.max_iters - c.warmup_iters)
-        return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (c.lr - c.min_lr)
-
-    @torch.no_grad()
-    def estimate():
-        model.eval()
-        losses = torch.zeros(c.eval_iters)
-        for k in range(c.eval_iters):
-            with ctx:
-                losses[k] = fwd(*get_batch(val_data))[1].item()
-        model.train()
-        return float(losses.mean())
-
     best, best_step, best_state, train_s, curve = math.inf, 0, None, 0.0, []
     for it in range(c.max_iters + 1):
         if it % c.eval_interval == 0 and it > 0:
-            val = estimate()
+            val = estimate_loss(model, fwd, val_data, c, device, ctx)
             curve.append((it, val))
             if val < best:
                 best, best_step = val, it
@@ -181,8 +186,8 @@ def train(c: Config, train_ids: np.ndarray, val_ids: np.ndarray, device: str, co
             break
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(it)
-        x, y = get_batch(train_data)
+            g["lr"] = get_lr(it, c)
+        x, y = get_batch(train_data, c, device)
         with ctx:
             _, loss = fwd(x, y)
         loss.backward()

@@ -4,7 +4,7 @@
 The report gives one seed per run, so a difference between two rows means something only against the spread a
 single run has across seeds. This trains each named run of the params file again with ``train.seed`` set to each
 of ``--seeds`` (the model's initialisation and the batch order; the data split stays the study's, which the
-study-level ``seed`` fixes), through the train stage's library call (`lm.train.train_run`) and the evaluate stage's
+study-level ``seed`` fixes), through the train stage's library call (`lm.train_run.train_run`) and the evaluate stage's
 (`lm.evaluate.evaluate_run`, sampling off), each in a temporary folder: the committed outputs are not touched.
 
 Prints, per run, the whole-split val ``--metric`` (loss in nats per token, or bpc, the one that compares runs of
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lm.io import atomic_write_text
+from lm.atomic import atomic_write_text
 
 DEFAULT_SEEDS = [1337, 1, 2, 3, 4]
 """The runs' own seed (train.seed's default) and four more."""
@@ -45,7 +45,7 @@ def train_and_score(name: str, run_json: str, tok_dir: str, seed: int) -> dict:
     whole val (and test) split; one thread, in this process."""
     from lm.config import EvaluateConfig, RunConfig
     from lm.evaluate import evaluate_run
-    from lm.train import train_run
+    from lm.train_run import train_run
 
     torch.set_num_threads(1)
     run = RunConfig.model_validate_json(run_json)
@@ -55,7 +55,16 @@ def train_and_score(name: str, run_json: str, tok_dir: str, seed: int) -> dict:
         w = Path(work)
         info = train_run(name, run, Path(tok_dir), w / "model", w / "curve.csv", progress=False)
         cfg = EvaluateConfig(num_names=0, num_passages=0, quality_prompts=0)
-        m = evaluate_run(name, w / "model", Path(tok_dir), cfg, w / "metrics.json", w / "samples.txt", device="cpu")
+        m = evaluate_run(
+            name,
+            w / "model",
+            Path(tok_dir),
+            cfg,
+            w / "metrics.json",
+            w / "samples.txt",
+            w / "inside.safetensors",
+            device="cpu",
+        )
     return {
         "run": name,
         "seed": seed,
@@ -140,7 +149,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lm.report import save_figure
+    from lm.report.figures import save_figure
 
     by = {(r["run"], r["seed"]): r["val"][metric] for r in results}
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(runs) + 1.2))

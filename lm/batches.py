@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm.config import ModelConfig
+from lm.families import ModelConfig
 from lm.models.base import IGNORE_INDEX
 
 

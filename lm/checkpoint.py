@@ -140,7 +140,7 @@ def save_training_state(
     'best'), saved as ``best.<name>``."""
     from safetensors.torch import save_file
 
-    from lm.io import atomic_dir
+    from lm.atomic import atomic_dir
 
     # Cloned: tied weights must not share storage in a safetensors file.
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 REFERENCE_NAMES = (
-    "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (seed 003's settings), llama-3.2-1b, llama-2-7b, "
-    "seed-gpt-10.7m, seed-gpt-cpu, "
-    "seed-wavenet-176k, seed-wavenet-76k, seed-mlp, seed-mlp-bn, seed-bigram"
+    "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (the Raschka learning journey's settings), llama-3.2-1b, llama-2-7b, "
+    "nanogpt-shakespeare-char, bigram-to-transformer-cpu, "
+    "journey-wavenet-176k, makemore-wavenet-76k, makemore-mlp, makemore-mlp-bn, makemore-bigram"
 )
 """Kept in step with lm.model_size.REFERENCES (a test checks), so --help needs no torch import."""
 
@@ -119,16 +119,31 @@ def _find_checkpoint(args: argparse.Namespace) -> Path | None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    loaded = _load_for_sampling(args)
+    if isinstance(loaded, int):
+        return loaded
+    model, run, device, tokenizer, stats = loaded
+    context = _context(args.prompt, run, tokenizer, stats)
+    if isinstance(context, str):
+        return _error(context, 2)
+    total, seconds = _stream_samples(args, model, device, tokenizer, stats, context)
+    cache = "KV cache" if model.kv_cache and not args.no_cache else "no cache"
+    print(
+        f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _load_for_sampling(args: argparse.Namespace):
+    """(model on its device, run config, device, tokenizer, tokenizer stats), or the exit code after an error."""
     model_dir = _find_checkpoint(args)
     if model_dir is None:
         return 2
 
-    import torch
-
     from lm import checkpoint
     from lm.distributed import pick_device
-    from lm.generate import PASSAGE_SEPARATOR, TextStream, stream
-    from lm.tokenizer import BOUNDARY, load_stats, load_tokenizer, oov_chars, unk_id
+    from lm.tokenizer import load_stats, load_tokenizer
 
     try:
         model, run, vocab_size = checkpoint.load(model_dir, "cpu")
@@ -152,61 +167,57 @@ def _sample(args: argparse.Namespace) -> int:
         )
     if args.overflow == "refill" and not model.kv_cache:
         print(f"note: {run.model.family} has no KV cache; --overflow refill does not apply", file=sys.stderr)
+    return model, run, device, tokenizer, stats
 
-    prompt, lines = args.prompt, stats["format"] == "lines"
+
+def _context(prompt: str, run, tokenizer, stats: dict) -> list[int] | str:
+    """The token ids sampling starts from, or the error that a bad prompt gets: a name starts after the boundary;
+    an empty text prompt starts after a newline, as a fresh paragraph."""
+    from lm.tokenizer import BOUNDARY, oov_chars, unk_id
+
+    lines = stats["format"] == "lines"
     missing = oov_chars(tokenizer, [prompt])
     if missing or (unk_id(tokenizer) is not None and "[UNK]" in prompt):
         chars = ", ".join(repr(c) for c in sorted(missing)) or "'[UNK]'"
-        return _error(
-            f"the prompt has characters outside the {run.tokenizer} vocabulary: {chars}; remove or replace them", 2
-        )
+        return f"the prompt has characters outside the {run.tokenizer} vocabulary: {chars}; remove or replace them"
     if lines and BOUNDARY in prompt:
-        return _error(f"the prompt contains the boundary {BOUNDARY!r}, which ends a name: leave it out", 2)
+        return f"the prompt contains the boundary {BOUNDARY!r}, which ends a name: leave it out"
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    boundary = stats.get("boundary_id")
     if lines:  # a name starts after the boundary and ends at the next one
-        context = [boundary] + prompt_ids
-    elif prompt_ids:
-        context = prompt_ids
-    else:  # an empty prompt: start after a newline, as a fresh paragraph (id 0 if there is no newline)
-        context = tokenizer.encode("\n", add_special_tokens=False).ids or [0]
+        return [stats.get("boundary_id")] + prompt_ids
+    return prompt_ids or tokenizer.encode("\n", add_special_tokens=False).ids or [0]
 
+
+def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: dict, context: list[int]):
+    """Write --num-samples samples to stdout as they are drawn; return the tokens drawn and the seconds taken."""
+    import torch
+
+    from lm.generate import PASSAGE_SEPARATOR, TextStream, stream
+
+    lines, boundary = stats["format"] == "lines", stats.get("boundary_id")
     g = torch.Generator().manual_seed(args.seed)
     out = sys.stdout
     total, t0 = 0, time.perf_counter()
     for i in range(args.num_samples):
         if i and not lines:
             out.write(PASSAGE_SEPARATOR.removeprefix("\n"))  # the previous sample ended with a newline
-        out.write(prompt)
+        out.write(args.prompt)
         out.flush()
         text = TextStream(tokenizer, context)
-        idx = torch.tensor([context], device=device)
-        for nxt in stream(
-            model,
-            idx,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=g,
-            use_cache=not args.no_cache and model.kv_cache,
+        tokens = stream(
+            model, torch.tensor([context], device=device), args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, generator=g, use_cache=not args.no_cache and model.kv_cache,
             overflow=args.overflow,
-        ):
-            token = int(nxt)
+        )  # fmt: skip
+        for nxt in tokens:
             total += 1
-            if lines and token == boundary:
+            if lines and int(nxt) == boundary:
                 break
-            out.write(text.push(token))
+            out.write(text.push(int(nxt)))
             out.flush()
         out.write(text.flush() + "\n")
         out.flush()
-    seconds = time.perf_counter() - t0
-    cache = "KV cache" if model.kv_cache and not args.no_cache else "no cache"
-    print(
-        f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
-        file=sys.stderr,
-    )
-    return 0
+    return total, time.perf_counter() - t0
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -403,6 +414,12 @@ def _add_sample(sub) -> None:
         default=500,
         help="tokens to sample per sample (default: 500; names stop earlier at the boundary)",
     )
+    _sampling_options(c)
+    c.set_defaults(func=_sample)
+
+
+def _sampling_options(c: argparse.ArgumentParser) -> None:
+    """`lm sample`'s options of how tokens are drawn and where the model runs."""
     c.add_argument(
         "--temperature",
         type=_temperature,
@@ -446,7 +463,6 @@ def _add_sample(sub) -> None:
         "restarts the window from the last block_size/2 tokens and refills the cache once, then "
         "grows it again (fast with the cache; context between block_size/2 and block_size)",
     )
-    c.set_defaults(func=_sample)
 
 
 def _add_export(sub) -> None:

@@ -12,7 +12,7 @@
 whole contiguous split text. ``load_splits`` reads them back as ``{split: [str, ...]}``.
 
 Failures raise :class:`DataError` with a message that names the problem, the file and the fix (or,
-when the output cannot be written, :class:`lm.io.OutputError`), and never leave a partial file or
+when the output cannot be written, :class:`lm.atomic.OutputError`), and never leave a partial file or
 folder behind: downloads go to a temp file beside the destination and datasets to a temp folder
 beside ``out_dir``; both are renamed into place only when complete.
 The library never reads params, argv or environment variables: the stage passes everything in.
@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from lm.atomic import OutputError, atomic_dir, fsync_dir
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
-from lm.io import OutputError, atomic_dir, fsync_dir
 
 CHUNK = 1 << 20  # bytes per read when streaming downloads and mirror copies
 SPLITS = ("train", "val", "test")

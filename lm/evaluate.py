@@ -1,7 +1,9 @@
 """The evaluate stage as a library call: score a checkpoint on whole splits, sample from it, write its outputs.
 
-metrics/<run>.json   val/ and test/ loss, ppl, bpc, tokens, characters; train/ summary; params by component
-samples/<run>.txt    seeded samples (lm.generate)
+metrics/<run>.json       val/ and test/ loss, ppl, bpc, tokens, characters; train/ summary; params by component;
+                         all/ for a counted run of a 'lines' corpus (fitted and scored on every split, as makemore)
+samples/<run>.txt        seeded samples (lm.generate)
+inside/<run>.safetensors what the report draws of the model (lm.inspection.figure_arrays)
 
 One metrics dict feeds the JSON, the stage's MLflow run (`logger`) and the report. The metric definitions and
 the scorer are in lm/metrics.py.
@@ -15,15 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_safetensors
 
 from lm import batches as B
 from lm import checkpoint
+from lm.atomic import atomic_write_bytes, atomic_write_text, write_json
 from lm.config import EvaluateConfig
 from lm.distributed import pick_device
 from lm.generate import format_samples, samples
-from lm.io import atomic_write_text, write_json
+from lm.inspection import figure_arrays
 from lm.metrics import metrics, score
 from lm.model_size import component_counts
+from lm.models import build_model
 from lm.tokenizer import load_ids, load_stats, load_tokenizer
 from lm.tracking import NullTracker, numeric_leaves, split_datasets
 
@@ -35,12 +40,14 @@ def evaluate_run(
     cfg: EvaluateConfig,
     metrics_path: Path,
     samples_path: Path,
+    inside_path: Path,
     *,
     device: str | None = None,
     logger: NullTracker | None = None,
 ) -> dict:
-    """Score every evaluation split in full, draw seeded samples, and write metrics JSON + samples;
-    `logger` gets the same numbers (params_by_component as params/<component>) and both files.
+    """Score every evaluation split in full, draw seeded samples, and write metrics JSON, samples and the arrays
+    the report draws (attention on the val passage at character `cfg.attention_offset`, ...); `logger` gets the same
+    numbers (params_by_component as params/<component>) and the metrics and samples files.
 
     `device`: where to compute ('auto', 'cpu', 'cuda', 'mps'); None, the run's own train.device, so a run
     trained on a GPU is evaluated there. Scoring runs in float32 whatever train.dtype was."""
@@ -71,9 +78,15 @@ def evaluate_run(
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist
     out.update(_inside(model, run, tokenizer, tok_dir, stats, vocab_size, cfg, device))
+    if run.model.fitting == "counting" and stats["format"] == "lines":
+        out.update(_all_splits(run, tok_dir, stats, vocab_size))
     texts = samples(model, tokenizer, stats["format"], stats.get("boundary_id"), cfg, device)
+    arrays, meta = figure_arrays(
+        model, run.model, tokenizer, stats["kind"], load_ids(tok_dir, "val"), cfg.attention_offset
+    )
     write_json(metrics_path, out)
     atomic_write_text(samples_path, format_samples(texts, stats["format"]))
+    atomic_write_bytes(inside_path, save_safetensors(arrays, metadata=meta))
     logger.set_tags({"device": str(device), "torch": torch.__version__})
     log_outputs(logger, metrics_path, samples_path)
     return out
@@ -100,6 +113,22 @@ def _inside(model, run, tokenizer, tok_dir: Path, stats: dict, vocab_size: int, 
                 file=sys.stderr,
             )
     return out
+
+
+def _all_splits(run, tok_dir: Path, stats: dict, vocab_size: int) -> dict:
+    """The in-sample number makemore lecture 1 reports: the family fitted by counting on every split of the corpus
+    and scored on every split, as 'all/loss' and 'all/tokens' (the published value is in lm/references.py)."""
+    model = build_model(run.model, vocab_size)
+    splits = [
+        B.for_model(run.model, load_ids(tok_dir, split), stats["format"], stats.get("boundary_id"))
+        for split in stats["splits"]
+    ]
+    for batches in splits:
+        for x, y in batches.iterate(4096):
+            model.accumulate(x, y)
+    scored = [score(model, batches.iterate(4096)) for batches in splits]
+    total, count = sum(t for t, _ in scored), sum(c for _, c in scored)
+    return {"all/loss": total / count, "all/tokens": count}
 
 
 def log_outputs(logger: NullTracker, metrics_path: Path, samples_path: Path) -> None:

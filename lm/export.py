@@ -41,8 +41,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from lm import checkpoint
+from lm.atomic import atomic_dir
 from lm.config import RunConfig
-from lm.io import atomic_dir
 
 
 class ExportError(ValueError):

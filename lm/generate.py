@@ -2,6 +2,33 @@
 
 Every family generates through :func:`stream`; the families that declare ``kv_cache`` prefill the window
 once and then feed one token per step.
+
+**Context window.** Every family predicts from at most ``model.block_size`` tokens. Token t is
+predicted from the window ``seq[start:t]``; when the window outgrows block_size it is cut:
+
+- ``overflow="slide"`` (default): the window is always the last block_size tokens, as
+  nanoGPT. Exact, but once the sequence is longer than block_size every step moves every
+  token to a new position, so with learned positions nothing cached stays valid and each
+  step recomputes the whole window (the cache only helps up to block_size).
+- ``overflow="refill"``: the window restarts from the last block_size // 2 tokens and then
+  grows again to block_size. With the cache this costs one prefill per block_size // 2
+  tokens instead of one per token; predictions see between block_size // 2 and block_size
+  tokens of context. Only the attention families (fixed position table) use it; the others
+  always slide (their windows are cheap and a cut would left-pad them).
+
+A rolling cache (dropping the oldest key and value) would be wrong with learned or
+sinusoidal absolute positions: every cached key was computed at a position that the token
+no longer has. So their cache is recomputed, never shifted.
+
+Rotary models (``model.rolls``: llama, and gpt with ``pos: rope``) slide differently: a q·k score
+depends only on the distance between the two positions, so the oldest cached key can be dropped
+and the rest kept (the cache holds two windows and compacts once per window, :meth:`KVCache.roll`):
+one token's work per step past block_size too, as fast as ``refill``. What that computes is
+sliding-window attention (Beltagy et al. 2020; Mistral): every layer attends to its last
+block_size positions, whose hidden states were computed with their own
+windows, so the last prediction can depend on up to n_layer · (block_size - 1) + 1 tokens (for one
+layer: exactly the cropped window). The uncached path computes the same thing: one forward pass over
+that many tokens with a band mask. So cached and uncached sliding agree for rotary models too.
 """
 
 from __future__ import annotations
@@ -72,33 +99,7 @@ def stream(
     overflow: str = "slide",
 ) -> Iterator[torch.Tensor]:
     """Sample up to `max_new_tokens` tokens after the context `idx` (B, T >= 1), yielding each (B, 1) as it is drawn.
-
-    Context window. Every family predicts from at most ``model.block_size`` tokens. Token t is
-    predicted from the window ``seq[start:t]``; when the window outgrows block_size it is cut:
-
-    - ``overflow="slide"`` (default): the window is always the last block_size tokens, as
-      nanoGPT. Exact, but once the sequence is longer than block_size every step moves every
-      token to a new position, so with learned positions nothing cached stays valid and each
-      step recomputes the whole window (the cache only helps up to block_size).
-    - ``overflow="refill"``: the window restarts from the last block_size // 2 tokens and then
-      grows again to block_size. With the cache this costs one prefill per block_size // 2
-      tokens instead of one per token; predictions see between block_size // 2 and block_size
-      tokens of context. Only the attention families (fixed position table) use it; the others
-      always slide (their windows are cheap and a cut would left-pad them).
-
-    A rolling cache (dropping the oldest key and value) would be wrong with learned or
-    sinusoidal absolute positions: every cached key was computed at a position that the token
-    no longer has. So their cache is recomputed, never shifted.
-
-    Rotary models (``model.rolls``: llama, and gpt with ``pos: rope``) slide differently: a q·k score
-    depends only on the distance between the two positions, so the oldest cached key can be dropped
-    and the rest kept (the cache holds two windows and compacts once per window, :meth:`KVCache.roll`):
-    one token's work per step past block_size too, as fast as ``refill``. What that computes is
-    sliding-window attention (Beltagy et al. 2020; Mistral): every layer attends to its last
-    block_size positions, whose hidden states were computed with their own
-    windows, so the last prediction can depend on up to n_layer · (block_size - 1) + 1 tokens (for one
-    layer: exactly the cropped window). The uncached path computes the same thing: one forward pass over
-    that many tokens with a band mask. So cached and uncached sliding agree for rotary models too.
+    What happens past ``model.block_size`` (`overflow`) is the module docstring's "Context window".
 
     KV cache. ``use_cache=None`` uses it when the model has one (``model.kv_cache``): the
     window is prefilled once, then each step feeds one token. Under either overflow policy the

@@ -1,6 +1,7 @@
-"""Looking inside trained models, as the sources teach: attention patterns and head roles (seed 004; Olsson et
-al. 2022) and the quality of generated text beyond perplexity (seed 002's BLEU; distinct-n, Li et al. 2016;
-memorisation). Training health, recorded while training, is lm/health.py.
+"""Looking inside trained models, as the sources teach: attention patterns and head roles (Language model from
+scratch; Olsson et al. 2022), the arrays the report draws (attention on a fixed passage, the next-token table,
+token embeddings) and the quality of generated text beyond perplexity (LLMfromScratch's BLEU; distinct-n, Li et al.
+2016; memorisation). Training health, recorded while training, is lm/health.py.
 
 Nothing here changes a model: attention maps are read by wrapping ``F.scaled_dot_product_attention``, through which
 every attention family computes attention (lm/models/attention.py).
@@ -8,6 +9,7 @@ every attention family computes attention (lm/models/attention.py).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,6 +128,82 @@ def clearest_heads(scores: dict[str, dict[str, float]]) -> dict[str, tuple[str, 
         kind: max(((h, s[kind]) for h, s in scores.items()), key=lambda hs: hs[1])
         for kind in ("prev_token", "induction")
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# the arrays the report draws (the evaluate stage writes them; the report stage only reads them)
+
+PASSAGE_TOKENS = 32
+"""The attention grids' passage is at most this many tokens: a label per token stays legible."""
+
+
+def token_labels(tokenizer, vocab_size: int) -> list[str]:
+    """Each token id's text as a figure label: escaped (a newline reads '\\n'), '·' for an empty one."""
+    return [repr(tokenizer.decode([i]))[1:-1] or "·" for i in range(vocab_size)]
+
+
+def attention_passage(tokenizer, val_ids: np.ndarray, offset: int, length: int) -> np.ndarray:
+    """`length` token ids of the val split from the first line start at or after character `offset` (the same
+    passage for every run of a corpus, whatever its tokenizer)."""
+    ids = np.asarray(val_ids, dtype=np.int64)
+    text = tokenizer.decode(ids.tolist())
+    offset = min(offset, max(0, len(text) - 1))
+    nl = text.find("\n", offset)
+    start_char = nl + 1 if 0 <= nl < len(text) - 1 else offset
+    # The token where that character falls: the token count of the text before it.
+    start = len(tokenizer.encode(text[:start_char]).ids) if start_char else 0
+    start = min(start, max(0, len(ids) - length))
+    return ids[start : start + length]
+
+
+@torch.no_grad()
+def next_token_probs(model: nn.Module) -> torch.Tensor:
+    """P(next | current) for every current token of a model that reads one token of context: (V, V)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, _ = model(torch.arange(model.vocab_size, device=device)[:, None])  # (V, 1) ids -> (V, 1, V)
+    model.train(was_training)
+    return torch.softmax(logits[:, 0].float(), dim=-1).cpu()
+
+
+def token_embedding(model: nn.Module) -> torch.Tensor | None:
+    """The model's token-embedding matrix (the parameter its family maps to 'token_embedding'), or None."""
+    for name, p in model.named_parameters():
+        if model.component_of(name) == "token_embedding":
+            return p.detach().float().cpu()
+    return None
+
+
+def figure_arrays(
+    model: nn.Module, model_cfg, tokenizer, kind: str, val_ids: np.ndarray, attention_offset: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the report draws of one run, as safetensors tensors and string metadata:
+
+    - ``attention`` (n_layer, n_head, T, T) on the fixed passage ``passage`` (T ids), with its token labels
+      (``passage_labels``), for a family with attention;
+    - ``next_token_probs`` (V, V) for a family that reads one token of context (the bigrams);
+    - ``token_embedding`` (V, n_embd) and the vocabulary's labels (``vocab_labels``) for a char tokenizer.
+
+    The labels travel as one JSON metadata entry, ``lm.labels``."""
+    tensors: dict[str, torch.Tensor] = {}
+    labels = token_labels(tokenizer, model.vocab_size)
+    meta: dict[str, list[str]] = {}
+    if model_cfg.context == "window":
+        ids = attention_passage(tokenizer, val_ids, attention_offset, min(model_cfg.block_size, PASSAGE_TOKENS))
+        device = next(model.parameters()).device
+        if maps := attention_maps(model, torch.from_numpy(ids)[None].to(device)):
+            tensors["attention"] = torch.stack([m[0] for m in maps]).float().contiguous()  # (n_layer, nh, T, T)
+            tensors["passage"] = torch.from_numpy(ids)
+            meta["passage_labels"] = [labels[i] for i in ids]
+    if model_cfg.context == "fixed" and model_cfg.block_size == 1:
+        tensors["next_token_probs"] = next_token_probs(model).contiguous()
+    if kind == "char" and (emb := token_embedding(model)) is not None:
+        tensors["token_embedding"] = emb.contiguous()
+        meta["vocab_labels"] = labels
+    # One metadata entry (safetensors orders several at random: the bytes would differ run to run), never empty
+    # (an empty header does not read back).
+    return tensors, {"lm.labels": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The metrics and the one scorer: loss, perplexity and bits per character of a model on batches of a split.
 
-Metric definitions (STUDY.md), used everywhere:
+Metric definitions (docs/models.md), used everywhere:
   loss = mean negative log-likelihood in nats per token over every target of the split, fixed order;
   ppl  = exp(loss), per token (not comparable across tokenizers);
   bpc  = total nats / (ln 2 × characters the scored tokens decode to): comparable across tokenizers.

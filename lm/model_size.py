@@ -25,9 +25,9 @@ matrix counts even when it is tied to the token embedding; biases and norm gains
 (negligible). For a tied GPT this N is nanoGPT's ``get_num_params(non_embedding=True)`` used in
 its MFU estimate (GPT-2 small: 123,625,728). A counting family (bigram_counts) takes no FLOPs.
 
-Sizes are the parameters' bytes (4 per parameter in fp32, 2 in bf16) in MB of 2**20 bytes, as
-seed 003 (GPT-2 small untied: 163,009,536 x 4 / 2**20 = 621.83 MB); optimizer state and
-activations are not included.
+Sizes are the parameters' bytes (4 per parameter in fp32, 2 in bf16) in MB of 2**20 bytes, as the Raschka
+learning journey gives GPT-2 small's (lm/references.py, gpt2-small-fp32-mb); optimizer state and activations are
+not included.
 """
 
 from __future__ import annotations
@@ -40,20 +40,14 @@ from typing import Any
 
 import torch
 
-from lm.config import (
-    BigramNNConfig,
-    GPTConfig,
-    LlamaConfig,
-    MLPConfig,
-    ModelConfig,
-    WaveNetConfig,
-    load_params,
-)
+from lm.config import load_params
+from lm.families import BigramNNConfig, GPTConfig, LlamaConfig, MLPConfig, ModelConfig, WaveNetConfig
 from lm.models import COMPONENTS, build_model
 from lm.models.attention import CausalSelfAttention
+from lm.references import value
 
 MB = 2**20
-"""Bytes in the MB that sizes are reported in (seed 003's 621.83 MB is 163,009,536 x 4 / 2**20)."""
+"""Bytes in the MB that sizes are reported in (the Raschka learning journey's MB: parameters x 4 / 2**20)."""
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
 LABELS = {
     "token_embedding": "token embedding",
@@ -81,7 +75,7 @@ class Reference:
 
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> GPTConfig:
-    # Seed 003 (Raschka's config): vocab 50257, ctx 1024, qkv_bias false, untied head without bias.
+    # The Raschka learning journey's config: vocab 50257, ctx 1024, qkv_bias false, untied head without bias.
     return GPTConfig(
         family="gpt",
         n_layer=n_layer,
@@ -99,12 +93,17 @@ REFERENCES: dict[str, Reference] = {
     "gpt2-small": Reference(
         _gpt2(12, 12, 768),
         50257,
-        "GPT-2 small as seed 003 counts it (Raschka's config: qkv_bias false, untied head without bias)",
-        163_009_536,
+        "GPT-2 small as the Raschka learning journey counts it (Raschka's config: qkv_bias false, untied head without "
+        "bias)",
+        value("gpt2-small-params"),
     ),
-    "gpt2-medium": Reference(_gpt2(24, 16, 1024), 50257, "GPT-2 medium with seed 003's settings", 406_212_608),
-    "gpt2-large": Reference(_gpt2(36, 20, 1280), 50257, "GPT-2 large with seed 003's settings", 838_220_800),
-    "gpt2-xl": Reference(_gpt2(48, 25, 1600), 50257, "GPT-2 XL with seed 003's settings", 1_637_792_000),
+    "gpt2-medium": Reference(
+        _gpt2(24, 16, 1024), 50257, "GPT-2 medium with the same settings", value("gpt2-medium-params")
+    ),
+    "gpt2-large": Reference(
+        _gpt2(36, 20, 1280), 50257, "GPT-2 large with the same settings", value("gpt2-large-params")
+    ),
+    "gpt2-xl": Reference(_gpt2(48, 25, 1600), 50257, "GPT-2 XL with the same settings", value("gpt2-xl-params")),
     "llama-3.2-1b": Reference(
         LlamaConfig(
             family="llama",
@@ -119,15 +118,15 @@ REFERENCES: dict[str, Reference] = {
         ),
         128_256,
         "Llama 3.2 1B (Meta 2024): 16 layers, d 2048, 32 heads, 8 KV heads, SwiGLU 8192, tied, ctx 128k",
-        1_235_814_400,
+        value("llama-3.2-1b-params"),
     ),
     "llama-2-7b": Reference(
         LlamaConfig(family="llama", n_layer=32, n_head=32, n_embd=4096, block_size=4096, tie_weights=False),
         32_000,
         "Llama 2 7B (Touvron et al. 2023): 32 layers, d 4096, 32 heads, SwiGLU 11,008 (the 256-multiple rule), untied",
-        6_738_415_616,
+        value("llama-2-7b-params"),
     ),
-    "seed-gpt-10.7m": Reference(
+    "nanogpt-shakespeare-char": Reference(
         GPTConfig(
             family="gpt",
             n_layer=6,
@@ -141,10 +140,10 @@ REFERENCES: dict[str, Reference] = {
             tie_weights=False,
         ),
         65,
-        'seed 000 / "Let\'s build GPT": Shakespeare char, 6L/6H/384, ctx 256, head bias, untied',
-        10_788_929,
+        'the Language modeling journey / "Let\'s build GPT": Shakespeare char, 6L/6H/384, ctx 256, head bias, untied',
+        value("lets-build-gpt-params"),
     ),
-    "seed-gpt-cpu": Reference(
+    "bigram-to-transformer-cpu": Reference(
         GPTConfig(
             family="gpt",
             n_layer=3,
@@ -157,35 +156,38 @@ REFERENCES: dict[str, Reference] = {
             tie_weights=False,
         ),
         65,
-        "seed 001's CPU GPT: Shakespeare char, 3L/4H/128, ctx 64 (~0.6-0.85M)",
+        "the bigram-to-transformer project's CPU GPT: Shakespeare char, 3L/4H/128, ctx 64 (~0.6-0.85M)",
     ),
-    "seed-wavenet-176k": Reference(
+    "journey-wavenet-176k": Reference(
         WaveNetConfig(family="wavenet", block_size=8, n_embd=20, n_hidden=200, bias=True),
         27,
-        "seed 000's WaveNet: names, ctx 8, emb 20, hidden 200, biased Linears",
-        175_767,
+        "the Language modeling journey's WaveNet: names, ctx 8, emb 20, hidden 200, biased Linears",
+        value("journey-wavenet-params"),
     ),
-    "seed-wavenet-76k": Reference(
+    "makemore-wavenet-76k": Reference(
         WaveNetConfig(family="wavenet", block_size=8, n_embd=24, n_hidden=128, bias=False),
         27,
         "makemore part 5's WaveNet: names, ctx 8, emb 24, hidden 128, bias-free Linears",
-        76_579,
+        value("makemore-wavenet-params"),
     ),
-    "seed-mlp": Reference(
+    "makemore-mlp": Reference(
         MLPConfig(family="mlp", block_size=3, n_embd=5, n_hidden=200),
         27,
         "Bengio et al. 2003 MLP on names: ctx 3, emb 5, hidden 200",
-        8_762,
+        value("makemore-mlp-params"),
     ),
-    "seed-mlp-bn": Reference(
+    "makemore-mlp-bn": Reference(
         MLPConfig(family="mlp", block_size=3, n_embd=10, n_hidden=200, batchnorm=True),
         27,
         "the MLP with BatchNorm (Zero-to-Hero part 3): ctx 3, emb 10, hidden 200",
-        12_097,
+        value("makemore-mlp-bn-params"),
     ),
-    "seed-bigram": Reference(BigramNNConfig(family="bigram_nn"), 27, "the names bigram table (27 x 27)", 729),
+    "makemore-bigram": Reference(
+        BigramNNConfig(family="bigram_nn"), 27, "the names bigram table (27 x 27)", value("makemore-bigram-params")
+    ),
 }
-"""Reference configurations: GPT-2 (seed 003's settings) and the seed configurations of STUDY.md."""
+"""Reference configurations with their published counts (lm/references.py): GPT-2 with the Raschka learning journey's
+settings, Llama 3.2 1B and Llama 2 7B, and the source documents' configurations (docs/sources.md)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,30 +429,20 @@ def _mb(mb: float) -> str:
     return f"{mb:,.2f}" if mb >= 0.1 else f"{mb:.3g}"  # small models: significant digits, not 0.00
 
 
-def format_report(r: ParamReport) -> str:
-    """The human-readable table of ``lm params``."""
-    cfg = r.model
-    lines = [
-        f"{r.name}: {r.description}" if r.name else r.description,
-        f"family {r.family}, vocab {r.vocab_size:,} ({r.vocab_source})" + (f", {_shape(cfg)}" if _shape(cfg) else ""),
-    ]
-    if r.tied is not None:
-        lines[-1] += f"; head {'tied' if cfg.tie_weights else 'untied'} as configured"
-    views: list[tuple[str, Counts]] = (
-        [
-            ("untied head" + (" *" if not cfg.tie_weights else ""), r.untied),
-            ("tied head" + (" *" if cfg.tie_weights else ""), r.tied),
-        ]
-        if r.tied is not None and r.untied is not None
-        else [("parameters", r.counts)]
-    )
+def _views(r: ParamReport) -> list[tuple[str, Counts]]:
+    """The columns of counts: untied and tied (the configured one starred) for a model that can tie, else one."""
+    if r.tied is None or r.untied is None:
+        return [("parameters", r.counts)]
+    tied = r.model.tie_weights
+    return [("untied head" + (" *" if not tied else ""), r.untied), ("tied head" + (" *" if tied else ""), r.tied)]
+
+
+def _rows(r: ParamReport, views: list[tuple[str, Counts]]) -> list[list[str]]:
+    """The table's cells: a header, a row per component (count and share per view, and one block's count), total."""
     blocks = r.counts.blocks
     same = bool(blocks) and all(b == blocks[0] for b in blocks)
     block_head = f"per block (x{len(blocks)})" if same else ("block 0" if blocks else "")
-
-    rows: list[list[str]] = [
-        ["component"] + [v for name, _ in views for v in (name, "")] + ([block_head] if blocks else [])
-    ]
+    rows = [["component"] + [v for name, _ in views for v in (name, "")] + ([block_head] if blocks else [])]
     for comp in COMPONENTS:
         if comp == "ngram" and not any(c.components[comp] for _, c in views):
             continue  # only the n-gram family stores entries: no row of zeros in every other table
@@ -460,42 +452,56 @@ def format_report(r: ParamReport) -> str:
         if blocks:
             row.append(f"{blocks[0][comp]:,}" if blocks[0][comp] else "")
         rows.append(row)
-    total = ["total"] + [v for _, c in views for v in (f"{c.total:,}", "100.00 %")]
+    rows.append(["total"] + [v for _, c in views for v in (f"{c.total:,}", "100.00 %")])
     if blocks:
-        total.append(f"{sum(blocks[0].values()):,}")
-    rows.append(total)
+        rows[-1].append(f"{sum(blocks[0].values()):,}")
+    return rows
+
+
+def _aligned(rows: list[list[str]], n_views: int, blocks: bool) -> list[str]:
+    """The rows as text columns; a header spans the count and share columns of its view."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines.append("")
-    for i, row in enumerate(rows):
-        if i == 0:  # headers span the count and share columns of their view
-            cells = [row[0].ljust(widths[0])]
-            for j in range(1, 1 + 2 * len(views), 2):
-                cells.append(row[j].ljust(widths[j] + 2 + widths[j + 1]))
-            if blocks:
-                cells.append(row[-1].rjust(widths[-1]))
-            lines.append("  ".join(cells).rstrip())
-            continue
+    head = [rows[0][0].ljust(widths[0])]
+    head += [rows[0][j].ljust(widths[j] + 2 + widths[j + 1]) for j in range(1, 1 + 2 * n_views, 2)]
+    if blocks:
+        head.append(rows[0][-1].rjust(widths[-1]))
+    lines = ["  ".join(head).rstrip()]
+    for row in rows[1:]:
         cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _flops_lines(r: ParamReport) -> list[str]:
+    if r.flops_per_token is None:
+        return ["training FLOPs per token   none: bigram_counts is fitted by counting, not by gradient steps"]
+    cfg = r.model
+    att = f" + 12 x {r.n_attention_layers} x {cfg.n_embd:,} x {cfg.block_size:,}" if r.flops_attention else ""
+    lookup = " (only lookup tables: no matmuls)" if r.flops_n == 0 else ""
+    return [
+        f"training FLOPs per token   6N + 12·n_layer·n_embd·ctx = 6 x {r.flops_n:,}{att} = {r.flops_per_token:,}"
+        + lookup,
+        "  (PaLM app. B; N = every parameter except the token and position embedding lookups, "
+        "the LM head's matrix counted even when tied)",
+    ]
+
+
+def format_report(r: ParamReport) -> str:
+    """The human-readable table of ``lm params``."""
+    cfg = r.model
+    lines = [
+        f"{r.name}: {r.description}" if r.name else r.description,
+        f"family {r.family}, vocab {r.vocab_size:,} ({r.vocab_source})" + (f", {_shape(cfg)}" if _shape(cfg) else ""),
+    ]
+    if r.tied is not None:
+        lines[-1] += f"; head {'tied' if cfg.tie_weights else 'untied'} as configured"
+    views = _views(r)
+    lines += ["", *_aligned(_rows(r, views), len(views), bool(r.counts.blocks))]
     if r.tied is not None:
         lines.append("(* as configured)")
-    lines.append("")
     sizes = "   ".join(
         f"{name.rstrip(' *')}: " + ", ".join(f"{_mb(mb)} MB {dt}" for dt, mb in c.megabytes().items())
         for name, c in views
     )
-    lines.append(f"size (parameters only, 1 MB = 2**20 bytes)   {sizes}")
-    if r.flops_per_token is None:
-        lines.append("training FLOPs per token   none: bigram_counts is fitted by counting, not by gradient steps")
-    else:
-        att = f" + 12 x {r.n_attention_layers} x {cfg.n_embd:,} x {cfg.block_size:,}" if r.flops_attention else ""
-        lookup = " (only lookup tables: no matmuls)" if r.flops_n == 0 else ""
-        lines.append(
-            "training FLOPs per token   6N + 12·n_layer·n_embd·ctx = "
-            f"6 x {r.flops_n:,}{att} = {r.flops_per_token:,}{lookup}"
-        )
-        lines.append(
-            "  (PaLM app. B; N = every parameter except the token and position embedding lookups, "
-            "the LM head's matrix counted even when tied)"
-        )
+    lines += ["", f"size (parameters only, 1 MB = 2**20 bytes)   {sizes}", *_flops_lines(r)]
     return "\n".join(lines)

@@ -1,14 +1,20 @@
-"""What code a stage runs: the project files a module imports, directly or transitively, imports inside functions
-included (read from the source with ast, nothing is imported), and a digest of them.
+"""Where a result comes from: the code a stage runs, the md5 DVC records of its inputs and outputs, and the git state.
 
-Two users: `tests/test_dvc_deps.py` checks that every stage of dvc.yaml depends on exactly these files, and the
-train stage's resume fingerprint includes their digest, so a state saved by other code is never resumed.
+- The project files a module imports, directly or transitively, imports inside functions included (read from the
+  source with ast, nothing is imported), and a digest of them: `tests/test_dvc_deps.py` checks that every stage of
+  dvc.yaml depends on exactly these files, and the train stage's resume fingerprint includes their digest, so a
+  state saved by other code is never resumed.
+- DVC 3's md5 of a file or folder (what dvc.lock records) and the git commit and dirty state: the lineage tags of
+  every stage's MLflow run (stages/mlflow_run.py).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,8 +24,18 @@ PACKAGES = ("lm", "stages")
 EXEMPT = {
     "lm/tracking.py": "it only logs to MLflow: no output of any stage depends on it, so editing how runs are "
     "logged must not re-run the study",
+    "lm/references.py": "params validation reads its keys, but only the report writes a published number: adding "
+    "or correcting one re-runs the report, not the training",
+    "stages/mlflow_run.py": "it only names, tags and groups a stage's MLflow run (the stage side of lm/tracking.py)",
 }
 """Files a stage imports that are deliberately not deps (nor part of the code digest), each with the reason."""
+NEEDED_BY = {"lm/references.py": ("stages.report",)}
+"""Exempt files that are still deps of these stage modules (whose outputs do show them)."""
+
+
+def exempt(module: str) -> set[str]:
+    """The files of `module`'s import closure that are not its deps (:data:`EXEMPT` but :data:`NEEDED_BY`)."""
+    return {f for f in EXEMPT if module not in NEEDED_BY.get(f, ())}
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -55,8 +71,9 @@ def imported_modules(path: Path, module: str) -> set[str]:
     return {m for m in with_parents if m.split(".")[0] in PACKAGES}
 
 
-def import_closure(module: str, root: Path = ROOT) -> set[str]:
-    """Project files (paths relative to `root`) that `python -m module` executes."""
+def import_closure(module: str, root: Path = ROOT, *, stop: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """Project files (paths relative to `root`) that `python -m module` executes; the imports of the files in
+    `stop` are not followed (they are in the result, what only they import is not)."""
     todo = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)]
     seen: set[str] = set()
     files: set[str] = set()
@@ -67,12 +84,73 @@ def import_closure(module: str, root: Path = ROOT) -> set[str]:
         seen.add(name)
         path = module_file(name, root)
         if path is not None:
-            files.add(path.relative_to(root).as_posix())
-            todo.extend(imported_modules(path, name) - seen)
+            rel = path.relative_to(root).as_posix()
+            files.add(rel)
+            if rel not in stop:
+                todo.extend(imported_modules(path, name) - seen)
     return files
 
 
+def code_deps(module: str, root: Path = ROOT) -> set[str]:
+    """The project files `python -m module` depends on: its import closure without the exempt files and what only
+    they import (an exempt file is not a dep, so neither is the code it alone brings in)."""
+    skip = exempt(module)
+    return import_closure(module, root, stop=skip) - skip
+
+
 def code_digests(module: str, root: Path = ROOT) -> dict[str, str]:
-    """sha256 of every file of the import closure of `module` but the exempt ones, by relative path."""
-    files = sorted(import_closure(module, root) - set(EXEMPT))
-    return {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files}
+    """sha256 of every file `module` depends on (:func:`code_deps`), by relative path."""
+    return {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in sorted(code_deps(module, root))}
+
+
+# ----------------------------------------------------------------------------------------------
+# DVC's md5 and the git state (the lineage tags of every stage's MLflow run)
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_md5(root: Path, files: Iterable[Path]) -> str:
+    """DVC 3's directory hash of `files` (below `root`): md5 of the JSON list of {md5, relpath} sorted
+    by relpath, plus '.dir' (dvc_data's Tree.digest)."""
+    entries = sorted(
+        ({"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files), key=lambda e: e["relpath"]
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records in dvc.lock for a file or a directory (.dvcignore not applied), so a
+    run's ``dvc.dep.*`` / ``dvc.out.*`` tags compare with dvc.lock, and across runs."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    return tree_md5(path, (p for p in path.rglob("*") if p.is_file()))
+
+
+def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
+    """``git.commit`` (also as MLflow's ``mlflow.source.git.commit``) and ``git.dirty``: whether the
+    `inputs` (paths that define a run: code, dvc.yaml, params.yaml) differ from the commit, untracked
+    files included. Pipeline outputs are left out on purpose: the pipeline itself rewrites dvc.lock and
+    metrics/ mid-repro, which would make every later stage 'dirty'. Empty outside a git repository."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        # Porcelain lines are 'XY path' and X may be a space (' M params.yaml'): never strip them.
+        changed = git("status", "--porcelain", "--untracked-files=normal", "--", *inputs).splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git.dirty": str(bool(changed)).lower(),
+        **({"git.dirty_files": " ".join(line[3:] for line in changed)[:4000]} if changed else {}),
+    }

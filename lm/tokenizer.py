@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lm.atomic import atomic_dir
 from lm.config import TokenizerConfig
-from lm.io import atomic_dir
 
 BOUNDARY = "."
 """Boundary token between (and around) the examples of a 'lines' corpus."""
@@ -198,6 +198,21 @@ def split_text(texts: list[str], fmt: str) -> str:
 # the whole corpus, on disk
 
 
+def _encoded(tok: Tokenizer, texts: list[str], fmt: str, oov: Counter, what: str) -> np.ndarray:
+    """The split's token ids, checked to decode back to exactly its text (its OOV characters as [UNK])."""
+    ids = encode_split(tok, texts, fmt)
+    text = split_text(texts, fmt)
+    expected = text.translate({ord(c): UNK for c in oov}) if oov else text
+    decoded = tok.decode(ids.tolist(), skip_special_tokens=False)
+    if decoded != expected:
+        at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+        raise TokenizerError(
+            f"{what} does not round-trip (first difference at character {at}: "
+            f"{expected[at : at + 20]!r} came back as {decoded[at : at + 20]!r})"
+        )
+    return ids
+
+
 def tokenize_corpus(
     cfg: TokenizerConfig, splits: dict[str, list[str]], fmt: str, out_dir: Path, *, name: str = "<name>"
 ) -> dict:
@@ -233,25 +248,16 @@ def tokenize_corpus(
         "boundary_id": boundary_id(tok) if fmt == "lines" else None,
         "splits": {},
     }
-    arrays = {}
+    arrays = {
+        split: _encoded(tok, texts, fmt, oov[split], f"tokenizer {name!r}: {split} split")
+        for split, texts in splits.items()
+    }
     for split, texts in splits.items():
-        ids = encode_split(tok, texts, fmt)
         text = split_text(texts, fmt)
-        expected = text.translate({ord(c): UNK for c in oov[split]}) if oov[split] else text
-        decoded = tok.decode(ids.tolist(), skip_special_tokens=False)
-        if decoded != expected:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected))
-            )
-            raise TokenizerError(
-                f"tokenizer {name!r}: {split} split does not round-trip (first difference at character {at}: "
-                f"{expected[at : at + 20]!r} came back as {decoded[at : at + 20]!r})"
-            )
-        arrays[split] = ids
         stats["splits"][split] = {
-            "tokens": int(ids.size),
+            "tokens": int(arrays[split].size),
             "characters": len(text),  # what bpc divides by; 'lines': the names plus every boundary
-            "chars_per_token": round(len(text) / max(ids.size, 1), 4),
+            "chars_per_token": round(len(text) / max(arrays[split].size, 1), 4),
             "oov": sum(oov[split].values()),
             "oov_chars": dict(oov[split].most_common()),
         }

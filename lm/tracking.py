@@ -15,24 +15,24 @@ it does any work, with a message naming the URI (``tracking.required: false``: w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from lm.config import TrackingConfig
+from lm.provenance import dvc_md5
 
 FLUSH_SECONDS = 15.0
 """Buffered step metrics are sent at most this often (and at the end): few calls, yet a live curve."""
@@ -91,55 +91,6 @@ def numeric_leaves(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)
     return out
-
-
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_md5(root: Path, files: Iterable[Path]) -> str:
-    """DVC 3's directory hash of `files` (below `root`): md5 of the JSON list of {md5, relpath} sorted
-    by relpath, plus '.dir' (dvc_data's Tree.digest)."""
-    entries = sorted(
-        ({"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files), key=lambda e: e["relpath"]
-    )
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
-def dvc_md5(path: Path) -> str:
-    """The md5 DVC 3 records in dvc.lock for a file or a directory (.dvcignore not applied), so a
-    run's ``dvc.dep.*`` / ``dvc.out.*`` tags compare with dvc.lock, and across runs."""
-    path = Path(path)
-    if path.is_file():
-        return _file_md5(path)
-    return tree_md5(path, (p for p in path.rglob("*") if p.is_file()))
-
-
-def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:
-    """``git.commit`` (also as MLflow's ``mlflow.source.git.commit``) and ``git.dirty``: whether the
-    `inputs` (paths that define a run: code, dvc.yaml, params.yaml) differ from the commit, untracked
-    files included. Pipeline outputs are left out on purpose: the pipeline itself rewrites dvc.lock and
-    metrics/ mid-repro, which would make every later stage 'dirty'. Empty outside a git repository."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        # Porcelain lines are 'XY path' and X may be a space (' M params.yaml'): never strip them.
-        changed = git("status", "--porcelain", "--untracked-files=normal", "--", *inputs).splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {
-        "git.commit": commit,
-        "mlflow.source.git.commit": commit,
-        "git.dirty": str(bool(changed)).lower(),
-        **({"git.dirty_files": " ".join(line[3:] for line in changed)[:4000]} if changed else {}),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +294,30 @@ class Tracker(NullTracker):
 # opening a run
 
 
+class CurveLogger:
+    """The training curve as MLflow shows it: `tokens_seen` (an x-axis that compares runs of different batch
+    sizes), the fixed-subset val loss named as the estimate it is (`val_loss_est`: the whole-split number is the
+    evaluate run's `val/loss`), and both losses in bits per character too (`*_bpc_est`, from the split's mean
+    characters per token), so char and BPE runs compare on one chart."""
+
+    RENAME = {"tokens": "tokens_seen", "val_loss": "val_loss_est"}
+
+    def __init__(self, logger: NullTracker, tokenizer_stats: dict):
+        self.logger = logger
+        splits = tokenizer_stats["splits"]
+        self.bits = {s: 1 / (math.log(2) * splits[s]["chars_per_token"]) for s in ("train", "val") if s in splits}
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        out = {self.RENAME.get(k, k): v for k, v in metrics.items()}
+        for split in ("train", "val"):
+            if f"{split}_loss" in metrics and split in self.bits:
+                out[f"{split}_bpc_est"] = metrics[f"{split}_loss"] * self.bits[split]
+        self.logger.log_metrics(out, step)
+
+    def __getattr__(self, name: str):  # set_tags, log_artifact, ... go straight to the tracker
+        return getattr(self.logger, name)
+
+
 def probe_able(uri: str) -> bool:
     """An http(s) tracking server (as opposed to a local sqlite/file store)."""
     return uri.startswith(("http://", "https://"))
@@ -456,19 +431,13 @@ def open_run(
     description: str | None = None,
     experiment_description: str | None = None,
 ) -> NullTracker:
-    """Start the MLflow run `name` (the DVC stage, e.g. 'train@names-mlp') with its params and tags.
-
-    Runs of the same name left RUNNING by a process of this machine that no longer exists (killed with
-    SIGKILL, or its machine rebooted) are marked KILLED first. `relog` is the command that logs the run again
-    from the stage's outputs, quoted in the warning if tracking fails after the run is open. `description` is
-    the run's description in the UI, `experiment_description` the experiment's.
-
-    `artifact_root`: where a *new* experiment keeps its artifacts when the store is local (sqlite):
-    an absolute path, so runs from DVC's temp directories land in the project, not in a deleted
-    tmp dir; None lets a server choose (its --default-artifact-root). `echo` gets one line saying
-    where the run is. Returns a :class:`NullTracker` if tracking is off, or unreachable and not
-    required; raises :class:`TrackingError` otherwise.
-    """
+    """Start the MLflow run `name` (e.g. 'names-mlp (train)') with its params and tags, first marking KILLED the
+    runs of that name left RUNNING by a process of this machine that is gone. `relog`: the command that logs the run
+    again from the stage's outputs, quoted if tracking fails later; `description`, `experiment_description`: the
+    UI's texts; `artifact_root`: where a *new* experiment of a local (sqlite) store keeps its artifacts (absolute,
+    so runs from DVC's temp copies land in the project; None: the server chooses); `echo` gets one line saying
+    where the run is. Returns a :class:`NullTracker` if tracking is off, or unreachable and not required; raises
+    :class:`TrackingError` otherwise."""
     if not cfg.enabled:
         return NullTracker()
     try:
@@ -480,13 +449,7 @@ def open_run(
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, cfg.experiment, artifact_root, experiment_description)
         parent_id = _parent_run(client, experiment_id, group) if group else None
-        _end_orphans(client, experiment_id, name)
-        run_tags = {**tags, "lm.role": STAGE_ROLE, **_process_tags()}
-        if description:
-            run_tags["mlflow.note.content"] = description
-        if group:
-            run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
-        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+        run_id = _create_run(client, experiment_id, name, tags, group, parent_id, description)
     except TrackingError as e:
         error: Exception = e
     except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
@@ -509,6 +472,25 @@ def open_run(
         raise TrackingError(f"{error}; or set tracking.required: false to run untracked") from None
     warn(f"{error}; tracking.required is false: {name} runs untracked")
     return NullTracker()
+
+
+def _create_run(
+    client: Any,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    group: Group | None,
+    parent_id: str | None,
+    description: str | None,
+) -> str:
+    """End this machine's orphaned runs of `name`, then create the run with its tags; return its id."""
+    _end_orphans(client, experiment_id, name)
+    run_tags = {**tags, "lm.role": STAGE_ROLE, **_process_tags()}
+    if description:
+        run_tags["mlflow.note.content"] = description
+    if group:
+        run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
+    return client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
 
 
 def logged(cfg: TrackingConfig, uri: str, stage: str, md5: str) -> bool:

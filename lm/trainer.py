@@ -4,9 +4,9 @@
 A counting family (``model.cfg.fitting == 'counting'``, the count bigram) goes through the same entry point:
 `fit` accumulates its counts over one fixed-order pass of the training split instead of taking steps.
 
-`fit` reads like nanoGPT's loop: set the lr, compute the gradient of a batch, check the loss, update,
-evaluate every ``eval_interval`` steps, save every ``checkpoint_interval``. Data parallelism (`_Replica`),
-resuming and saving (`_Saver`) and Ctrl-C (`_StopFlag`) are small helpers below it.
+`fit` reads like nanoGPT's loop: one step (`_Loop.step`: set the lr, compute the gradient of a batch, check the
+loss, update), evaluate every ``eval_interval`` steps, save every ``checkpoint_interval``. Data parallelism
+(`_Replica`), resuming and saving (`_Saver`) and Ctrl-C (`_StopFlag`) are small helpers below it.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def fit(
 
     With `state_dir`, the full training state is saved there every `cfg.checkpoint_interval` steps, on
     SIGINT/SIGTERM and after the last step, and a state found there (saved with the same `fingerprint`:
-    params, tokens and code, see lm.train.fingerprint) is resumed: the result is bit-identical to an
+    params, tokens and code, see lm.train_run.fingerprint) is resumed: the result is bit-identical to an
     uninterrupted run on the same device. The caller removes the state once the final outputs are written.
 
     Under torch.distributed (torchrun) every rank trains on its share of each batch (see `_Replica`) and
@@ -150,73 +150,117 @@ def fit(
     if model.cfg.fitting == "counting":
         return _fit_by_counting(model, train, val, cfg, device, logger)
 
-    replica = _Replica.join(model, device, cfg)
-    # A fixed validation subset, drawn once from its own stream so it never depends on training.
-    val_rng = np.random.default_rng([cfg.seed, 1])
-    val_batches = [val.sample(val_rng, cfg.batch_size) for _ in range(cfg.eval_batches)]
-    rng = np.random.default_rng([cfg.seed, 0])
-    optimizer = make_optimizer(model, cfg, device)
-    random.seed(cfg.seed)
-    saver = _Saver(state_dir, fingerprint, cfg, replica)
-    prog = saver.resume(model, optimizer, rng)
-    replica.wrap(cfg, compiles(cfg, device))
-    health = HealthRecorder(records=prog.health) if cfg.health_every else None
-    step_seconds: list[float] = []
-    if prog.step == 0 and logger and replica.rank == 0:  # where the curve starts: ≈ ln V
-        total, count = score(model, val_batches, device, cfg.dtype)
-        logger.log_metrics({"tokens": 0, "val_loss": total / max(count, 1)}, step=0)
-    model.train()
-
-    with _StopFlag() as stop, _progress_bar(prog.step, cfg, enabled=progress and replica.rank == 0) as bar:
-        for step in range(prog.step, cfg.max_steps):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            x, y = train.sample(rng, cfg.batch_size)
-            optimizer.zero_grad(set_to_none=True)
-            watch = health is not None and _health_due(step + 1, cfg)
-            if watch:
-                health.arm(model)  # its hooks see this step's forward pass
-            loss, stop_asked = replica.backward(x, y, cfg, stop.set)
-            if not math.isfinite(loss):
-                raise DivergedError(
-                    f"loss became {loss} at step {step} (lr {lr:.3g}); {saver.last_good()}: "
-                    "lower train.lr or raise train.warmup_steps"
-                )
-            if watch:
-                health.after_backward(model)  # the raw gradients, before clipping
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if watch:
-                rec = health.after_update(model, step + 1, histograms=step + 1 in (1, cfg.max_steps))
-                if logger and replica.rank == 0:
-                    logger.log_metrics({f"ud/{k}": v for k, v in rec["update_ratio"].items()}, step=step + 1)
-            step_seconds.append(time.perf_counter() - t0)
-            prog.record(loss, int((y != IGNORE_INDEX).sum()), step_seconds[-1])
+    loop = _Loop.start(model, val, cfg, device, logger, state_dir, fingerprint)
+    with _StopFlag() as stop, _progress_bar(loop.prog.step, cfg, enabled=progress and loop.replica.rank == 0) as bar:
+        for step in range(loop.prog.step, cfg.max_steps):
+            lr, stop_asked = loop.step(step, train, stop.set)
             bar.update()
-
-            if prog.step % cfg.eval_interval == 0 or prog.step == cfg.max_steps:
-                row = prog.evaluate(model, val_batches, device, cfg.dtype, lr)
-                if logger and replica.rank == 0:
-                    logger.log_metrics({k: v for k, v in row.items() if k != "step"} | prog.timing(), step=prog.step)
+            if loop.prog.step % cfg.eval_interval == 0 or loop.prog.step == cfg.max_steps:
+                row = loop.evaluate(lr)
                 bar.set_postfix(
-                    train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{prog.tok_s:.0f}"
+                    train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{loop.prog.tok_s:.0f}"
                 )
                 if on_eval:
                     on_eval(row)
-            if prog.step < cfg.max_steps:
-                if stop_asked:
-                    saver.interrupt(model, optimizer, rng, prog)
-                elif saver.due(prog.step):
-                    saver.save(model, optimizer, rng, prog)
-    saver.save_final(model, optimizer, rng, prog)  # kept until the caller has written the outputs
-    prog.restore_selected(model)
-    model.eval()
-    return FitResult(
-        prog.curve, cfg.max_steps, prog.t_train, prog.tokens, step_seconds, prog.selected_step, prog.health
-    )
+            if loop.prog.step < cfg.max_steps:
+                loop.save(interrupted=stop_asked)
+    return loop.finish()
+
+
+@dataclass
+class _Loop:
+    """A gradient-fitted run's moving parts between steps: the model and its replica, the optimizer, the batch RNG,
+    the fixed val subset, the progress (what a resumed run continues from), the saver and the health recorder."""
+
+    model: torch.nn.Module
+    cfg: TrainConfig
+    device: torch.device
+    logger: Logger | None
+    replica: _Replica
+    val_batches: list
+    rng: np.random.Generator
+    optimizer: torch.optim.Optimizer
+    saver: _Saver
+    prog: _Progress
+    health: HealthRecorder | None
+    step_seconds: list[float] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, model, val: Batches, cfg: TrainConfig, device, logger, state_dir, fingerprint) -> _Loop:
+        """Everything seeded from `cfg.seed`, in a fixed order; resumed from `state_dir` where a state matches."""
+        replica = _Replica.join(model, device, cfg)
+        # A fixed validation subset, drawn once from its own stream so it never depends on training.
+        val_rng = np.random.default_rng([cfg.seed, 1])
+        val_batches = [val.sample(val_rng, cfg.batch_size) for _ in range(cfg.eval_batches)]
+        rng = np.random.default_rng([cfg.seed, 0])
+        optimizer = make_optimizer(model, cfg, device)
+        random.seed(cfg.seed)
+        saver = _Saver(state_dir, fingerprint, cfg, replica)
+        prog = saver.resume(model, optimizer, rng)
+        replica.wrap(cfg, compiles(cfg, device))
+        health = HealthRecorder(records=prog.health) if cfg.health_every else None
+        if prog.step == 0 and logger and replica.rank == 0:  # where the curve starts: ≈ ln V
+            total, count = score(model, val_batches, device, cfg.dtype)
+            logger.log_metrics({"tokens": 0, "val_loss": total / max(count, 1)}, step=0)
+        model.train()
+        return cls(model, cfg, device, logger, replica, val_batches, rng, optimizer, saver, prog, health)
+
+    def step(self, step: int, train: Batches, stop: bool) -> tuple[float, bool]:
+        """One optimizer step (`step` is 0-based): set the lr, compute the gradient of a batch, check the loss,
+        clip, update. Returns the lr and whether a stop was asked (on any rank)."""
+        cfg, model = self.cfg, self.model
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        x, y = train.sample(self.rng, cfg.batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        watch = self.health is not None and _health_due(step + 1, cfg)
+        if watch:
+            self.health.arm(model)  # its hooks see this step's forward pass
+        loss, stop_asked = self.replica.backward(x, y, cfg, stop)
+        if not math.isfinite(loss):
+            raise DivergedError(
+                f"loss became {loss} at step {step} (lr {lr:.3g}); {self.saver.last_good()}: "
+                "lower train.lr or raise train.warmup_steps"
+            )
+        if watch:
+            self.health.after_backward(model)  # the raw gradients, before clipping
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if watch:
+            rec = self.health.after_update(model, step + 1, histograms=step + 1 in (1, cfg.max_steps))
+            self._log({f"ud/{k}": v for k, v in rec["update_ratio"].items()}, step + 1)
+        self.step_seconds.append(time.perf_counter() - t0)
+        self.prog.record(loss, int((y != IGNORE_INDEX).sum()), self.step_seconds[-1])
+        return lr, stop_asked
+
+    def evaluate(self, lr: float) -> dict[str, float]:
+        """A curve row on the fixed val subset (keeping the best weights under train.keep 'best'), logged."""
+        row = self.prog.evaluate(self.model, self.val_batches, self.device, self.cfg.dtype, lr)
+        self._log({k: v for k, v in row.items() if k != "step"} | self.prog.timing(), self.prog.step)
+        return row
+
+    def save(self, *, interrupted: bool) -> None:
+        """The training state, when a stop was asked (then exit) or every checkpoint_interval steps."""
+        args = (self.model, self.optimizer, self.rng, self.prog)
+        if interrupted:
+            self.saver.interrupt(*args)
+        elif self.saver.due(self.prog.step):
+            self.saver.save(*args)
+
+    def finish(self) -> FitResult:
+        """Save the final state (kept until the caller has written the outputs), load the selected weights."""
+        self.saver.save_final(self.model, self.optimizer, self.rng, self.prog)
+        self.prog.restore_selected(self.model)
+        self.model.eval()
+        p = self.prog
+        return FitResult(p.curve, self.cfg.max_steps, p.t_train, p.tokens, self.step_seconds, p.selected_step, p.health)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger and self.replica.rank == 0:
+            self.logger.log_metrics(metrics, step=step)
 
 
 def _health_due(step: int, cfg: TrainConfig) -> bool:

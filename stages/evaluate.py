@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import describe, deterministic, entry, fail, outputs, parser, study, tracker
+from stages.common import deterministic, entry, fail, parser, study
+from stages.mlflow_run import describe, outputs, tracker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (tokenize stage output)")
     p.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
     p.add_argument("--samples", required=True, type=Path, help="samples text file to write")
+    p.add_argument("--inside", required=True, type=Path, help="safetensors file of the arrays the report draws")
     p.add_argument("--log-only", action="store_true", help="log the written outputs to MLflow again; score nothing")
     args = p.parse_args(argv)
     cfg = study(args.params)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_only:
         with tracked:
             log_outputs(tracked, args.metrics, args.samples)
-            outputs(tracked, metrics=args.metrics, samples=args.samples)
+            outputs(tracked, metrics=args.metrics, samples=args.samples, inside=args.inside)
         print(f"evaluate@{args.run}: logged again from {args.metrics} and {args.samples}")
         return
 
@@ -50,11 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     with tracked:
         try:
             m = evaluate_run(
-                args.run, args.model, args.tokenizer, cfg.evaluate, args.metrics, args.samples, logger=tracked
+                args.run,
+                args.model,
+                args.tokenizer,
+                cfg.evaluate,
+                args.metrics,
+                args.samples,
+                args.inside,
+                logger=tracked,
             )
         except (CheckpointError, ValueError, RuntimeError, OSError) as e:  # RuntimeError: the run's device is missing
             fail(f"{stage}: {e}")
-        outputs(tracked, metrics=args.metrics, samples=args.samples)
+        outputs(tracked, metrics=args.metrics, samples=args.samples, inside=args.inside)
     print(f"evaluate@{args.run}: val loss {m['val/loss']:.4f}, ppl {m['val/ppl']:.2f}, bpc {m['val/bpc']:.4f}")
 
 

@@ -12,10 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+from lm.atomic import OutputError
 from lm.data import DataError, prepare_corpus
-from lm.io import OutputError
 from lm.tracking import numeric_leaves
-from stages.common import entry, fail, outputs, parser, study, tracker
+from stages.common import entry, fail, parser, study
+from stages.mlflow_run import outputs, tracker
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm.io import OutputError
+from lm.atomic import OutputError
 from lm.tokenizer import TokenizerError, tokenize_corpus
 from lm.tracking import numeric_leaves
-from stages.common import entry, fail, outputs, parser, study, tracker
+from stages.common import entry, fail, parser, study
+from stages.mlflow_run import outputs, tracker
 
 
 def main(argv: list[str] | None = None) -> None:

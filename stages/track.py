@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import fail, parser, project_root, study, tracking_uri
+from stages.common import fail, parser, study
+from stages.mlflow_run import configure_mlflow, project_root, tracking_uri
 
 VERBS = ("train", "evaluate")
 """The stages whose runs the study's comparisons need (the others rerun in seconds if wanted)."""
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"track: {args.lock} not found: run `dvc repro` first")
     stages = yaml.safe_load(args.lock.read_text()).get("stages", {})
     uri = tracking_uri(project_root(), os.environ)
+    configure_mlflow()
 
     from lm.tracking import logged
 

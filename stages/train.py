@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stages.common import describe, deterministic, entry, fail, outputs, parser, study, tracker
+from stages.common import deterministic, entry, fail, parser, study
+from stages.mlflow_run import describe, outputs, tracker
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None):
     p = parser("Train one run of params.yaml `runs` and write its checkpoint, train.json and curve CSV.")
     p.add_argument("run", help="run name (a key of `runs`)")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (tokenize stage output)")
@@ -21,60 +22,69 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--curve", required=True, type=Path, help="training curve CSV to write (for dvc plots)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-only", action="store_true", help="log the written outputs to MLflow again; train nothing")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     cfg = study(args.params)
     entry(cfg.runs, args.run, "run", args.params)
     if args.log_only and not (args.out / "train.json").is_file():
         fail(f"train@{args.run}: --log-only needs the outputs of a finished run; {args.out}/train.json is missing")
-
-    run, stage = cfg.runs[args.run], f"train@{args.run}"
-    corpus = cfg.tokenizers[run.tokenizer].corpus
     # torchrun's contract: RANK / WORLD_SIZE / LOCAL_RANK in the environment.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    tags = {"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family}
-    tags |= {"world_size": str(world)} | ({"lm.relogged": "true"} if args.log_only else {})
-    params = {"corpus": corpus, **run.model_dump(mode="json")}
     # Opened before the heavy imports and any training: an unreachable tracking server fails here.
-    tracked = (
-        tracker(cfg, stage, params, deps={"tokenizer": args.tokenizer}, tags=tags, relog=True,
-                description=describe(cfg, args.run))
-        if rank == 0
-        else None
-    )  # fmt: skip
+    tracked = _open_run(cfg, args, world) if rank == 0 else None
 
-    from lm import distributed
-    from lm.checkpoint import CheckpointError
-    from lm.io import Busy
-    from lm.provenance import code_digests
     from lm.tracking import NullTracker
-    from lm.train import NotWritten, log_outputs, train_run
-    from lm.trainer import DivergedError, Interrupted
+    from lm.train_run import log_outputs
 
-    log_weights = run.model.family in cfg.tracking.log_checkpoints
+    log_weights = cfg.runs[args.run].model.family in cfg.tracking.log_checkpoints
     if args.log_only:
         with tracked or NullTracker() as t:
             log_outputs(t, args.out, args.curve, args.tokenizer, log_weights=log_weights, history=True)
             outputs(t, model=args.out, curve=args.curve)
         print(f"train@{args.run}: logged again from {args.out} and {args.curve}")
         return
+    summary = _train(cfg, args, tracked or NullTracker(), rank, world, log_weights)
+    if rank == 0:
+        print(
+            f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
+            f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s"
+        )
 
+
+def _open_run(cfg, args, world: int):
+    """This stage's MLflow run (rank 0's), tagged with the run, its corpus, tokenizer, family and world size."""
+    run = cfg.runs[args.run]
+    corpus = cfg.tokenizers[run.tokenizer].corpus
+    tags = {"lm.run": args.run, "corpus": corpus, "tokenizer": run.tokenizer, "family": run.model.family}
+    tags |= {"world_size": str(world)} | ({"lm.relogged": "true"} if args.log_only else {})
+    params = {"corpus": corpus, **run.model_dump(mode="json")}
+    return tracker(cfg, f"train@{args.run}", params, deps={"tokenizer": args.tokenizer}, tags=tags, relog=True,
+                   description=describe(cfg, args.run))  # fmt: skip
+
+
+def _train(cfg, args, tracked, rank: int, world: int, log_weights: bool) -> dict:
+    """Train the run (every rank; rank 0 writes and tracks) and return its summary; a failure exits with one line
+    (130 when interrupted: the state is saved)."""
+    from lm import distributed
+    from lm.atomic import Busy
+    from lm.checkpoint import CheckpointError
+    from lm.provenance import code_digests
+    from lm.train_run import NotWritten, train_run
+    from lm.trainer import DivergedError, Interrupted
+
+    run, stage = cfg.runs[args.run], f"train@{args.run}"
     deterministic()
     distributed.init(rank, world, int(os.environ.get("LOCAL_RANK", "0")), run.train.device)
-    tracked = tracked or NullTracker()
     try:
         with tracked:
             try:
                 summary = train_run(
-                    args.run,
-                    run,
-                    args.tokenizer,
-                    args.out,
-                    args.curve,
-                    logger=tracked,
-                    log_weights=log_weights,
-                    progress=not args.no_progress,
-                    code=code_digests(__spec__.name if __spec__ else "stages.train"),
-                )
+                    args.run, run, args.tokenizer, args.out, args.curve, logger=tracked, log_weights=log_weights,
+                    progress=not args.no_progress, code=code_digests(__spec__.name if __spec__ else "stages.train"),
+                )  # fmt: skip
             except Interrupted as e:
                 fail(f"{stage}: {e}", 130)
             except (DivergedError, CheckpointError, Busy, NotWritten, ValueError, RuntimeError, OSError) as e:
@@ -83,11 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 outputs(tracked, model=args.out, curve=args.curve)
     finally:
         distributed.shutdown()
-    if rank == 0:
-        print(
-            f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
-            f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s"
-        )
+    return summary
 
 
 if __name__ == "__main__":

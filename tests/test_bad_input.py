@@ -26,22 +26,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import FIXTURE_SHA256, copy_project, dvc_env, sh, tiny_params
 
+from lm.atomic import OutputError, atomic_dir, atomic_write_text, write_json
 from lm.batches import BatchError, for_model
-from lm.config import (
-    BigramNNConfig,
-    CorpusConfig,
-    GPTConfig,
-    MLPConfig,
-    SingleHeadConfig,
-    SplitConfig,
-    TokenizerConfig,
-    WaveNetConfig,
-)
+from lm.config import CorpusConfig, SplitConfig, TokenizerConfig
 from lm.data import DataError, fetch, prepare_corpus
-from lm.io import OutputError, atomic_dir, atomic_write_text, write_json
+from lm.families import BigramNNConfig, GPTConfig, MLPConfig, SingleHeadConfig, WaveNetConfig
 from lm.tokenizer import load_ids, load_stats, tokenize_corpus
+
+from helpers import copy_project, dvc_env, sh
+from tiny import FIXTURE_SHA256, tiny_params, with_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -118,8 +112,9 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
     (tmp_path / "mirror" / "bad.txt").write_bytes(raw)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["corpora"] = {"toy": corpus_cfg(raw).model_dump(mode="json")}
-    params["tokenizers"], params["runs"], params["tracking"] = {}, {}, {"enabled": False}
-    params["report"]["ablation"] = params["report"]["per_token"] = []  # (they name runs and corpora)
+    params["tokenizers"], params["tracking"] = {}, {"enabled": False}
+    params["report"]["per_token"] = []  # (it names corpora)
+    with_runs(params, {})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "toy"
     r = subprocess.run(
@@ -411,7 +406,7 @@ def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
     a plain open() or mkdir() would give under the umask instead (0644/0755 with the usual 022)."""
     import stat
 
-    from lm.io import DIR_MODE, FILE_MODE
+    from lm.atomic import DIR_MODE, FILE_MODE
 
     mask = os.umask(0)
     os.umask(mask)
@@ -487,7 +482,7 @@ def _full_disk_on(monkeypatch, part: str) -> None:
 def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, capsys, one_thread):
     """checkpoint_interval 0 (no periodic saves): the outputs cannot be written, yet the trained model is kept
     and a re-run only writes them, equal to a run that never failed."""
-    from lm.train import NotWritten, train_run
+    from lm.train_run import NotWritten, train_run
 
     tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
     run, models = _tiny_run(0), tmp_path / "models"
@@ -513,7 +508,7 @@ def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, cap
 def test_full_disk_during_a_periodic_save_is_a_warning(tmp_path, monkeypatch, capsys, one_thread):
     """A training state that cannot be saved does not stop training: one warning per failed save, naming the
     path and the fix; the outputs are written."""
-    from lm.train import train_run
+    from lm.train_run import train_run
 
     tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
     _full_disk_on(monkeypatch, ".resume")

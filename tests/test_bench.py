@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import fit_to_budget
+from bench.train_speed import fit_to_budget
 
 
 def clock(seconds_per_step):
@@ -63,7 +63,7 @@ def test_when_no_run_fits_the_last_one_is_returned_for_the_report_to_flag():
 
 @pytest.mark.parametrize("share, says", [(1.0, ""), (0.9, "only 90%"), (1.1, "overshot")])
 def test_the_race_report_says_which_way_a_missed_budget_bends_the_result(share, says):
-    from bench.train import _race_caveat
+    from bench.train_speed import _race_caveat
 
     caveat = _race_caveat(share)
     assert (says in caveat) and (bool(caveat) == bool(says))
@@ -93,7 +93,7 @@ def test_bench_generate_prints_speed_mfu_and_rss_and_checks_the_cache(capsys, tm
     ],
 )
 def test_a_throttled_bf16_peak_is_flagged_only_where_bf16_is_native(ratio, flags, warns):
-    from bench.train import bf16_caveat
+    from bench.mfu import bf16_caveat
 
     caveat = bf16_caveat(ratio, flags)
     assert bool(caveat) == warns and (not warns or f"{ratio:.1f}x" in caveat)
@@ -109,32 +109,34 @@ class Absent(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {DEVICE_LACKS!r}:
             raise ImportError(f"{{name}} is not installed on the device machine")
 sys.meta_path.insert(0, Absent())
-from bench.seed_gpu import main
+from bench.gpu_check import main
 main(sys.argv[1:])
 """
 
 
 def _tiny_gpu_check(tmp_path: Path) -> list[str]:
-    """The arguments of bench.seed_gpu for a tiny GPT on a Shakespeare excerpt (a char tokenizer and a params file
+    """The arguments of bench.gpu_check for a tiny GPT on a Shakespeare excerpt (a char tokenizer and a params file
     in `tmp_path`), writing its table to ``tmp_path / "gpu.md"``."""
     import yaml
-    from conftest import FIXTURE_CORPORA, tiny_params
 
     from lm.config import TokenizerConfig
     from lm.tokenizer import tokenize_corpus
+
+    from tiny import FIXTURE_CORPORA, tiny_params
 
     text = (FIXTURE_CORPORA / "tinyshakespeare.txt").read_text()[:20000]
     tok = tmp_path / "tok"
     tokenize_corpus(TokenizerConfig(corpus="c", kind="char"), {"train": [text[:18000]], "val": [text[18000:]]},
                     "text", tok)  # fmt: skip
-    params = tiny_params()
-    params["runs"] = {
-        "gpt": {
-            "tokenizer": "shakespeare-char",
-            "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
-            "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 4, "eval_batches": 2, "warmup_steps": 2},
+    params = tiny_params(
+        {
+            "gpt": {
+                "tokenizer": "shakespeare-char",
+                "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
+                "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 4, "eval_batches": 2, "warmup_steps": 2},
+            }
         }
-    }
+    )
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     return [
         "--params",
@@ -153,14 +155,14 @@ def _table_rows(path: Path) -> list[str]:
 
 
 def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
-    """bench.seed_gpu end to end on a tiny run (on the CPU here), in a process where the packages the device machine
+    """bench.gpu_check end to end on a tiny run (on the CPU here), in a process where the packages the device machine
     lacks cannot be imported: the study's row and the reference's row, each with its selected step and a whole-split
     val loss from the same scorer; bench/nanogpt.py uses no study code."""
     import ast
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from tiny import ROOT
 
     args = _tiny_gpu_check(tmp_path)
     done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, *args], cwd=ROOT, capture_output=True, text=True)
@@ -176,14 +178,14 @@ def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
 def test_the_gpu_check_keeps_the_studys_row_when_the_reference_is_cut_short(tmp_path, monkeypatch):
     # A device call has a time limit: the study's row is written before the reference starts, so a run stopped
     # during the reference still brings back the study's number.
-    from bench import seed_gpu
+    from bench import gpu_check
 
     def stopped(*_):
         raise KeyboardInterrupt("the device call's time limit")
 
-    monkeypatch.setattr(seed_gpu, "reference", stopped)
+    monkeypatch.setattr(gpu_check, "reference", stopped)
     with pytest.raises(KeyboardInterrupt):
-        seed_gpu.main(_tiny_gpu_check(tmp_path))
+        gpu_check.main(_tiny_gpu_check(tmp_path))
     rows = _table_rows(tmp_path / "gpu.md")
     assert len(rows) == 1 and rows[0].startswith("| study") and "| **" in rows[0]
 
@@ -191,11 +193,11 @@ def test_the_gpu_check_keeps_the_studys_row_when_the_reference_is_cut_short(tmp_
 def test_the_batchnorm_reference_draws_the_lectures_split_which_is_the_studys():
     # bench.makemore_bn is makemore part 3 written independently of the study: its split must be the study's
     # seed-42 split of names.txt, and its examples the lecture's Xtr / Xdev / Xte (182,625 / 22,655 / 22,866).
-    from conftest import SOURCE_CORPORA
-
     from bench import makemore_bn
     from lm.config import SplitConfig
     from lm.data import split_corpus
+
+    from tiny import SOURCE_CORPORA
 
     text = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8")
     ref = makemore_bn.split_words(text.splitlines())
@@ -207,9 +209,9 @@ def test_the_batchnorm_reference_draws_the_lectures_split_which_is_the_studys():
 
 
 def test_the_batchnorm_reference_starts_at_ln_v_learns_and_repeats_itself(tmp_path):
-    from conftest import FIXTURE_CORPORA
-
     from bench import makemore_bn
+
+    from tiny import FIXTURE_CORPORA
 
     words = (FIXTURE_CORPORA / "names.txt").read_text(encoding="utf-8").splitlines()
     stoi = makemore_bn.vocab(words)
@@ -230,9 +232,10 @@ def test_the_batchnorm_reference_starts_at_ln_v_learns_and_repeats_itself(tmp_pa
 
 def test_the_transformer_reference_is_makemores_shape_split_and_rows():
     import torch
-    from conftest import SOURCE_CORPORA
 
     from bench import makemore_transformer as mt
+
+    from tiny import SOURCE_CORPORA
 
     words = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8").splitlines()
     torch.manual_seed(mt.MAKEMORE_SEED)
@@ -250,9 +253,9 @@ def test_the_transformer_reference_is_makemores_shape_split_and_rows():
 
 
 def test_the_transformer_reference_keeps_its_lowest_test_estimate(tmp_path):
-    from conftest import FIXTURE_CORPORA
-
     from bench import makemore_transformer as mt
+
+    from tiny import FIXTURE_CORPORA
 
     out = tmp_path / "tf.md"
     mt.main(["--names", str(FIXTURE_CORPORA / "names.txt"), "--steps", "500", "--every", "500", "--out", str(out)])
@@ -264,9 +267,9 @@ def test_the_transformer_reference_keeps_its_lowest_test_estimate(tmp_path):
 
 
 def test_the_transformer_reference_can_select_on_val_and_report_test(tmp_path):
-    from conftest import FIXTURE_CORPORA
-
     from bench import makemore_transformer as mt
+
+    from tiny import FIXTURE_CORPORA
 
     out = tmp_path / "tf.md"
     names = str(FIXTURE_CORPORA / "names.txt")
@@ -310,14 +313,15 @@ def test_a_reference_without_names_txt_says_where_to_point_it(module, tmp_path, 
 
 def test_the_transformer_reference_on_the_study_split_tests_on_the_seed_runs_names():
     import yaml
-    from conftest import ROOT, SOURCE_CORPORA
 
     from bench import makemore_transformer as mt
     from lm.config import SplitConfig
     from lm.data import split_corpus
 
+    from tiny import ROOT, SOURCE_CORPORA
+
     text = (SOURCE_CORPORA / "names.txt").read_text(encoding="utf-8")
-    preset = yaml.safe_load((ROOT / "presets" / "seed.yaml").read_text())
+    preset = yaml.safe_load((ROOT / "presets" / "sources.yaml").read_text())
     parts = split_corpus(text, "lines", SplitConfig(**preset["corpora"]["names-makemore"]["split"]), preset["seed"])
     train, val, test = mt.study_split(text.splitlines())
     assert (train, val, test) == (parts["train"], parts["val"], parts["test"])
@@ -328,22 +332,24 @@ def _seeds_setup(tmp_path: Path) -> list[str]:
     """A params file with two tiny GPTs (the second one layer deeper) and a counted bigram, a char tokenizer for
     them in ``tmp_path/tokenizers``, and the bench.seeds arguments that point at both."""
     import yaml
-    from conftest import FIXTURE_CORPORA, tiny_params
 
     from lm.config import TokenizerConfig
     from lm.tokenizer import tokenize_corpus
 
+    from tiny import FIXTURE_CORPORA, tiny_params
+
     text = (FIXTURE_CORPORA / "tinyshakespeare.txt").read_text()[:20000]
     tokenize_corpus(TokenizerConfig(corpus="c", kind="char"), {"train": [text[:18000]], "val": [text[18000:]]},
                     "text", tmp_path / "tokenizers" / "shakespeare-char")  # fmt: skip
-    params = tiny_params()
     model = {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
     train = {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "eval_batches": 2, "warmup_steps": 1}
-    params["runs"] = {
-        "a": {"tokenizer": "shakespeare-char", "model": model, "train": train},
-        "b": {"tokenizer": "shakespeare-char", "model": {**model, "n_layer": 2}, "train": train},
-        "counted": {"tokenizer": "shakespeare-char", "model": {"family": "bigram_counts"}},
-    }
+    params = tiny_params(
+        {
+            "a": {"tokenizer": "shakespeare-char", "model": model, "train": train},
+            "b": {"tokenizer": "shakespeare-char", "model": {**model, "n_layer": 2}, "train": train},
+            "counted": {"tokenizer": "shakespeare-char", "model": {"family": "bigram_counts"}},
+        }
+    )
     params["report"]["ablation"] = ["a", "b"]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     return ["--params", str(tmp_path / "p.yaml"), "--tokenizers", str(tmp_path / "tokenizers"),

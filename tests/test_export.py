@@ -13,11 +13,13 @@ import torch
 
 from lm import checkpoint
 from lm.cli import main
-from lm.config import RunConfig, TokenizerConfig
+from lm.config import RunConfig
 from lm.export import ExportError, export_hf, gpt2_problems
 from lm.generate import generate
 from lm.models import build_model
 from lm.tokenizer import load_tokenizer
+
+from tiny import train_tiny
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of the export")
 
@@ -36,48 +38,27 @@ LLAMAS = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _train(root: Path, name: str, splits: dict, fmt: str, tok: dict, model: dict) -> None:
-    from lm.tokenizer import tokenize_corpus
-    from lm.train import train_run
-
-    tok_dir = root / "tokenizers" / f"{name}-tok"
-    if not tok_dir.exists():
-        tokenize_corpus(TokenizerConfig(corpus="c", **tok), splits, fmt, tok_dir)
-    run = RunConfig.model_validate(
-        {
-            "tokenizer": f"{name}-tok",
-            "model": {"family": "gpt", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16, **model},
-            "train": {
-                "max_steps": 20,
-                "batch_size": 8,
-                "lr": 3e-3,
-                "eval_interval": 20,
-                "eval_batches": 1,
-                "device": "cpu",
-            },
-        }
-    )
-    train_run(name, run, tok_dir, root / "models" / name, root / f"{name}.csv", progress=False)
+BASE = {"family": "gpt", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+"""The exported runs' shape; each run overrides some of it."""
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mirror: Path) -> Path:
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
     text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:24000]
     splits = {"train": [text[:20000]], "val": [text[20000:]]}
     names = [n for n in (mirror / "names.txt").read_text().split() if len(n) <= 10][:1500]
-    _train(root, "untied-nobias", splits, "text", {"kind": "char"}, GPTS["untied-nobias"])
-    _train(root, "tied-bias", splits, "text", {"kind": "bpe", "vocab_size": 300}, GPTS["tied-bias"])
-    _train(root, "names", {"train": names[:1350], "val": names[1350:]}, "lines", {"kind": "char"}, {})
+    train_tiny(root, "untied-nobias", splits, "text", {"kind": "char"}, BASE | GPTS["untied-nobias"])
+    train_tiny(root, "tied-bias", splits, "text", {"kind": "bpe", "vocab_size": 300}, BASE | GPTS["tied-bias"])
+    train_tiny(root, "names", {"train": names[:1350], "val": names[1350:]}, "lines", {"kind": "char"}, BASE)
     for name, llama in LLAMAS.items():
         tok = {"kind": "char"} if "gqa" in name else {"kind": "bpe", "vocab_size": 300}
-        _train(root, name, splits, "text", tok, {"family": "llama", "block_size": 64, "multiple_of": 8, **llama})
+        train_tiny(
+            root, name, splits, "text", tok, BASE | {"family": "llama", "block_size": 64, "multiple_of": 8, **llama}
+        )
     for refused in ({"norm": "post"}, {"head_bias": True}, {"pos": "sinusoidal"}, {"pos": "rope"}):
         key = "-".join(f"{k}_{v}" for k, v in refused.items())
-        _train(root, f"refused-{key}", splits, "text", {"kind": "char"}, refused)
+        train_tiny(root, f"refused-{key}", splits, "text", {"kind": "char"}, BASE | refused)
     return root
 
 

@@ -4,7 +4,7 @@ params.yaml and its tests; nothing else in the code base changes.
 A toy family, 'bag' (the mean embedding of the previous k tokens → logits), is added twice: in process, where
 every generic path (validation, batching, training, scoring, sampling, the parameter report) must take it as
 it is; and in a copy of the project, where the real `dvc repro` trains and evaluates it after touching only
-lm/config.py, lm/models/bag.py and params.yaml.
+lm/families.py, lm/models/bag.py and params.yaml.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import copy_project, sh, tiny_params
+
+from helpers import copy_project, sh
+from tiny import tiny_params
 
 CONFIG_SOURCE = '''
 
@@ -33,7 +35,7 @@ class BagConfig(ModelConfig):
     """Embedding width."""
 '''
 
-BAG_IMPORT = "from lm.config import BagConfig\n"
+BAG_IMPORT = "from lm.families import BagConfig\n"
 MODEL_SOURCE = '''"""Toy family of the recipe test: the mean embedding of the previous block_size tokens → logits."""
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ class Bag(LanguageModel):
 @pytest.fixture
 def bag():
     """The toy family registered in this process from the same sources (and unregistered afterwards)."""
-    import lm.config as C
+    import lm.families as C
     from lm.models import REGISTRY
 
     config_ns = vars(C).copy()
-    exec(compile(CONFIG_SOURCE, "lm/config.py (appended)", "exec"), config_ns)  # noqa: S102
+    exec(compile(CONFIG_SOURCE, "lm/families.py (appended)", "exec"), config_ns)  # noqa: S102
     model_ns = {"BagConfig": config_ns["BagConfig"]}
     exec(compile(MODEL_SOURCE.replace(BAG_IMPORT, ""), "lm/models/bag.py", "exec"), model_ns)  # noqa: S102
     try:
@@ -89,8 +91,7 @@ def test_every_generic_path_takes_a_new_family(bag):
     from lm.trainer import fit
 
     BagConfig, Bag = bag
-    params = tiny_params()
-    params["runs"] = {"names-bag": {"tokenizer": "names-char", "model": {"family": "bag", "block_size": 4}}}
+    params = tiny_params({"names-bag": {"tokenizer": "names-char", "model": {"family": "bag", "block_size": 4}}})
     run = parse_params(params).runs["names-bag"]
     assert isinstance(run.model, BagConfig) and run.model.block_size == 4
     assert RunConfig.model_validate(run.model_dump(mode="json")) == run  # the checkpoint's config round trip
@@ -115,8 +116,7 @@ def test_unknown_and_unmodelled_families_are_named(bag):
     from lm.config import ParamsError, parse_params
     from lm.models import REGISTRY, build_model
 
-    params = tiny_params()
-    params["runs"] = {"r": {"tokenizer": "names-char", "model": {"family": "bags"}}}
+    params = tiny_params({"r": {"tokenizer": "names-char", "model": {"family": "bags"}}})
     with pytest.raises(ParamsError, match=r"runs\.r\.model\.family: got 'bags'; must be one of .*gpt, llama, bag"):
         parse_params(params)
     model_class = REGISTRY.pop("bag")
@@ -129,15 +129,11 @@ def test_unknown_and_unmodelled_families_are_named(bag):
 
 @pytest.mark.slow
 def test_dvc_repro_trains_a_family_added_by_the_recipe(repo_root: Path, tmp_path: Path):
-    params = tiny_params()
-    params["corpora"] = {"names": params["corpora"]["names"]}
-    params["tokenizers"] = {"names-char": params["tokenizers"]["names-char"]}
-    params["runs"] = {"names-mlp": params["runs"]["names-mlp"]}
-    params["tracking"] = {"enabled": False}
+    params = tiny_params({"names-mlp": tiny_params()["runs"]["names-mlp"]}, tokenizers=["names-char"], tracking=False)
     project = copy_project(repo_root, tmp_path, params)
 
     # The recipe: a config class, a model file, a run. Nothing else.
-    config = project / "lm" / "config.py"
+    config = project / "lm" / "families.py"
     config.write_text(config.read_text() + CONFIG_SOURCE)
     (project / "lm" / "models" / "bag.py").write_text(MODEL_SOURCE)
     params["runs"]["names-bag"] = {
@@ -147,7 +143,7 @@ def test_dvc_repro_trains_a_family_added_by_the_recipe(repo_root: Path, tmp_path
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = sh(project, "git", "status", "--porcelain").stdout.split("\n")
-    assert sorted(line[3:] for line in changed if line) == ["lm/config.py", "lm/models/bag.py", "params.yaml"]
+    assert sorted(line[3:] for line in changed if line) == ["lm/families.py", "lm/models/bag.py", "params.yaml"]
 
     sh(project, "dvc", "repro", "evaluate@names-bag")
     metrics = json.loads((project / "metrics" / "names-bag.json").read_text())
@@ -158,4 +154,4 @@ def test_dvc_repro_trains_a_family_added_by_the_recipe(repo_root: Path, tmp_path
     assert math.log(27) - 0.5 < metrics["val/loss"] < math.log(27) + 0.1  # 20 steps: it learnt a little
     assert "lm/models" in (project / "dvc.lock").read_text()  # the new file is inside the stage's code dep
     r = subprocess.run(["git", "diff", "--stat", "--", "lm", "stages", "dvc.yaml"], cwd=project, capture_output=True)
-    assert r.stdout.decode().count("|") == 1  # lm/config.py only (lm/models/bag.py is new)
+    assert r.stdout.decode().count("|") == 1  # lm/families.py only (lm/models/bag.py is new)

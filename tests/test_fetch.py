@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FIXTURE_SHA256, Response, on_fixtures
 
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
 from lm.data import DataError, clean_text, fetch, load_splits, load_stats, prepare_corpus, split_corpus, write_dataset
+
+from helpers import Response
+from tiny import FIXTURE_SHA256, on_fixtures
 
 NAMES_SHA = FIXTURE_SHA256["names.txt"]
 BODY = b"emma\nolivia\nava\n" * 100

@@ -307,6 +307,7 @@ def numeric_fields(real: dict) -> list[tuple[tuple, str]]:
     from typing import get_args
 
     from lm import config as C
+    from lm.families import FAMILY_CONFIGS
 
     def numeric(cls) -> list[str]:
         out = []
@@ -316,7 +317,7 @@ def numeric_fields(real: dict) -> list[tuple[tuple, str]]:
                 out.append(name)
         return out
 
-    families = dict(C.FAMILY_CONFIGS)
+    families = dict(FAMILY_CONFIGS)
     sections = [(("evaluate",), C.EvaluateConfig), (("report",), C.ReportConfig), ((), C.StudyConfig)]
     sections += [(("corpora", c, "split"), C.SplitConfig) for c in real["corpora"]]
     sections += [(("tokenizers", t), C.TokenizerConfig) for t in real["tokenizers"]]

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lm import inspection as I
-from lm.config import ModelConfig
+from lm.families import ModelConfig
 from lm.health import HealthRecorder
 from lm.models import REGISTRY, build_model
 

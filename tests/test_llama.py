@@ -10,11 +10,13 @@ import sys
 import pytest
 import torch
 
-from lm.config import GPTConfig, LlamaConfig
+from lm.families import GPTConfig, LlamaConfig
 from lm.generate import generate, sample_next
 from lm.model_size import REFERENCES, param_report
 from lm.models import build_model
-from lm.models.attention import CausalSelfAttention, KVCache, Rotary, apply_rotary
+from lm.models.attention import CausalSelfAttention
+from lm.models.kv_cache import KVCache
+from lm.models.positions import Rotary, apply_rotary
 
 
 def test_llama_references_count_exactly():

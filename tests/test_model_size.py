@@ -1,5 +1,5 @@
-"""`lm params` and lm/model_size.py: seed 003's GPT-2 numbers exactly, every reference configuration's
-published count, tied/untied views, sizes, FLOPs, run lookup, and the `lm` command's help and
+"""`lm params` and lm/model_size.py: the Raschka learning journey's GPT-2 numbers exactly, every reference
+configuration's published count, tied/untied views, sizes, FLOPs, run lookup, and the `lm` command's help and
 import cost."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lm import cli
-from lm.config import BigramCountsConfig, GPTConfig
+from lm.families import BigramCountsConfig, GPTConfig
 from lm.model_size import REFERENCES, build_meta, component_counts, format_report, param_report, report_for, resolve
 from lm.models import COMPONENTS, build_model
 
@@ -38,7 +38,7 @@ def test_gpt2_small_matches_seed_003(gpt2_small):
         assert block["token_embedding"] == block["head"] == 0
     assert round(r.counts.megabytes()["fp32"], 2) == 621.83 == round(163_009_536 * 4 / 2**20, 2)
     assert round(r.counts.megabytes()["bf16"], 2) == 310.92
-    # seed 003's shares are of the tied model: token embeddings 31 %, feed-forward 45 %, attention 23 %
+    # the Raschka learning journey's shares are of the tied model (lm/references.py, gpt2-small-*-share)
     shares = r.tied.shares()
     assert round(100 * shares["token_embedding"]) == 31
     assert 45 <= 100 * shares["feed_forward"] < 46
@@ -51,8 +51,8 @@ def test_gpt2_xl_and_every_published_count():
     for name, ref in REFERENCES.items():
         if ref.published is not None:
             assert param_report(ref.model, ref.vocab_size).counts.total == ref.published, name
-    assert report_for("seed-gpt-10.7m").counts.total == 10_788_929
-    assert 600_000 <= report_for("seed-gpt-cpu").counts.total <= 850_000
+    assert report_for("nanogpt-shakespeare-char").counts.total == 10_788_929
+    assert 600_000 <= report_for("bigram-to-transformer-cpu").counts.total <= 850_000
 
 
 def test_models_are_counted_on_the_meta_device():
@@ -69,7 +69,7 @@ def test_flops_per_token(gpt2_small):
     assert r.flops_per_token == 6 * 123_625_728 + 12 * 12 * 768 * 1024
     tied = param_report(REFERENCES["gpt2-small"].model.model_copy(update={"tie_weights": True}), 50257)
     assert tied.flops_per_token == r.flops_per_token
-    assert report_for("seed-mlp").flops_attention == 0
+    assert report_for("makemore-mlp").flops_attention == 0
     counted = param_report(BigramCountsConfig(family="bigram_counts"), 27)  # fitted by counting: no FLOPs
     assert counted.counts.total == 729 and counted.flops_per_token is None
 
@@ -82,7 +82,7 @@ def test_a_tied_config_reports_both_views():
 
 
 def test_non_gpt_families_have_one_view():
-    r = report_for("seed-wavenet-176k")
+    r = report_for("journey-wavenet-176k")
     assert r.counts.total == 175_767 and r.tied is None and r.untied is None and r.counts.blocks == []
     assert set(r.counts.components) == set(COMPONENTS)
 
@@ -98,7 +98,7 @@ def test_parameter_distribution_is_this_implementation():
 
 
 def test_report_reference_shares_come_from_lm_params():
-    from lm.report import reference_shares
+    from lm.report.figures import reference_shares
 
     shares = reference_shares()
     assert {sum(v.values()) for v in shares.values()} == {163_009_536, 124_412_160}

@@ -1,7 +1,7 @@
 """Contract tests for every model family (lm.models): shapes, causality, init, overfitting,
 determinism, padding, exact parameter counts, BatchNorm modes.
 
-Tiny configs (V=11, n_embd 16, block 8) on the CPU; the big counting configs are built on the
+The tiny configs of tests/tiny.py (V=11, n_embd 16, block 8) on the CPU; the big counting configs are built on the
 meta device, so they cost no memory.
 """
 
@@ -14,68 +14,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.config import (
+from lm.families import (
     BigramCountsConfig,
     BigramNNConfig,
-    BlockConfig,
     GPTConfig,
-    LlamaConfig,
     MLPConfig,
-    MultiHeadConfig,
-    NGramConfig,
-    SingleHeadConfig,
     WaveNetConfig,
     families,
 )
 from lm.models import COMPONENTS, REGISTRY, build_model
 
+from tiny import CONFIGS
+
 V = 11
 B = 4
 
-CONFIGS = {
-    "bigram_counts": BigramCountsConfig(family="bigram_counts"),
-    "bigram_nn": BigramNNConfig(family="bigram_nn"),
-    "ngram": NGramConfig(family="ngram", order=4),
-    "mlp": MLPConfig(family="mlp", block_size=3, n_embd=16, n_hidden=32),
-    "mlp_bn": MLPConfig(family="mlp", block_size=3, n_embd=16, n_hidden=32, batchnorm=True),
-    "wavenet": WaveNetConfig(family="wavenet", block_size=8, n_embd=16, n_hidden=32),
-    "single_head": SingleHeadConfig(family="single_head", block_size=8, n_embd=16),
-    "multi_head": MultiHeadConfig(family="multi_head", block_size=8, n_embd=16, n_head=4),
-    "block_pre": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4),
-    "block_post": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4, norm="post", dropout=0.1),
-    "gpt": GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.1),
-    "gpt_post_sin_tied": GPTConfig(
-        family="gpt",
-        block_size=8,
-        n_embd=16,
-        n_head=2,
-        n_layer=2,
-        norm="post",
-        pos="sinusoidal",
-        tie_weights=True,
-        qkv_bias=True,
-        head_bias=True,
-        bias=False,
-    ),
-    "gpt_switches": GPTConfig(
-        family="gpt",
-        block_size=8,
-        n_embd=16,
-        n_head=4,
-        n_layer=2,
-        norm_class="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        n_hidden=40,
-        bias=False,
-        n_kv_head=2,
-        dropout=0.1,
-    ),  # fmt: skip
-    "llama": LlamaConfig(family="llama", block_size=8, n_embd=16, n_head=4, n_kv_head=2, n_layer=2, n_hidden=40),
-    "llama_mqa_tied": LlamaConfig(
-        family="llama", block_size=8, n_embd=16, n_head=4, n_kv_head=1, n_layer=1, multiple_of=8, tie_weights=True
-    ),
-}
 ALL = list(CONFIGS)
 ATTENTION = [k for k, c in CONFIGS.items() if c.context == "window"]
 FIXED_CONTEXT = [k for k, c in CONFIGS.items() if c.context == "fixed" and c.block_size > 1]
@@ -424,7 +377,7 @@ PUBLISHED = [
     ("mlp+bn k3 e10 h200", MLPConfig(family="mlp", block_size=3, n_embd=10, n_hidden=200, batchnorm=True), 27, 12_097),
     ("wavenet k8 e20 h200", WaveNetConfig(family="wavenet", block_size=8, n_embd=20, n_hidden=200), 27, 175_767),
     (
-        "gpt seed 000",
+        "gpt, Let's build GPT",
         GPTConfig(
             family="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, bias=True, qkv_bias=False, head_bias=True
         ),

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 
-from lm.config import NGramConfig, RunConfig
+from lm.config import RunConfig
+from lm.families import NGramConfig
 from lm.model_size import component_counts
 from lm.models import build_model
 from lm.models.ngram import modified_kn_discounts

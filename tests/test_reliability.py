@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import BIN, copy_project, kill_server, mlflow_server, tiny_params
-from test_train_stage import RUN, finish, saved_step, wait_for_state
+
+from helpers import BIN, copy_project, finish, kill_server, mlflow_server, saved_step, wait_for_state
+from tiny import GPT_RUN, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +50,7 @@ def same_weights(work: Path, a: str, b: str) -> None:
 def work(tmp_path_factory) -> Path:
     """shakespeare fetched and char-tokenized by the real stages (tracking off), and a reference run."""
     d = tmp_path_factory.mktemp("reliability")
-    params = tiny_params()
-    params["corpora"] = {"shakespeare": params["corpora"]["shakespeare"]}
-    params["tokenizers"] = {"shakespeare-char": params["tokenizers"]["shakespeare-char"]}
-    params["runs"] = {"gpt": RUN}
-    params["tracking"] = {"enabled": False}
+    params = tiny_params({"gpt": GPT_RUN}, tokenizers=["shakespeare-char"], tracking=False)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (
         ["stages.fetch", "shakespeare", "--out", "data/shakespeare"],
@@ -133,13 +130,9 @@ def test_a_second_trainer_of_the_same_run_is_refused(work):
 
 
 def test_sigterm_to_dvc_stops_the_trainer_and_a_rerun_resumes(repo_root, tmp_path):
-    params = tiny_params()
-    params["corpora"] = {"shakespeare": params["corpora"]["shakespeare"]}
-    params["tokenizers"] = {"shakespeare-char": params["tokenizers"]["shakespeare-char"]}
-    run = json.loads(json.dumps(RUN))
+    run = json.loads(json.dumps(GPT_RUN))
     run["train"]["max_steps"] = 2000
-    params["runs"] = {"gpt": run}
-    params["tracking"] = {"enabled": False}
+    params = tiny_params({"gpt": run}, tokenizers=["shakespeare-char"], tracking=False)
     project = copy_project(repo_root, tmp_path, params)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     dvc = subprocess.Popen([str(BIN / "dvc"), "repro", "train@gpt"], cwd=project, env=env, start_new_session=True,
@@ -198,7 +191,7 @@ def test_tracking_server_dying_mid_run_keeps_the_model(work, tmp_path, unused_po
     assert by_status["KILLED"]["tags"]["lm.ended_by"].startswith("the next start of the same stage")
     # ... and the re-logged run has the curve, the final numbers and the files.
     again = by_status["FINISHED"]
-    assert again["tags"]["lm.relogged"] == "true" and again["metrics"]["summary/steps"] == RUN["train"]["max_steps"]
+    assert again["tags"]["lm.relogged"] == "true" and again["metrics"]["summary/steps"] == GPT_RUN["train"]["max_steps"]
     curve = (work / "curves" / "tracked.csv").read_text().splitlines()
     assert again["metrics"]["val_loss_est"] == pytest.approx(float(curve[-1].split(",")[3]), rel=1e-6)
 

@@ -3,24 +3,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
-import yaml
 
-from lm.config import StudyConfig
-from lm.report import _change, ablation_table, ngram_orders
+from lm.config import StudyConfig, parse_params
+from lm.references import published
+from lm.report.tables import _change, ablation_table, ngram_orders
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import tiny_params
+
 BASE = {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
 
 
 def study(runs: dict, ablation: list[str]) -> StudyConfig:
-    raw = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
-    raw["runs"] = {name: {"tokenizer": "shakespeare-char", "model": model} for name, model in runs.items()}
+    raw = tiny_params({name: {"tokenizer": "shakespeare-char", "model": model} for name, model in runs.items()})
     raw["report"]["ablation"] = ablation
-    return StudyConfig.model_validate(raw)
+    return parse_params(raw)
 
 
 def table(rows: list[tuple]) -> pd.DataFrame:
@@ -69,44 +67,64 @@ def test_ngram_order_table_bolds_the_best_val_order():
 
 
 def anchored(anchors: list[dict], per_token: list[dict] | None = None) -> StudyConfig:
-    raw = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
-    raw["runs"] = {n: {"tokenizer": "shakespeare-char", "model": BASE} for n in ("long", "short")}
+    raw = tiny_params({n: {"tokenizer": "shakespeare-char", "model": BASE} for n in ("long", "short")})
     raw["report"] |= {"anchors": anchors, "per_token": per_token or []}
-    return StudyConfig.model_validate(raw)
+    return parse_params(raw)
 
 
-def test_anchor_table_says_met_missed_or_partial(tmp_path):
+def test_anchor_table_says_met_missed_partial_or_reproduced(tmp_path):
     import json
 
-    from lm.report import anchor_table
+    from lm.report.tables import anchor_table
 
-    for name, val, steps, sel in [("long", 1.46, 5000, 2000), ("short", 2.5, 20, 20)]:
-        m = {"val/loss": val, "test/loss": val + 0.01, "train/steps": steps, "train/selected_step": sel}
+    nano, transformer, bigram = (
+        published(k) for k in ("nanogpt-shakespeare-char-val", "makemore-transformer-test", "makemore-bigram-nll")
+    )
+    metrics = {
+        "long": {"val/loss": nano.value - 0.01, "test/loss": transformer.value + 0.02, "train/steps": nano.steps,
+                 "train/selected_step": 2000, "all/loss": bigram.value + bigram.tolerance / 2},
+        "short": {"val/loss": 2.5, "train/steps": 20, "train/selected_step": 20, "all/loss": bigram.value + 0.01},
+    }  # fmt: skip
+    for name, m in metrics.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(m))
     s = anchored(
         [
-            {"run": "long", "target": 1.4697, "source": "nanoGPT", "steps": 5000},
-            {"run": "long", "metric": "test/loss", "target": 1.45, "source": "made up"},
-            {"run": "short", "target": 1.4697, "source": "nanoGPT", "steps": 5000},
+            {"run": "long", "published": "nanogpt-shakespeare-char-val"},
+            {"run": "long", "published": "makemore-transformer-test", "note": "a note"},
+            {"run": "short", "published": "nanogpt-shakespeare-char-val"},
+            {"run": "long", "published": "makemore-bigram-nll"},
+            {"run": "short", "published": "makemore-bigram-nll"},
         ]
     )
     rows = anchor_table(s, tmp_path).splitlines()[2:]
-    assert rows[0] == "| val/loss | nanoGPT | long | 2,000 of 5,000 | 1.4697 | 1.4600 | -0.0097 | **met** |"
-    assert rows[1].endswith("| 1.4500 | 1.4700 | +0.0200 | missed |")
-    assert rows[2].endswith("| partial: 20 of the source's 5,000 steps |")  # cut short: not called a miss
+    assert rows[0].startswith(f"| val/loss | [{nano.source}]({nano.url}) | long | 2,000 of {nano.steps:,} |")
+    assert rows[0].endswith(f"| {nano.value:g} | {nano.value - 0.01:.4f} | -0.0100 | **met** |")
+    assert "; a note | long |" in rows[1] and rows[1].endswith("| +0.0200 | missed |")
+    assert rows[2].endswith(f"| partial: 20 of the source's {nano.steps:,} steps |")  # cut short: not called a miss
+    assert rows[3].endswith("| **reproduced** |") and rows[4].endswith("| +0.0100 | differs |")
 
 
-def test_anchor_runs_and_per_token_corpora_must_exist():
+def test_anchors_name_runs_corpora_and_published_numbers_that_exist():
     with pytest.raises(ValueError, match=r"report.anchors\[0\].run: got 'nope'; must be a run of `runs`"):
-        anchored([{"run": "nope", "target": 2.0, "source": "x"}])
+        anchored([{"run": "nope", "published": "nanogpt-shakespeare-char-val"}])
+    with pytest.raises(ValueError, match=r"report.anchors.0.published: got 'nanogpt-val'; must be a published"):
+        anchored([{"run": "long", "published": "nanogpt-val"}])
+    with pytest.raises(ValueError, match=r"report.anchors.0.published: got 'gpt2-small-params'; must be a"):
+        anchored([{"run": "long", "published": "gpt2-small-params"}])  # a count, not a loss a run can meet
+    with pytest.raises(ValueError, match=r"report.anchors.0.target: unknown key"):
+        anchored([{"run": "long", "published": "nanogpt-shakespeare-char-val", "target": 1.0}])
     with pytest.raises(ValueError, match=r"report.per_token\[0\].corpus: got 'mars'; must be one of"):
-        anchored([], [{"corpus": "mars", "ppl": 42.7, "source": "x"}])
+        anchored([], [{"corpus": "mars", "published": "llmfromscratch-oz-ppl"}])
 
 
 def test_per_token_reference_is_read_through_bits_per_character():
-    from lm.report import per_token_table
+    import math
 
-    s = anchored([], [{"corpus": "oz", "ppl": 42.7, "source": "seed 002"}])
+    from lm.report.tables import per_token_table
+
+    ppl = published("llmfromscratch-oz-ppl").value
+    bits = math.log2(ppl)
+    s = anchored([], [{"corpus": "oz", "published": "llmfromscratch-oz-ppl"}])
     t = pd.DataFrame(
         [
             {"run": "oz-char", "corpus": "oz", "tokenizer": "oz-char", "val ppl": 3.9, "val bpc": 1.9637},
@@ -115,6 +133,6 @@ def test_per_token_reference_is_read_through_bits_per_character():
         ]
     )
     text = per_token_table(s, t)
-    assert "perplexity 42.7 per token = 5.416 bits per token" in text  # log2(42.7)
-    assert "| oz-char | oz-char | 3.90 | 1.9637 | 2.76 |" in text  # 5.416 / 1.9637 characters per token
-    assert "| oz-bpe | oz-bpe512 | 16.00 | 1.8000 | 3.01 |" in text and "| sh |" not in text
+    assert f"perplexity {ppl:g} per token = {bits:.3f} bits per token" in text
+    assert f"| oz-char | oz-char | 3.90 | 1.9637 | {bits / 1.9637:.2f} |" in text  # characters per token to match
+    assert f"| oz-bpe | oz-bpe512 | 16.00 | 1.8000 | {bits / 1.8:.2f} |" in text and "| sh |" not in text

@@ -12,40 +12,15 @@ import torch
 import yaml
 
 from lm.cli import main
-from lm.config import BlockConfig, GPTConfig, MultiHeadConfig, RunConfig, SingleHeadConfig, TokenizerConfig
+from lm.config import TokenizerConfig
 from lm.generate import TextStream, check_sampling, generate, sample_next, stream
 from lm.models import build_model
-from lm.models.attention import KVCache
+from lm.models.kv_cache import KVCache
+
+from tiny import ATTENTION, train_tiny
 
 V = 11
-ATTENTION = {
-    "gpt": GPTConfig(family="gpt", block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.1),
-    "gpt_tied_sin_post": GPTConfig(
-        family="gpt",
-        block_size=8,
-        n_embd=16,
-        n_head=2,
-        n_layer=2,
-        norm="post",
-        pos="sinusoidal",
-        tie_weights=True,
-        qkv_bias=True,
-        head_bias=True,
-        bias=False,
-    ),
-    "block_pre": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4),
-    "block_post": BlockConfig(family="block", block_size=8, n_embd=16, n_head=4, norm="post"),
-    "single_head": SingleHeadConfig(family="single_head", block_size=8, n_embd=16),
-    "multi_head": MultiHeadConfig(family="multi_head", block_size=8, n_embd=16, n_head=4),
-}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and 2 cores are shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -143,7 +118,7 @@ def test_refill_restarts_the_window_from_half_a_block():
 
 
 def test_families_without_cache_still_generate():
-    from lm.config import MLPConfig
+    from lm.families import MLPConfig
 
     model = build_model(MLPConfig(family="mlp", block_size=3, n_embd=4, n_hidden=8), V).eval()
     out = generate(model, torch.zeros(1, 1, dtype=torch.long), 10, overflow="refill")  # refill does not apply
@@ -209,39 +184,19 @@ def test_text_stream_holds_back_partial_utf8():
 
 
 def _train(root: Path, name: str, corpus_text: list[str], fmt: str, tok_cfg: dict, model: dict) -> None:
-    from lm.tokenizer import tokenize_corpus
-    from lm.train import train_run
-
+    """A 30-step run of `model` on a 90/10 split of the names, or on 20,000 + 4,000 characters of the text."""
     cut = int(len(corpus_text) * 0.9) if fmt == "lines" else None
     splits = (
         {"train": corpus_text[:cut], "val": corpus_text[cut:]}
         if fmt == "lines"
         else {"train": [corpus_text[0][:20000]], "val": [corpus_text[0][20000:24000]]}
     )
-    tokenize_corpus(TokenizerConfig(corpus="c", **tok_cfg), splits, fmt, root / "tokenizers" / f"{name}-tok")
-    run = RunConfig.model_validate(
-        {
-            "tokenizer": f"{name}-tok",
-            "model": model,
-            "train": {
-                "max_steps": 30,
-                "batch_size": 16,
-                "lr": 3e-3,
-                "eval_interval": 30,
-                "eval_batches": 1,
-                "device": "cpu",
-            },
-        }
-    )
-    train_run(
-        name, run, root / "tokenizers" / f"{name}-tok", root / "models" / name, root / f"{name}.csv", progress=False
-    )
+    train_tiny(root, name, splits, fmt, tok_cfg, model, max_steps=30, batch_size=16, eval_interval=30)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mirror: Path) -> Path:
     """Four tiny runs (30 steps each) in a tmp folder laid out as the pipeline's models/ and tokenizers/."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
     shakespeare = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:24000]
     names = [n for n in (mirror / "names.txt").read_text().split() if len(n) <= 10][:2000]

@@ -98,7 +98,7 @@ def test_resume_with_keep_best_is_bit_identical(tmp_path, crash_at):
 
 
 def test_train_json_records_the_selected_step(tmp_path):
-    from lm.train import train_run
+    from lm.train_run import train_run
 
     tok = _tokenized(tmp_path, STREAM[:60], STREAM[3000:3400])
     run = RunConfig.model_validate(OVERFIT | {"train": OVERFIT["train"] | {"max_steps": 200}})
@@ -174,16 +174,27 @@ def test_evaluate_runs_on_the_runs_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", spy)
     cfg = EvaluateConfig(num_passages=1, passage_chars=20)
-    E.evaluate_run("r", tmp_path / "m", tok, cfg, tmp_path / "m.json", tmp_path / "s.txt")
+    E.evaluate_run("r", tmp_path / "m", tok, cfg, tmp_path / "m.json", tmp_path / "s.txt", tmp_path / "i.safetensors")
     assert asked == ["cpu"] and seen == {"cpu"}
     asked.clear()
-    E.evaluate_run("r", tmp_path / "m", tok, cfg, tmp_path / "m.json", tmp_path / "s.txt", device="auto")
+    E.evaluate_run(
+        "r",
+        tmp_path / "m",
+        tok,
+        cfg,
+        tmp_path / "m.json",
+        tmp_path / "s.txt",
+        tmp_path / "i.safetensors",
+        device="auto",
+    )
     assert asked == ["auto"]
     if not torch.cuda.is_available():
         bad = run.model_copy(update={"train": run.train.model_copy(update={"device": "cuda"})})
         checkpoint.save(model, bad, 13, tmp_path / "m")
         with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device"):
-            E.evaluate_run("r", tmp_path / "m", tok, cfg, tmp_path / "m.json", tmp_path / "s.txt")
+            E.evaluate_run(
+                "r", tmp_path / "m", tok, cfg, tmp_path / "m.json", tmp_path / "s.txt", tmp_path / "i.safetensors"
+            )
 
 
 # -- names batches ----------------------------------------------------------------------------------

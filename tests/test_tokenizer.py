@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_CORPORA as CORPORA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +27,8 @@ from lm.tokenizer import (
     tokenize_corpus,
     train_tokenizer,
 )
+
+from tiny import FIXTURE_CORPORA as CORPORA
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT = {"names": "lines", "shakespeare": "text", "oz": "text"}

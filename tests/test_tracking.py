@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,21 +19,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import mlflow_server, tiny_params
 
 from lm.config import TrackingConfig, parse_params
-from lm.tracking import NullTracker, TrackingError, dvc_md5, flatten, numeric_leaves, open_run, probe
-from stages.common import project_root, run_name, tracking_uri
+from lm.provenance import dvc_md5
+from lm.tracking import NullTracker, TrackingError, flatten, numeric_leaves, open_run, probe
+from stages.mlflow_run import project_root, run_name, tracking_uri
 
-BIN = Path(sys.executable).parent
+from helpers import copy_project, mlflow_server, sh
+from tiny import tiny_params
+
 EXPERIMENT = "lm-ladder-tiny"
 # The tiny preset trimmed to what the checks need (a char and a BPE corpus, a bigram and a GPT):
 # nine stages instead of twenty-four, so the module costs one short pipeline run.
-KEEP = {
-    "corpora": ["names", "oz"],
-    "tokenizers": ["names-char", "oz-bpe512"],
-    "runs": ["names-bigram_nn", "oz-gpt-bpe512"],
-}
+KEEP = {"tokenizers": ["names-char", "oz-bpe512"], "runs": ["names-bigram_nn", "oz-gpt-bpe512"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,8 +50,8 @@ def test_only_lm_tracking_imports_mlflow(repo_root: Path):
 
 def test_untracked_code_never_imports_mlflow():
     code = (
-        "import sys, lm.tracking, lm.train, lm.evaluate, stages.train, stages.evaluate, stages.report, stages.fetch, "
-        "stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
+        "import sys, lm.tracking, lm.train_run, lm.evaluate, stages.train, stages.evaluate, stages.report, "
+        "stages.fetch, stages.tokenize; from lm.tracking import open_run; from lm.config import TrackingConfig; "
         "t = open_run(TrackingConfig(enabled=False), 'http://127.0.0.1:9', 'x', params={}, tags={}); "
         "t.log_metrics({'a': 1.0}, 1); assert 'mlflow' not in sys.modules, 'mlflow imported'"
     )
@@ -125,7 +122,7 @@ def test_unreachable_server_fails_fast_or_warns(unused_port: int):
 
 def test_git_state_names_every_changed_input(tmp_path):
     """Unstaged (' M'), staged ('M '), new and untracked inputs all count, each named whole; outputs do not."""
-    from lm.tracking import git_state
+    from lm.provenance import git_state
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
@@ -151,15 +148,6 @@ def test_git_state_names_every_changed_input(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # a real server, a real pipeline
-
-
-def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **(env or {})}
-    full = {k: v for k, v in full.items() if v is not None}
-    r = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True)
-    if check and r.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 class Rest:
@@ -241,34 +229,11 @@ def unused_port_module() -> int:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root: Path, mirror: Path, server: Rest) -> Path:
     """A copy of the repository with the trimmed tiny preset, after one `dvc repro` logging to `server`."""
-    dst = tmp_path_factory.mktemp("tracked")
-    # Tracked and new (not ignored) files: what the next commit holds, so the test runs before it too.
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=repo_root,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for f in filter(None, (f.decode() for f in files)):
-        if (
-            (repo_root / f).is_file()
-            and not f.startswith(("metrics/", "curves/", "samples/", "reports/"))
-            and f != "dvc.lock"
-        ):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / f, dst / f)
-    params = tiny_params()
-    for section, names in KEEP.items():
-        params[section] = {k: v for k, v in params[section].items() if k in names}
+    full = tiny_params()
+    params = tiny_params({r: full["runs"][r] for r in KEEP["runs"]}, tokenizers=KEEP["tokenizers"])
     params["tracking"].update(enabled=True, experiment=EXPERIMENT)  # whatever the preset says
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["LM_DATA_MIRROR"] = str(mirror)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
-    ):
-        sh(dst, *cmd)
+    dst = copy_project(repo_root, tmp_path_factory.mktemp("tracked"), params)
     sh(dst, "dvc", "repro", env={"MLFLOW_TRACKING_URI": server.url})
     # Committed as a user would, so experiments start from this baseline (and the tree is clean again).
     sh(dst, "git", "add", "-A")

@@ -9,55 +9,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_params
+
+from helpers import finish, saved_step, stage, wait_for_state
+from tiny import GPT_RUN, tiny_params
 
 pytestmark = pytest.mark.slow
-
-RUN = {
-    "tokenizer": "shakespeare-char",
-    "model": {"family": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
-    "train": {
-        "max_steps": 1200,
-        "batch_size": 8,
-        "lr": 0.003,
-        "eval_interval": 500,
-        "eval_batches": 2,
-        "checkpoint_interval": 100,
-    },
-}
-
-
-def stage(cwd: Path, *args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-    )
-
-
-def finish(p: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=300)
-    return p.returncode, out, err
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, repo_root: Path, mirror: Path) -> Path:
     """shakespeare fetched and char-tokenized by the real stages, tracking off."""
     d = tmp_path_factory.mktemp("resume")
-    params = tiny_params()
-    params["corpora"] = {"shakespeare": params["corpora"]["shakespeare"]}
-    params["tokenizers"] = {"shakespeare-char": params["tokenizers"]["shakespeare-char"]}
-    params["runs"] = {"gpt": RUN}
-    params["tracking"] = {"enabled": False}
+    params = tiny_params({"gpt": GPT_RUN}, tokenizers=["shakespeare-char"], tracking=False)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["LM_DATA_MIRROR"] = str(mirror)
     for args in (
@@ -84,21 +54,6 @@ def train(work: Path, out: str) -> subprocess.Popen:
     )
 
 
-def saved_step(state: Path) -> int:
-    try:
-        return json.loads((state / "state.json").read_text())["step"]
-    except (OSError, ValueError):
-        return 0
-
-
-def wait_for_state(p: subprocess.Popen, state: Path, at_least: int) -> None:
-    deadline = time.monotonic() + 120
-    while saved_step(state) < at_least:
-        assert p.poll() is None, f"finished before it could be interrupted: {p.communicate()}"
-        assert time.monotonic() < deadline, "no training state appeared"
-        time.sleep(0.02)
-
-
 def same_result(work: Path, a: str, b: str) -> None:
     """Bit-identical weights, train.json and curves."""
     for f in ("model.safetensors", "train.json", "config.json"):
@@ -121,7 +76,7 @@ def test_sigkill_then_rerun_resumes_bit_identical(work, reference):
     p.send_signal(signal.SIGKILL)
     p.wait()
     step = saved_step(state)
-    assert 200 <= step < RUN["train"]["max_steps"]
+    assert 200 <= step < GPT_RUN["train"]["max_steps"]
     # Nothing that looks like a finished run: DVC would re-run the stage.
     assert not (work / "models" / "killed").exists() and not (work / "curves" / "killed.csv").exists()
 
@@ -233,12 +188,22 @@ def test_torchrun_two_processes_match_one(work):
 
 def test_bench_train_runs_and_prints_its_tables(work):
     """Not a timing test: the benchmark's code paths (GEMM probe, a run, the reference race) work."""
-    code, out, err = finish(stage(work, "bench.train", "--run", "gpt", "--warmup", "1", "--steps", "2"))
+    code, out, err = finish(stage(work, "bench.train_speed", "--run", "gpt", "--warmup", "1", "--steps", "2"))
     assert code == 0, err
     assert "Measured matmul peak" in out and "| gpt |" in out and "MFU" in out
     code, out, err = finish(
         stage(
-            work, "bench.train", "--reference", "--study-run", "gpt", "--iters", "12", "--warmup", "1", "--steps", "2"
+            work,
+            "bench.train_speed",
+            "--reference",
+            "--study-run",
+            "gpt",
+            "--iters",
+            "12",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
         )
     )
     assert code == 0, err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lm.config import ModelConfig, families
+from lm.families import ModelConfig, families
 from lm.models.base import COMPONENTS, IGNORE_INDEX, REGISTRY, LanguageModel
 
 for _module in pkgutil.iter_modules(__path__):

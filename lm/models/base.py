@@ -2,7 +2,7 @@
 
 A family is two classes:
 
-- its **config**, a subclass of :class:`lm.config.ModelConfig` (torch-free, so params validate fast): the
+- its **config**, a subclass of :class:`lm.families.ModelConfig` (torch-free, so params validate fast): the
   ``family`` literal (its name), its fields, and ``fitting`` ('gradient' | 'counting'), ``context``
   ('fixed' | 'window') and ``block_size`` (the context length);
 - its **model**, a subclass of :class:`LanguageModel` in a module of ``lm/models/``: ``Config`` (the config
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.config import ModelConfig
+from lm.families import ModelConfig
 
 IGNORE_INDEX = -1
 """Target id of padding positions: left out of every loss (and its mean) and of every score."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lm.config import BigramCountsConfig, BigramNNConfig
+from lm.families import BigramCountsConfig, BigramNNConfig
 from lm.models.base import IGNORE_INDEX, LanguageModel, check_idx, lm_loss
 
 

@@ -9,9 +9,8 @@ Models", EACL 2017 (weight tying).
 Parameter names are nanoGPT's: ``transformer.wte``, ``transformer.wpe``, ``transformer.h.{i}`` (``ln_1``,
 ``attn.c_attn``, ``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``), ``transformer.ln_f``, ``lm_head``.
 
-Counts (unique parameters): V=65, 6 layers, 6 heads, 384, context 256, bias, no qkv bias, head bias, untied
-→ 10,788,929 (seed 000). GPT-2 small (V 50257, ctx 1024, 768, 12 layers, 12 heads, no qkv bias, no head
-bias) → 163,009,536 untied, 124,412,160 tied.
+Parameter counts are checked against their published values (lm/references.py) by ``lm params``' reference
+configurations: the Language modeling journey's Shakespeare GPT, GPT-2 small to XL, Llama 3.2 1B and Llama 2 7B.
 """
 
 from __future__ import annotations
@@ -19,11 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lm.config import BlockConfig, GPTConfig, LlamaConfig
-from lm.models.attention import CausalLM, CausalSelfAttention, KVCache, Rope
+from lm.families import BlockConfig, GPTConfig, LlamaConfig
+from lm.models.attention import CausalSelfAttention
+from lm.models.causal_lm import CausalLM
+from lm.models.kv_cache import KVCache
+from lm.models.positions import Rope
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
     """Position-wise feed-forward: Linear(C, H) → GELU → Linear(H, C) → dropout (Vaswani et al. 2017, §3.3;
     GPT-2: H = 4C)."""
 
@@ -42,7 +44,7 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer 2020, 'GLU Variants Improve Transformer'; LLaMA's):
     c_proj(silu(c_gate(x)) * c_fc(x)) → dropout. Three matrices instead of two, so LLaMA narrows the hidden
-    width to about 2/3 of 4C to keep the cost (:attr:`lm.config.GPTConfig.hidden`)."""
+    width to about 2/3 of 4C to keep the cost (:attr:`lm.families.GPTConfig.hidden`)."""
 
     def __init__(self, n_embd: int, n_hidden: int, *, dropout: float = 0.0, bias: bool = False):
         super().__init__()
@@ -70,7 +72,7 @@ class Block(nn.Module):
 
     ``norm='pre'`` (GPT-2, LLaMA): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual stream is
     never normalised, so the model needs a final norm (``ln_f``) before the head.
-    ``norm='post'`` (Vaswani et al. 2017, seed 002): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
+    ``norm='post'`` (Vaswani et al. 2017, as LLMfromScratch): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)).
     The output is already normalised, so no ``ln_f``.
 
     The config's switches pick each piece: ``norm_class`` (LayerNorm | RMSNorm), ``mlp`` (GELU | SwiGLU, of
@@ -94,7 +96,7 @@ class Block(nn.Module):
         if cfg.mlp == "swiglu":
             self.mlp: nn.Module = SwiGLU(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
         else:
-            self.mlp = MLP(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
+            self.mlp = FeedForward(cfg.n_embd, cfg.hidden, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: Rope | None = None
@@ -117,7 +119,7 @@ class GPT(CausalLM):
     ``transformer.wte.weight``), ``pos`` (``learned`` table or fixed ``sinusoidal`` buffer), ``norm`` (``pre``:
     GPT-2, with ``ln_f``; ``post``: LayerNorm after each residual add, so no ``ln_f``).
 
-    Init: GPT-2's (:meth:`lm.models.attention.CausalLM._init_weights`), with the untied LM head's std capped
+    Init: GPT-2's (:meth:`lm.models.causal_lm.CausalLM._init_weights`), with the untied LM head's std capped
     so the initial loss stays within ~0.05 nats of ln V.
     """
 
@@ -166,8 +168,7 @@ class Llama(GPT):
     positions (no position table), a SwiGLU feed-forward, no biases, grouped-query attention when
     ``n_kv_head`` < ``n_head``. Its checkpoints export to Hugging Face's ``LlamaForCausalLM`` (lm/export.py).
 
-    Counts: Llama 3.2 1B (V 128,256, 16 layers, 2048, 32 heads, 8 KV heads, FFN 8192, tied) → 1,235,814,400;
-    Llama 2 7B (V 32,000, 32 layers, 4096, 32 heads, FFN 11,008, untied) → 6,738,415,616.
+    ``lm params llama-3.2-1b`` and ``llama-2-7b`` build Meta's two shapes and check their published counts.
     """
 
     Config = LlamaConfig

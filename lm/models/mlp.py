@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from lm.config import MLPConfig
+from lm.families import MLPConfig
 from lm.models.base import WindowMLP
 
 TANH_GAIN = 5.0 / 3.0
@@ -27,8 +27,8 @@ class MLP(WindowMLP):
     before the start: makemore's '...'); in training only the positions with a target enter the network
     (:class:`WindowMLP`), so BatchNorm sees exactly the batch's examples.
 
-    Parameters: V*n_embd + k*n_embd*n_hidden (+ n_hidden bias, or + 2*n_hidden BatchNorm) + n_hidden*V + V;
-    names, k 3, emb 5, hidden 200 → 8,762; emb 10 with BatchNorm → 12,097.
+    Parameters: V*n_embd + k*n_embd*n_hidden (+ n_hidden bias, or + 2*n_hidden BatchNorm) + n_hidden*V + V (the
+    lectures' counts: ``lm params makemore-mlp``, ``makemore-mlp-bn``).
     """
 
     Config = MLPConfig

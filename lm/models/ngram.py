@@ -1,5 +1,5 @@
-"""Interpolated Kneser–Ney n-gram: the statistical baseline below the neural ladder (seed 002 compares its model
-with an n-gram model trained on the same corpus).
+"""Interpolated Kneser–Ney n-gram: the statistical baseline below the neural ladder (LLMfromScratch compares its
+model with an n-gram model trained on the same corpus).
 
 References: R. Kneser, H. Ney, "Improved backing-off for M-gram language modeling", ICASSP 1995 (absolute
 discounting with continuation counts for the lower orders); S. F. Chen, J. Goodman, "An Empirical Study of
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lm.config import NGramConfig
+from lm.families import NGramConfig
 from lm.models.base import IGNORE_INDEX, LanguageModel, causal_windows, check_idx, lm_loss
 
 CHUNK_ELEMENTS = 1 << 22

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from lm.config import WaveNetConfig
+from lm.families import WaveNetConfig
 from lm.models.base import WindowMLP
 from lm.models.mlp import TANH_GAIN
 
@@ -62,8 +62,9 @@ class WaveNet(WindowMLP):
     those with a target: :class:`WindowMLP`). A real WaveNet would share the lower levels of overlapping
     windows (dilated convolutions); recomputing them per window keeps the BatchNorm statistics makemore's.
 
-    ``bias``: seed 000's 175,767-parameter net (k 8, emb 20, hidden 200) keeps the fusion Linears' biases;
-    makemore part 5's 76,579-parameter net (k 8, emb 24, hidden 128, val 1.9937) drops them.
+    ``bias``: the Language modeling journey's net (k 8, emb 20, hidden 200) keeps the fusion Linears' biases;
+    makemore lecture 5's (k 8, emb 24, hidden 128) drops them (their counts: ``lm params journey-wavenet-176k``,
+    ``makemore-wavenet-76k``).
     """
 
     Config = WaveNetConfig

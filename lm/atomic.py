@@ -132,8 +132,8 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync it, then rename it into place (OutputError on failure)."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then rename it into place (OutputError on failure)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +142,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise OutputError(path, e) from e
     try:
         os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -153,6 +153,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             raise OutputError(path, e) from e
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` as UTF-8 through :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj) -> None:

@@ -13,7 +13,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import platform
 import shutil
 from collections.abc import Mapping
@@ -25,11 +24,11 @@ import torch
 
 from lm import batches as B
 from lm import checkpoint, distributed
+from lm.atomic import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.config import RunConfig
-from lm.io import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.models import build_model
 from lm.tokenizer import load_ids, load_stats
-from lm.tracking import NullTracker, split_datasets
+from lm.tracking import CurveLogger, NullTracker, split_datasets
 from lm.trainer import fit
 
 CURVE_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
@@ -93,27 +92,7 @@ def train_run(
         with logger.system_metrics() if rank == 0 else nullcontext():
             result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress,
                          state_dir=state, fingerprint=fp)  # fmt: skip
-        # Only numbers that a rerun reproduces bit for bit: timing goes to MLflow alone.
-        selected = next((r for r in result.curve if r["step"] == result.selected_step), result.curve[-1])
-        summary = {
-            "run": name,
-            "family": run.model.family,
-            "params": sum(p.numel() for p in model.parameters()),
-            "steps": result.steps,
-            "keep": run.train.keep if run.model.fitting == "gradient" else "last",
-            "selected_step": selected["step"],
-            "train_loss": selected["train_loss"],
-            "val_loss": selected["val_loss"],
-            "tokens": result.tokens,
-        }
-        timing = {
-            "train_seconds": result.train_seconds,
-            "tokens_per_s": result.tokens_per_s,
-            "device": str(device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        }
+        summary, timing = _summary(name, run, model, result, device)
         if rank == 0:
             _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state, result.health)
     if rank == 0:
@@ -121,6 +100,31 @@ def train_run(
         logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
         log_outputs(logger, out, curve, tok_dir, log_weights=log_weights)
     return {**summary, **timing}
+
+
+def _summary(name: str, run: RunConfig, model, result, device) -> tuple[dict, dict]:
+    """train.json's numbers (only what a rerun reproduces bit for bit) and the wall-clock ones (MLflow alone)."""
+    selected = next((r for r in result.curve if r["step"] == result.selected_step), result.curve[-1])
+    summary = {
+        "run": name,
+        "family": run.model.family,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": result.steps,
+        "keep": run.train.keep if run.model.fitting == "gradient" else "last",
+        "selected_step": selected["step"],
+        "train_loss": selected["train_loss"],
+        "val_loss": selected["val_loss"],
+        "tokens": result.tokens,
+    }
+    timing = {
+        "train_seconds": result.train_seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    return summary, timing
 
 
 def _write_outputs(
@@ -153,30 +157,6 @@ def _write_outputs(
             "problem is fixed; it resumes there and only writes the outputs"
         ) from e
     shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
-
-
-class CurveLogger:
-    """The training curve as MLflow shows it: `tokens_seen` (an x-axis that compares runs of different batch
-    sizes), the fixed-subset val loss named as the estimate it is (`val_loss_est`: the whole-split number is the
-    evaluate run's `val/loss`), and both losses in bits per character too (`*_bpc_est`, from the split's mean
-    characters per token), so char and BPE runs compare on one chart."""
-
-    RENAME = {"tokens": "tokens_seen", "val_loss": "val_loss_est"}
-
-    def __init__(self, logger: NullTracker, tokenizer_stats: dict):
-        self.logger = logger
-        splits = tokenizer_stats["splits"]
-        self.bits = {s: 1 / (math.log(2) * splits[s]["chars_per_token"]) for s in ("train", "val") if s in splits}
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        out = {self.RENAME.get(k, k): v for k, v in metrics.items()}
-        for split in ("train", "val"):
-            if f"{split}_loss" in metrics and split in self.bits:
-                out[f"{split}_bpc_est"] = metrics[f"{split}_loss"] * self.bits[split]
-        self.logger.log_metrics(out, step)
-
-    def __getattr__(self, name: str):  # set_tags, log_artifact, ... go straight to the tracker
-        return getattr(self.logger, name)
 
 
 class NotWritten(RuntimeError):

@@ -1,4 +1,5 @@
-"""Training throughput and MFU: ``python -m bench.train [--run RUN | --reference | --levers | --ablation] [--write]``.
+"""Training throughput and MFU: ``python -m bench.train_speed [--run RUN | --reference | --levers | --ablation]
+[--write]``.
 
 Figures, not tests: every number here is measured on the machine that runs it.
 
@@ -35,9 +36,9 @@ import datetime as dt
 import math
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from lm.config import GPTConfig, TrainConfig
+from bench import append_to_bench
+from bench.mfu import Peaks, flops_per_token, machine
+from lm.config import TrainConfig
+from lm.families import GPTConfig
 
 REFERENCE_MODEL = GPTConfig(family="gpt", block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
 REFERENCE_TRAIN = TrainConfig(
@@ -66,79 +70,6 @@ T = TypeVar("T")
 RACE_WINDOW = (0.95, 1.02)
 """The race accepts a study run that took 95-102% of the reference's time (which itself varies
 more than that between runs)."""
-
-DATASHEET_TFLOPS = {  # dense (no sparsity) peaks, TFLOP/s: (bf16 tensor cores, tf32 tensor cores, fp32 tf32 off)
-    "H100 SXM": (989.0, 494.7, 67.0),
-    "H100 PCIe": (756.0, 378.0, 51.0),
-    "H100": (989.0, 494.7, 67.0),
-    "H200": (989.0, 494.7, 67.0),
-    "A100": (312.0, 156.0, 19.5),
-    "L4": (121.0, 60.0, 30.3),
-    "A10": (125.0, 62.5, 31.2),
-    "RTX 4090": (165.0, 82.6, 82.6),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# peaks
-
-
-def gemm_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.0) -> float:
-    """Best measured FLOP/s of an n×n @ n×n matmul in `dtype` (warm-up first, then repeated timing)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        reps = 4
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def datasheet_peak(device: str) -> dict[str, float] | None:
-    """The CUDA device's datasheet dense peak in FLOP/s by dtype, if its name is in the table."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name()
-    for key, (bf16, tf32, fp32) in DATASHEET_TFLOPS.items():
-        if key in name:
-            return {"bfloat16": bf16 * 1e12, "tf32": tf32 * 1e12, "float32": fp32 * 1e12, "name": name}
-    return None
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-
-
-def bf16_caveat(bf16_over_fp32: float, flags: set[str]) -> str:
-    """A warning when a CPU with native bf16 matmuls (AVX512_BF16 or AMX) measures under 3x its
-    fp32 peak in bf16: measured 4.2-4.4x on a quiet Zen 5 here, 2.1-2.2x when it was throttled or
-    shared, which halves bf16's edge and moves every race result."""
-    if bf16_over_fp32 >= 3.0 or not flags & {"avx512_bf16", "amx_bf16"}:
-        return ""
-    return (
-        f"**Warning:** this CPU has native bf16 matmuls, yet bf16 measured only {bf16_over_fp32:.1f}x fp32 "
-        "(about 4x when the machine is quiet): it is throttled or shared, so bf16 numbers here are low."
-    )
-
-
-def flops_per_token(model_cfg, vocab_size: int) -> int:
-    from lm.model_size import param_report
-
-    return int(param_report(model_cfg, vocab_size).flops_per_token)
-
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -347,13 +278,6 @@ def ablation(study, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-
-
 LEVERS: dict[str, dict] = {
     "fp32 eager, AdamW foreach (study default)": {},
     "AdamW for-loop": {"adamw_impl": "for-loop"},
@@ -373,9 +297,106 @@ LEVERS: dict[str, dict] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# the modes
 
 
-def main(argv: list[str] | None = None) -> None:
+def time_run(study, args: argparse.Namespace, peaks: Peaks) -> list[str]:
+    """``--run RUN``: the run's own model and train settings, timed."""
+    name = args.run or args.study_run
+    if name not in study.runs:
+        raise SystemExit(f"error: unknown run {name!r}; {args.params} defines: {', '.join(study.runs)}")
+    run = study.runs[name]
+    tok = args.tokenizer or Path("tokenizers") / run.tokenizer
+    _, _, vocab = load_tokens(tok)
+    m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
+    return [markdown([row(name, m, flops_per_token(run.model, vocab), *peaks.for_run(run.train))])]
+
+
+def levers(args: argparse.Namespace, peaks: Peaks) -> list[str]:
+    """``--levers``: each training option on the reference model, then bf16 against fp32 after the same steps."""
+    tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+    _, _, vocab = load_tokens(tok)
+    fpt = flops_per_token(REFERENCE_MODEL, vocab)
+    rows = []
+    for label, change in LEVERS.items():
+        cfg = REFERENCE_TRAIN.model_copy(update=change)
+        warm = args.warmup + (20 if cfg.compile else 0)
+        m = measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps)
+        rows.append(row(label, m, fpt, *peaks.for_run(cfg)))
+        print(markdown(rows[-1:]), flush=True)
+    # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype})
+        losses[dtype] = in_fresh_process("study", REFERENCE_MODEL, cfg, tok, vocab, 300, score=True)[3]
+    return [
+        f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
+        f"{args.warmup} warm-up + {args.steps} timed steps each:",
+        "",
+        markdown(rows),
+        "",
+        f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
+        f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)",
+        "",
+    ]
+
+
+def race_throughput(study, args: argparse.Namespace, peaks: Peaks) -> tuple[list[str], TrainConfig, dict]:
+    """``--reference``, first half: the reference and the study's path timed on the identical model; returns the
+    table, the study's train settings and its timing."""
+    tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+    _, _, vocab = load_tokens(tok)
+    fpt = flops_per_token(REFERENCE_MODEL, vocab)
+    fast = study.runs[args.study_run].train.model_copy(
+        update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps}
+    )
+    ref_m = measure("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.warmup, args.steps)
+    fast_m = measure("study", REFERENCE_MODEL, fast, tok, vocab, args.warmup + (20 if fast.compile else 0), args.steps)
+    rows = [
+        row("reference: nanoGPT CPU, fp32 eager, plain AdamW, batch 12", ref_m, fpt, *peaks.for_run(REFERENCE_TRAIN)),
+        row(f"study: {args.study_run} train settings with {_describe(fast)}", fast_m, fpt, *peaks.for_run(fast)),
+    ]
+    ratio = fast_m["tokens_per_s"] / ref_m["tokens_per_s"]
+    return [markdown(rows), "", f"**Throughput ratio: {ratio:.2f}x** tokens/s (target >= 1.5x).", ""], fast, fast_m
+
+
+def race_equal_time(args: argparse.Namespace, fast: TrainConfig, fast_m: dict) -> list[str]:
+    """``--reference``, second half: the reference's full run sets the wall-clock; the study trains for the same
+    time (each contestant in a fresh process, as when timed) and both are scored on the whole val split."""
+    tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+    _, _, vocab = load_tokens(tok)
+    ref_times, _, ref_tokens, ref_loss = in_fresh_process(
+        "reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.iters, score=True
+    )
+    budget = sum(ref_times)
+
+    def study_run(n: int) -> tuple[float, tuple[int, float]]:
+        times, _, tokens, loss = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
+        print(f"study: {n} steps took {sum(times):.1f} s of the reference's {budget:.1f} s", flush=True)
+        return sum(times), (tokens, loss)
+
+    # The LR schedule needs the step count up front: predicted from the timed steps, then
+    # corrected by re-training when the run misses the budget (this machine's speed drifts).
+    guess = (budget - fast_m["warmup_s"]) / (fast_m["ms_step"] / 1e3)
+    steps, spent, (tokens, fast_loss) = fit_to_budget(study_run, budget, guess)
+    race = [
+        {"config": "reference", "steps": args.iters, "tokens": f"{ref_tokens:,}", "train s": f"{budget:.1f}",
+         "val loss (whole split)": f"{ref_loss:.4f}"},
+        {"config": f"study ({_describe(fast)})", "steps": steps, "tokens": f"{tokens:,}", "train s": f"{spent:.1f}",
+         "val loss (whole split)": f"{fast_loss:.4f}"},
+    ]  # fmt: skip
+    return [
+        f"Same wall-clock as the reference's {args.iters} iterations:",
+        "",
+        markdown(race),
+        "",
+        f"**val loss {fast_loss - ref_loss:+.4f} nats** against the reference (target <= -0.15)."
+        + _race_caveat(spent / budget),
+        "",
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group()
     what.add_argument("--run", help="time this run of params.yaml (its model and train settings)")
@@ -398,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=32,
         help="--reference: the study path's batch (default 32: in the race's 1-1.5 min it beat 16 and the "
-        "ladder's 64, which wins at 2000 steps; measured in README, Performance)",
+        "ladder's 64, which wins at 2000 steps; docs/performance.md)",
     )
     p.add_argument("--warmup-steps", type=int, default=50, help="--reference: the study path's LR warmup (default 50)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's, or tokenizers/shakespeare-char)")
@@ -408,152 +429,34 @@ def main(argv: list[str] | None = None) -> None:
         "--iters", type=int, default=2000, help="--reference: the reference's iterations for the equal-time race"
     )
     p.add_argument("--write", action="store_true", help="append the tables to reports/bench.md")
-    args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from lm.config import load_params
 
     study = load_params(args.params)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peaks = {"float32": gemm_peak(torch.float32, device), "bfloat16": gemm_peak(torch.bfloat16, device)}
-    sheet = datasheet_peak(device)
-    out = [
-        f"### bench.train {' '.join(argv if argv is not None else os.sys.argv[1:])}",
-        f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}",
-        "",
-        f"Measured matmul peak (2048², best of repeats): fp32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
-        f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (bf16/fp32 {peaks['bfloat16'] / peaks['float32']:.1f}x)"
-        + (
-            f"; datasheet {sheet['name']}: bf16 {sheet['bfloat16'] / 1e12:,.0f}, "
-            f"fp32 {sheet['float32'] / 1e12:,.0f} TFLOP/s"
-            if sheet
-            else ""
-        ),
-        "",
-    ]
-    if device == "cpu" and (caveat := bf16_caveat(peaks["bfloat16"] / peaks["float32"], cpu_flags())):
-        out += [caveat, ""]
-
-    def peak(cfg: TrainConfig) -> tuple[float, str]:
-        """MFU's denominator: on a CUDA device in the datasheet table its datasheet peak for the run's math (bf16,
-        or TF32 tensor cores for float32 with train.tf32), else the measured matmul peak."""
-        if sheet and torch.device(cfg.device if cfg.device != "auto" else device).type == "cuda":
-            kind = "tf32" if cfg.dtype == "float32" and cfg.tf32 else cfg.dtype
-            return sheet[kind], f"{kind} datasheet"
-        return peaks[cfg.dtype], cfg.dtype
-
+    peaks = Peaks.measure("cuda" if torch.cuda.is_available() else "cpu")
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    out = [f"### bench.train_speed {command}", f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}", ""]
+    out += peaks.lines()
     if args.ablation:
         out += [ablation(study, args), ""]
-    elif args.run or not (args.reference or args.levers):
-        name = args.run or args.study_run
-        if name not in study.runs:
-            raise SystemExit(f"error: unknown run {name!r}; {args.params} defines: {', '.join(study.runs)}")
-        run = study.runs[name]
-        tok = args.tokenizer or Path("tokenizers") / run.tokenizer
-        _, _, vocab = load_tokens(tok)
-        m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
-        out += [markdown([row(name, m, flops_per_token(run.model, vocab), *peak(run.train))])]
     elif args.levers:
-        tok = args.tokenizer or Path("tokenizers/shakespeare-char")
-        _, _, vocab = load_tokens(tok)
-        fpt = flops_per_token(REFERENCE_MODEL, vocab)
-        rows = []
-        for label, change in LEVERS.items():
-            cfg = REFERENCE_TRAIN.model_copy(update=change)
-            warm = args.warmup + (20 if cfg.compile else 0)
-            rows.append(
-                row(label, measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps), fpt, *peak(cfg))
-            )
-            print(markdown(rows[-1:]), flush=True)
-        out += [
-            f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
-            f"{args.warmup} warm-up + {args.steps} timed steps each:",
-            "",
-            markdown(rows),
-            "",
-        ]
-        # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
-        losses = {}
-        for dtype in ("float32", "bfloat16"):
-            cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype})
-            losses[dtype] = in_fresh_process("study", REFERENCE_MODEL, cfg, tok, vocab, 300, score=True)[3]
-        out += [
-            f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
-            f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)",
-            "",
-        ]
-    else:
-        tok = args.tokenizer or Path("tokenizers/shakespeare-char")
-        _, _, vocab = load_tokens(tok)
-        fpt = flops_per_token(REFERENCE_MODEL, vocab)
-        fast = study.runs[args.study_run].train.model_copy(
-            update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps}
-        )
-        ref_m = measure("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.warmup, args.steps)
-        warm = args.warmup + (20 if fast.compile else 0)
-        fast_m = measure("study", REFERENCE_MODEL, fast, tok, vocab, warm, args.steps)
-        ratio = fast_m["tokens_per_s"] / ref_m["tokens_per_s"]
-        out += [
-            markdown(
-                [
-                    row(
-                        "reference: nanoGPT CPU, fp32 eager, plain AdamW, batch 12", ref_m, fpt, *peak(REFERENCE_TRAIN)
-                    ),
-                    row(f"study: {args.study_run} train settings with {_describe(fast)}", fast_m, fpt, *peak(fast)),
-                ]
-            ),
-            "",
-            f"**Throughput ratio: {ratio:.2f}x** tokens/s (target >= 1.5x).",
-            "",
-        ]
+        out += levers(args, peaks)
+    elif args.reference:
+        table, fast, fast_m = race_throughput(study, args, peaks)
+        out += table
         print("\n".join(out), flush=True)
-        # The race: the reference's full run sets the wall-clock; the study trains for the same time.
-        # Each contestant trains in a fresh process, as when timed above.
-        ref_times, _, ref_tokens, ref_loss = in_fresh_process(
-            "reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.iters, score=True
-        )
-        budget = sum(ref_times)
-
-        def study_run(n: int) -> tuple[float, tuple[int, float]]:
-            times, _, tokens, loss = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
-            print(f"study: {n} steps took {sum(times):.1f} s of the reference's {budget:.1f} s", flush=True)
-            return sum(times), (tokens, loss)
-
-        # The LR schedule needs the step count up front: predicted from the timed steps, then
-        # corrected by re-training when the run misses the budget (this machine's speed drifts).
-        guess = (budget - fast_m["warmup_s"]) / (fast_m["ms_step"] / 1e3)
-        steps, spent, (tokens, fast_loss) = fit_to_budget(study_run, budget, guess)
-        race = [
-            {
-                "config": "reference",
-                "steps": args.iters,
-                "tokens": f"{ref_tokens:,}",
-                "train s": f"{budget:.1f}",
-                "val loss (whole split)": f"{ref_loss:.4f}",
-            },
-            {
-                "config": f"study ({_describe(fast)})",
-                "steps": steps,
-                "tokens": f"{tokens:,}",
-                "train s": f"{spent:.1f}",
-                "val loss (whole split)": f"{fast_loss:.4f}",
-            },
-        ]
-        out += [
-            f"Same wall-clock as the reference's {args.iters} iterations:",
-            "",
-            markdown(race),
-            "",
-            f"**val loss {fast_loss - ref_loss:+.4f} nats** against the reference (target <= -0.15)."
-            + _race_caveat(spent / budget),
-            "",
-        ]
+        out += race_equal_time(args, fast, fast_m)
+    else:
+        out += time_run(study, args, peaks)
     text = "\n".join(out)
     print(text)
     if args.write:
-        path = Path("reports/bench.md")
-        path.write_text((path.read_text() if path.exists() else "# Benchmarks\n") + "\n" + text + "\n")
-        print(f"appended to {path}")
+        print(f"appended to {append_to_bench(text)}")
 
 
 def _race_caveat(share: float) -> str:

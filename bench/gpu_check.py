@@ -1,16 +1,16 @@
-"""The seed-scale Shakespeare GPT on a GPU, through the study's own code, beside nanoGPT's loop on the same GPU:
-``python -m bench.seed_gpu [--steps N] [--out FILE]`` (bench/gpu.sh runs it on a lent device).
+"""The sources preset's Shakespeare GPT on a GPU, through the study's own code, beside nanoGPT's loop on the same GPU:
+``python -m bench.gpu_check [--steps N] [--out FILE]`` (bench/gpu.sh runs it on a lent device).
 
-1. **Study**: `presets/seed.yaml`'s ``shakespeare-gpt`` (10,788,929 params) trained by `lm.train.train_run` (the
+1. **Study**: `presets/sources.yaml`'s ``shakespeare-gpt`` (Let's build GPT's) trained by `lm.train_run.train_run` (the
    train stage's library call: compile, fused AdamW and TF32 'auto', bf16 autocast, keep-best), then scored by
    `lm.evaluate.evaluate_run` (the evaluate stage's) on the whole val split, on the run's device.
 2. **Reference**: bench/nanogpt.py, nanoGPT's ``train_shakespeare_char`` written plainly (no study code), with
-   the run's shape and schedule, which for the seed run are nanoGPT's config (no biases, as nanoGPT). Its kept
-   model is scored on the same whole val split by the study's one scorer (`lm.metrics.score`), so the two
+   the run's shape and schedule, which for the sources preset's run are nanoGPT's config (no biases, as nanoGPT).
+   Its kept model is scored on the same whole val split by the study's one scorer (`lm.metrics.score`), so the two
    numbers are the same measurement.
 
 Prints a markdown table (val loss at the selected step, whole-split val loss, step time, tokens/s, MFU against the
-datasheet when the GPU is in bench.train's table) and writes it to ``--out``. ``--steps`` shortens both runs
+datasheet when the GPU is in bench.train_speed's table) and writes it to ``--out``. ``--steps`` shortens both runs
 (warmup and eval interval scale with it) for a smoke test on a CPU. Needs the tokenized Shakespeare
 (``tokenizers/shakespeare-char``).
 """
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lm.references import published
 
 
 def _shorten(train, steps: int):
@@ -45,13 +47,15 @@ def _shorten(train, steps: int):
 def study(run_name: str, run, tok: Path, work: Path) -> dict:
     from lm.config import EvaluateConfig
     from lm.evaluate import evaluate_run
-    from lm.train import train_run
+    from lm.train_run import train_run
 
     t0 = time.perf_counter()
     info = train_run(run_name, run, tok, work / "model", work / "curve.csv", progress=True)
     wall = time.perf_counter() - t0
     cfg = EvaluateConfig(num_passages=1, passage_chars=200)
-    m = evaluate_run(run_name, work / "model", tok, cfg, work / "metrics.json", work / "samples.txt")
+    m = evaluate_run(
+        run_name, work / "model", tok, cfg, work / "metrics.json", work / "samples.txt", work / "inside.safetensors"
+    )
     return {
         "params": info["params"],
         "selected": info["selected_step"],
@@ -97,7 +101,7 @@ def reference(run, tok: Path, device: str) -> dict:
 def table(rows: dict[str, dict], run, steps: int | None, gpu: str, fpt: float, sheet: dict | None) -> str:
     """The markdown of the rows so far: one per side, with MFU against the datasheet's bf16 peak where known."""
     lines = [
-        f"### bench.seed_gpu: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
+        f"### bench.gpu_check: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}",
         "",
         f"{run.train.max_steps} steps of {run.train.batch_size} x {run.model.block_size} tokens, {run.train.dtype}"
         + (f" (shortened from the preset's: --steps {steps})" if steps else ""),
@@ -111,13 +115,14 @@ def table(rows: dict[str, dict], run, steps: int | None, gpu: str, fpt: float, s
             f"| {name} | {r['params']:,} | {r['selected']:,} | {r['estimate']:.4f} | **{r['val']:.4f}** "
             f"| {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |"
         )
-    lines += ["", "Published: nanoGPT's val 1.4697 (its best, step 2000, on a GPU; STUDY.md).", ""]
+    ref = published("nanogpt-shakespeare-char-val")
+    lines += ["", f"Published ({ref.cited}): {ref.value:g}, the {ref.measures}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=Path, default=Path("presets/seed.yaml"))
+    p.add_argument("--params", type=Path, default=Path("presets/sources.yaml"))
     p.add_argument("--run", default="shakespeare-gpt")
     p.add_argument("--tokenizer", type=Path, default=Path("tokenizers/shakespeare-char"))
     p.add_argument("--steps", type=int, help="train both for this many steps instead of the config's (smoke test)")
@@ -126,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from bench.train import datasheet_peak, flops_per_token
+    from bench.mfu import datasheet_peak, flops_per_token
+    from lm.atomic import atomic_write_text
     from lm.config import load_params
     from lm.distributed import pick_device
-    from lm.io import atomic_write_text
     from lm.tokenizer import load_stats
 
     if not (args.tokenizer / "stats.json").exists():
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.out, text + "\n")
 
     with tempfile.TemporaryDirectory() as work:
-        rows[f"study ({args.run}, lm.train + lm.evaluate)"] = study(args.run, run, args.tokenizer, Path(work))
+        rows[f"study ({args.run}, lm.train_run + lm.evaluate)"] = study(args.run, run, args.tokenizer, Path(work))
     report()
     if not args.no_reference:
         rows["reference (nanoGPT train_shakespeare_char, bench/nanogpt.py)"] = reference(run, args.tokenizer, device)

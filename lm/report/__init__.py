@@ -1,0 +1,43 @@
+"""The study's report: reports/README.md, reports/runs.csv and reports/figures/*.png, which read offline on a
+repository page (no JavaScript, no internet).
+
+It reads files only (metrics JSON, curves, samples, the arrays evaluate wrote, the training-health records) and
+computes no model: ``tables`` builds the tables, ``figures`` and ``inside`` draw, ``markdown`` writes the text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lm.atomic import atomic_write_text
+from lm.config import StudyConfig
+from lm.report import figures, inside, markdown, tables
+
+
+def write_report(
+    study: StudyConfig,
+    metrics_dir: Path,
+    curves_dir: Path,
+    inside_dir: Path,
+    models_dir: Path,
+    samples_dir: Path,
+    out_dir: Path,
+) -> pd.DataFrame:
+    """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table.
+
+    `models_dir` is read for the training-health records only (models/<run>/health.json)."""
+    fig_dir = out_dir / "figures"
+    table = tables.run_table(study, metrics_dir)
+    figures.plot_loss_curves(study, curves_dir, table, fig_dir / "loss_curves.png")
+    figures.plot_bpc_vs_params(study, table, fig_dir / "bpc_vs_params.png")
+    shares = dict(zip(table["run"], table["params_by_component"])) | figures.reference_shares()
+    figures.plot_param_shares(shares, fig_dir / "param_shares.png")
+    drawn = {"loss_curves": [], "bpc_vs_params": [], "param_shares": []}
+    drawn |= inside.draw_inside(study, metrics_dir, inside_dir, models_dir, fig_dir)
+    columns = ["params_by_component", "val tokens per character"]
+    table.drop(columns=columns).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
+    text = markdown.report_markdown(markdown.Inputs(study, table, metrics_dir, samples_dir, drawn))
+    atomic_write_text(out_dir / "README.md", text)
+    return table
