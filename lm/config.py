@@ -436,7 +436,8 @@ def _format_error(err: dict[str, Any]) -> str:
     path = ".".join(map(_segment, keep)) or "<top level>"
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
-        return f"{path}: unknown key {loc[-1]!r}; check the spelling against the documented keys (lm/config.py)"
+        where = "lm/families.py" if ".model." in f".{path}." else "lm/config.py"  # a family's keys, or the study's
+        return f"{path}: unknown key {loc[-1]!r}; check the spelling against the documented keys ({where})"
     if kind == "missing":
         return f"{path}: missing; this key is required"
     msg = msg.removeprefix("Value error, ")

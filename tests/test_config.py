@@ -42,7 +42,9 @@ def test_every_problem_is_reported_with_its_key_path(good):
     joined = "\n".join(got)
     assert "corpora.names.split: train + val + test must sum to 1, got 0.9" in joined
     assert "corpora.names.sha256: got 'abc'" in joined
-    assert "corpora.oz.spelt: unknown key 'spelt'" in joined
+    assert (
+        "corpora.oz.spelt: unknown key 'spelt'; check the spelling against the documented keys (lm/config.py)" in joined
+    )
     assert "tokenizers.oz-bpe512.vocab_size: got 100; input should be greater than or equal to 257" in joined
 
 
@@ -56,7 +58,10 @@ def test_model_errors_name_the_field_not_the_union_tag(good):
     }
     got = "\n".join(problems(d))
     assert "runs.a.model: n_embd (30) must be divisible by n_head (4)" in got
-    assert "runs.b.model.n_layr: unknown key 'n_layr'" in got
+    assert (
+        "runs.b.model.n_layr: unknown key 'n_layr'; check the spelling against the documented keys (lm/families.py)"
+        in got
+    )
     assert "runs.c.model.family: got 'transformer'; must be one of bigram_counts" in got
     assert "runs.d.model.block_size: got 6; must be a power of two" in got
 
