@@ -26,7 +26,7 @@ own recipe rather than the study's:
 Prints, per seed, the estimates every ``--every`` steps, the kept step and its estimate, and the kept model's
 loss over the whole test split (and val split, with ``--select val``; token-weighted, the study's metric), then
 writes the table to ``--out``.
-About 20 ms a step on one CPU core; ``--jobs`` trains seeds in parallel processes, one thread each.
+``--jobs`` trains seeds in parallel processes, one thread each.
 """
 
 from __future__ import annotations

@@ -418,8 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=32,
-        help="--reference: the study path's batch (default 32: in the race's 1-1.5 min it beat 16 and the "
-        "ladder's 64, which wins at 2000 steps; docs/performance.md)",
+        help="--reference: the study path's batch (default 32: the best of those measured for a budget this short; "
+        "docs/performance.md)",
     )
     p.add_argument("--warmup-steps", type=int, default=50, help="--reference: the study path's LR warmup (default 50)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's, or tokenizers/shakespeare-char)")

@@ -401,7 +401,7 @@ def write_dataset(
     old folder, or the complete new one, never a half-written one. The output is deterministic
     (same splits → same bytes) because datasets fingerprints in-memory tables by content.
     """
-    # Imported here: `datasets` takes ~2 s to import and is only needed to store/load.
+    # Imported here: `datasets` is slow to import and only needed to store/load.
     from datasets import Dataset, DatasetDict
 
     out_dir = Path(out_dir)

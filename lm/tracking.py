@@ -442,7 +442,7 @@ def open_run(
         return NullTracker()
     try:
         probe(uri)
-        # Imported only now: ~2 s, paid only by tracked stages.
+        # Imported only now: mlflow is slow to import, and only tracked stages pay for it.
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 

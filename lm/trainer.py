@@ -513,8 +513,8 @@ def _progress_bar(start: int, cfg: TrainConfig, enabled: bool) -> tqdm:
 
 COUNTED_TRAIN_STRIDE = 4
 """A counted run's train loss scores every 4th batch of the train split's fixed order (a quarter of it: an estimate,
-as every run's train loss is; ±0.003 nats on Shakespeare's 250k scored tokens): scoring all of it was a third of
-each Kneser-Ney run's time. Its val loss is the whole split, as evaluate's."""
+as every run's train loss is), since scoring all of it costs more than counting a Kneser-Ney model. Its val loss is
+the whole split, as evaluate's."""
 
 
 def _fit_by_counting(model, train: Batches, val: Batches, cfg: TrainConfig, device, logger) -> FitResult:

@@ -53,7 +53,7 @@ def deterministic() -> None:
     import torch
 
     # torch.use_deterministic_algorithms(True, warn_only=True), minus its `import torch._inductor.config`: that
-    # import alone costs 1.3 s per stage (90 s of the ladder's 68 train and evaluate stages) to set a flag only
+    # import is a large share of a stage's start-up, paid by every train and evaluate stage, to set a flag only
     # torch.compile reads; lm.trainer sets it where it compiles.
     torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False

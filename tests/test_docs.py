@@ -103,7 +103,12 @@ def test_sources_are_cited_by_their_names():
     """'seed' is a random seed only: no source document is cited as 'seed 00N', and none as STUDY.md, which the
     repository does not hold."""
     files = [*DOCS, *(p for d in ("lm", "stages", "bench", "tests") for p in (ROOT / d).rglob("*.py"))]
-    files += [ROOT / "params.yaml", *(ROOT / "presets").glob("*.yaml"), ROOT / "dvc.yaml"]
+    files += [
+        ROOT / "params.yaml",
+        *(ROOT / "presets").glob("*.yaml"),
+        ROOT / "dvc.yaml",
+        *(ROOT / "reports").rglob("*.md"),
+    ]
     this = Path(__file__).resolve()
     bad = re.compile(r"seeds? 00\d|STUDY\.md", re.I)
     assert [f"{p.relative_to(ROOT)}" for p in files if p.resolve() != this and bad.search(p.read_text())] == []
