@@ -21,7 +21,7 @@ from lm.models.base import COMPONENTS  # noqa: E402
 COLORS = plt.get_cmap("tab10").colors
 """One colour per line of an axes; a panel with more series than this is split, never recoloured."""
 NGRAM = "ngram"
-"""The counted n-gram family: its orders are drawn as one band per panel, not one line each."""
+"""The counted n-gram family: a panel draws its best order as one level, not a line per order."""
 
 
 def save_figure(fig, path: Path) -> None:
@@ -44,12 +44,11 @@ def curve_panels(study: StudyConfig) -> list[tuple[str, list[str]]]:
     return list(panels.items())
 
 
-def _draw_counted_band(ax, levels: dict[str, float]) -> None:
-    """The n-gram orders of a panel as one grey band from the best order's level to the worst's."""
+def _draw_best_ngram(ax, levels: dict[str, float]) -> None:
+    """The n-gram orders of a panel as one level: the best order's (the others are the report's n-gram table)."""
     best = min(levels, key=levels.get)
-    lo, hi = levels[best], max(levels.values())
-    ax.axhspan(lo, hi, color="0.85", zorder=0)
-    ax.axhline(lo, color="0.35", ls=":", lw=1.2, label=f"Kneser–Ney n-grams, {len(levels)} orders (best: {best})")
+    label = f"{best}, the best of {len(levels)} Kneser–Ney orders (counted)" if len(levels) > 1 else f"{best} (counted)"
+    ax.axhline(levels[best], color="0.2", ls=":", lw=1.5, label=label)
 
 
 def _draw_panel(ax, title: str, runs: list[str], curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> None:
@@ -61,8 +60,8 @@ def _draw_panel(ax, title: str, runs: list[str], curves: dict[str, pd.DataFrame]
     if len(lines) > len(COLORS):
         raise ValueError(f"loss-curve panel {title!r} has {len(lines)} lines, more than {len(COLORS)} colours")
     if ngrams:
-        _draw_counted_band(ax, ngrams)
-    shown = list(ngrams.values())
+        _draw_best_ngram(ax, ngrams)
+    shown = [min(ngrams.values())] if ngrams else []
     for color, name in zip(COLORS, lines):
         c, k = curves[name], per_char[name]
         if name in counted:  # fitted by counting: one point, drawn as a level
@@ -83,7 +82,7 @@ def _draw_panel(ax, title: str, runs: list[str], curves: dict[str, pd.DataFrame]
 
 def plot_loss_curves(study: StudyConfig, curves_dir: Path, table: pd.DataFrame, out: Path) -> None:
     """Val (solid) and train (dashed) loss in bits per character per step, a panel per corpus and one for the
-    ablation, with a ring on the step each checkpoint holds; the counted n-grams of a panel as one band."""
+    ablation, with a ring on the step each checkpoint holds; the counted n-grams of a panel as their best order."""
     panels = curve_panels(study)
     curves = {name: pd.read_csv(curves_dir / f"{name}.csv") for _, runs in panels for name in runs}
     cols = min(2, len(panels))
@@ -107,7 +106,7 @@ def plot_bpc_vs_params(study: StudyConfig, table: pd.DataFrame, out: Path) -> No
     own table and figure tell them apart); labels placed without overlap (adjustText)."""
     ablation = set(study.report.ablation)
     corpora = list(dict.fromkeys(table["corpus"]))
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 5.4), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         g = table[table["corpus"] == corpus]
         abl = g[g["run"].isin(ablation)]
@@ -124,8 +123,9 @@ def plot_bpc_vs_params(study: StudyConfig, table: pd.DataFrame, out: Path) -> No
         ]
         ax.set(xscale="log", xlabel="parameters (n-gram: stored entries)", ylabel="val bits per character")
         ax.set_title(corpus)
+        ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         points = pd.concat([g, abl])
         adjust_text(texts, x=list(points["params"]), y=list(points["val bpc"]), ax=ax,
                     arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6})  # fmt: skip
@@ -135,9 +135,10 @@ def plot_bpc_vs_params(study: StudyConfig, table: pd.DataFrame, out: Path) -> No
 
 
 def plot_param_shares(shares: dict[str, dict[str, int]], out: Path) -> None:
-    """Stacked bars: the share of each component in every model's parameters."""
-    names = list(shares)
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    """Stacked bars: the share of each component in every model's parameters. The counted n-grams, all n-gram
+    entries and no weights, are left out (one bar of a single colour each would say nothing)."""
+    names = [n for n, c in shares.items() if set(c) - {NGRAM}]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(names) + 1.2))
     left = np.zeros(len(names))
     for j, comp in enumerate(COMPONENTS):
         frac = np.array([shares[n].get(comp, 0) / max(1, sum(shares[n].values())) for n in names])
@@ -146,7 +147,7 @@ def plot_param_shares(shares: dict[str, dict[str, int]], out: Path) -> None:
             left += frac
     ax.invert_yaxis()
     ax.set(xlabel="share of parameters", xlim=(0, 1))
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     save_figure(fig, out)
 
 

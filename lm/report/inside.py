@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 from safetensors import safe_open
 
 from lm.config import StudyConfig
@@ -21,6 +22,9 @@ from lm.report.figures import (
     save_figure,
 )
 
+TOKEN_INCHES = 0.15
+"""An attention map's cell: 16 pixels at the report's 110 dpi, room for a 9-point token label."""
+LABEL_POINTS = 9
 BIGRAM_PAIR = ("bigram_counts", "bigram_nn")
 """The counted and the learned table of the Language modeling journey's figs. 1-2: two runs of these families on
 one char tokenizer."""
@@ -55,7 +59,7 @@ def plot_attention_grid(
 
     The grid is drawn as one mosaic image on one axes (maps separated by a blank band) rather than a subplot per
     head: matplotlib's cost is per axes and per tick label. Each map is sized so that its token labels are legible
-    at the PNG's own size (a token is ~13 pixels wide at 8 points)."""
+    at the PNG's own size: :data:`TOKEN_INCHES` a token, for a label of :data:`LABEL_POINTS`."""
     n_layer, n_head, T = maps.shape[0], maps.shape[1], maps.shape[-1]
     # Blank (NaN) rows between map rows hold each head's title; a thinner blank column separates the heads.
     row, col = T + max(3, round(T * 0.2)), T + max(1, round(T * 0.06))
@@ -64,8 +68,7 @@ def plot_attention_grid(
     for layer in range(n_layer):
         for head in range(n_head):
             mosaic[layer * row + top : (layer + 1) * row, head * col : head * col + T] = maps[layer, head]
-    inch = max(2.8, 0.12 * T)  # per map: 0.12 in (13 px at 110 dpi) per token
-    fig, ax = plt.subplots(figsize=(inch * n_head * col / T + 1.4, inch * n_layer * row / T + 1.0))
+    fig, ax = plt.subplots(figsize=(TOKEN_INCHES * n_head * col + 1.6, TOKEN_INCHES * n_layer * row + 1.2))
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for layer in range(n_layer):
@@ -73,9 +76,9 @@ def plot_attention_grid(
             s = scores.get(f"L{layer}.H{head}", {})
             title = f"L{layer}.H{head}  prev {s.get('prev_token', 0):.2f}  ind {s.get('induction', 0):.2f}"
             ax.text(head * col + T / 2 - 0.5, layer * row + top - 1, title, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(T), labels, fontsize=8, rotation=90, fontfamily="monospace")
+    ax.set_xticks(range(T), labels, fontsize=LABEL_POINTS, rotation=90, fontfamily="monospace")
     bottom = (n_layer - 1) * row + top
-    ax.set_yticks(range(bottom, bottom + T), labels, fontsize=8, fontfamily="monospace")
+    ax.set_yticks(range(bottom, bottom + T), labels, fontsize=LABEL_POINTS, fontfamily="monospace")
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
@@ -115,6 +118,7 @@ def _health_gradients(ax, last: dict, kinds: dict[str, tuple]) -> None:
                   fontsize=7)  # fmt: skip
     ax.invert_yaxis()
     ax.set(xscale="log", title=f"weight-gradient std per weight @ step {last['step']}", xlabel="std of the gradient")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labels at the powers of ten only: the others overlap
 
 
 def _health_ratios(ax, records: list[dict], kinds: dict[str, tuple]) -> None:
