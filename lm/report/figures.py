@@ -20,6 +20,8 @@ from lm.models.base import COMPONENTS  # noqa: E402
 
 COLORS = plt.get_cmap("tab10").colors
 """One colour per line of an axes; a panel with more series than this is split, never recoloured."""
+ADJUST_ITERATIONS = 500
+"""adjustText's iterations when placing labels (a count, not its default 1-second budget: reproducible PNGs)."""
 NGRAM = "ngram"
 """The counted n-gram family: a panel draws its best order as one level, not a line per order."""
 
@@ -127,7 +129,8 @@ def plot_bpc_vs_params(study: StudyConfig, table: pd.DataFrame, out: Path) -> No
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         points = pd.concat([g, abl])
-        adjust_text(texts, x=list(points["params"]), y=list(points["val bpc"]), ax=ax,
+        # A fixed number of iterations: adjustText's default stops after 1 s, so the PNG would depend on the clock.
+        adjust_text(texts, x=list(points["params"]), y=list(points["val bpc"]), ax=ax, iter_lim=ADJUST_ITERATIONS,
                     arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6})  # fmt: skip
     fig.suptitle("The ladder: val bits per character against size", fontsize=11)
     fig.tight_layout()
