@@ -33,10 +33,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm.atomic import atomic_dir
 from lm.config import TokenizerConfig
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOUNDARY = "."
 """Boundary token between (and around) the examples of a 'lines' corpus."""
