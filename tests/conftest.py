@@ -27,6 +27,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("LM_STUDY_RUN", None)
 # Stages run by tests read the excerpts, never the full mirror the Makefile found beside the clone.
 os.environ["LM_DATA_MIRROR"] = str(FIXTURE_CORPORA)
+# Stages and scripts the tests start train tiny models with one thread each: faster than two fighting over the 2
+# cores with pytest and dvc, and bit-stable on CPUs where two threads are not (a 2-core Intel Xeon, 2026-12-05:
+# one fresh evaluation of names-wavenet in 8 differed in the 8th decimal with two threads, none of 30 with one).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
