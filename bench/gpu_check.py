@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm.atomic import atomic_write_text
     from lm.config import load_params
     from lm.distributed import pick_device
+    from lm.precision import resolve
     from lm.tokenizer import load_stats
 
     if not (args.tokenizer / "stats.json").exists():
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         run = run.model_copy(update={"train": _shorten(run.train, args.steps)})
     device = str(pick_device(run.train.device))
+    dtype = resolve(run.train.dtype, device).dtype  # what the table names: the dtype the study's side trains in
+    run = run.model_copy(update={"train": run.train.model_copy(update={"dtype": dtype})})
     torch.manual_seed(0)
     sheet = datasheet_peak(device)
     fpt = flops_per_token(run.model, int(load_stats(args.tokenizer)["vocab_size"]))

@@ -202,6 +202,14 @@ def measure(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, w
     }
 
 
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with ``dtype: auto`` made concrete for this machine, as the train stage does (lm.precision)."""
+    from lm.distributed import pick_device
+    from lm.precision import resolve
+
+    return cfg.model_copy(update={"dtype": resolve(cfg.dtype, pick_device(cfg.device)).dtype})
+
+
 def fit_to_budget(
     train: Callable[[int], tuple[float, T]],
     budget: float,
@@ -265,7 +273,7 @@ def ablation(study, args: argparse.Namespace) -> str:
         run = study.runs[name]
         tok = args.tokenizer or Path("tokenizers") / run.tokenizer
         _, _, vocab = load_tokens(tok)
-        m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
+        m = measure("study", run.model, resolved(run.train), tok, vocab, args.warmup, args.steps)
         path = Path("metrics") / f"{name}.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
         loss, bpc = (f"{metrics[k]:.4f}" if k in metrics else "" for k in ("val/loss", "val/bpc"))
@@ -308,8 +316,9 @@ def time_run(study, args: argparse.Namespace, peaks: Peaks) -> list[str]:
     run = study.runs[name]
     tok = args.tokenizer or Path("tokenizers") / run.tokenizer
     _, _, vocab = load_tokens(tok)
-    m = measure("study", run.model, run.train, tok, vocab, args.warmup, args.steps)
-    return [markdown([row(name, m, flops_per_token(run.model, vocab), *peaks.for_run(run.train))])]
+    cfg = resolved(run.train)
+    m = measure("study", run.model, cfg, tok, vocab, args.warmup, args.steps)
+    return [markdown([row(name, m, flops_per_token(run.model, vocab), *peaks.for_run(cfg))])]
 
 
 def levers(args: argparse.Namespace, peaks: Peaks) -> list[str]:
@@ -317,24 +326,31 @@ def levers(args: argparse.Namespace, peaks: Peaks) -> list[str]:
     tok = args.tokenizer or Path("tokenizers/shakespeare-char")
     _, _, vocab = load_tokens(tok)
     fpt = flops_per_token(REFERENCE_MODEL, vocab)
-    rows = []
+    rows, skipped = [], []
     for label, change in LEVERS.items():
         cfg = REFERENCE_TRAIN.model_copy(update=change)
+        if cfg.dtype == "bfloat16" and not peaks.bf16_native:
+            skipped.append(label)  # minutes of a scalar fallback, measuring nothing a user would choose
+            continue
         warm = args.warmup + (20 if cfg.compile else 0)
         m = measure("study", REFERENCE_MODEL, cfg, tok, vocab, warm, args.steps)
         rows.append(row(label, m, fpt, *peaks.for_run(cfg)))
         print(markdown(rows[-1:]), flush=True)
-    # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
-    losses = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype})
-        losses[dtype] = in_fresh_process("study", REFERENCE_MODEL, cfg, tok, vocab, 300, score=True)[3]
-    return [
+    out = [
         f"Levers on the reference model (4L/4H/128, ctx 64, batch 12 unless stated), "
         f"{args.warmup} warm-up + {args.steps} timed steps each:",
         "",
         markdown(rows),
         "",
+    ]
+    if skipped:
+        return out + [f"Not measured, bf16 being unavailable here: {'; '.join(skipped)}.", ""]
+    # bf16 must not cost accuracy: the same 300 steps in fp32 and bf16, scored on the whole val split.
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = REFERENCE_TRAIN.model_copy(update={"dtype": dtype})
+        losses[dtype] = in_fresh_process("study", REFERENCE_MODEL, cfg, tok, vocab, 300, score=True)[3]
+    return out + [
         f"bf16 autocast vs fp32 after the same 300 steps: val loss {losses['bfloat16']:.4f} vs "
         f"{losses['float32']:.4f} (difference {losses['bfloat16'] - losses['float32']:+.4f}; limit 0.02)",
         "",
@@ -347,8 +363,10 @@ def race_throughput(study, args: argparse.Namespace, peaks: Peaks) -> tuple[list
     tok = args.tokenizer or Path("tokenizers/shakespeare-char")
     _, _, vocab = load_tokens(tok)
     fpt = flops_per_token(REFERENCE_MODEL, vocab)
-    fast = study.runs[args.study_run].train.model_copy(
-        update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps}
+    fast = resolved(
+        study.runs[args.study_run].train.model_copy(
+            update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps}
+        )
     )
     ref_m = measure("reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.warmup, args.steps)
     fast_m = measure("study", REFERENCE_MODEL, fast, tok, vocab, args.warmup + (20 if fast.compile else 0), args.steps)

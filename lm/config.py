@@ -167,8 +167,10 @@ class TrainConfig(Strict):
     """Which weights the checkpoint holds: 'best', those of the evaluation with the lowest val estimate (model
     selection on the fixed val subset, as nanoGPT keeps its best checkpoint; train.json records its step), or
     'last', those after the last step. The curve keeps every evaluation either way."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Autocast dtype for the forward pass (weights stay float32)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Autocast dtype for the forward pass (weights stay float32). 'auto': bfloat16 where the hardware multiplies
+    it natively (CUDA; x86 CPUs with AVX512_BF16 or AMX), float32 elsewhere, where bf16 matmuls are ~100x slower
+    (lm/precision.py). train.json, the metrics and MLflow record the dtype it resolved to."""
     compile: bool | Literal["auto"] = "auto"
     """Wrap the model in torch.compile. 'auto': on CUDA only; on a CPU it was measured slower, compile time included
     (docs/performance.md, reports/bench.md)."""

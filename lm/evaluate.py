@@ -74,6 +74,8 @@ def evaluate_run(
         t = json.loads(train_info.read_text())
         out.update({"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]})
         out["train/selected_step"] = t.get("selected_step", t["steps"])
+        if "dtype" in t:  # the forward pass's dtype in training (gradient-trained runs)
+            out["train/dtype"] = t["dtype"]
     dist = component_counts(model)
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist
@@ -88,6 +90,8 @@ def evaluate_run(
     atomic_write_text(samples_path, format_samples(texts, stats["format"]))
     atomic_write_bytes(inside_path, save_safetensors(arrays, metadata=meta))
     logger.set_tags({"device": str(device), "torch": torch.__version__})
+    if "train/dtype" in out:
+        logger.set_tags({"train.dtype": out["train/dtype"]})
     log_outputs(logger, metrics_path, samples_path)
     return out
 

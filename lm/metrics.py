@@ -25,6 +25,8 @@ def autocast(device: torch.device | str, dtype: str):
     """The forward pass's autocast context for ``dtype`` ('float32': none; 'bfloat16': bf16 autocast)."""
     if dtype == "bfloat16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    if dtype != "float32":  # 'auto' is resolved for the machine first (lm.precision.resolve)
+        raise ValueError(f"autocast dtype {dtype!r}: expected 'float32' or 'bfloat16'")
     return nullcontext()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lm import batches as B
-from lm import checkpoint, distributed
+from lm import checkpoint, distributed, precision
 from lm.atomic import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.config import RunConfig
 from lm.models import build_model
@@ -83,6 +83,9 @@ def train_run(
         device = distributed.pick_device(run.train.device)
         if run.train.threads:
             torch.set_num_threads(run.train.threads)
+        # 'auto' becomes the dtype this machine trains in; the run, its fingerprint and train.json carry that one.
+        dtype = precision.resolve(run.train.dtype, device)
+        run = run.model_copy(update={"train": run.train.model_copy(update={"dtype": dtype.dtype})})
         torch.manual_seed(run.train.seed)
         model = build_model(run.model, vocab_size)
         state = checkpoint.state_dir_for(out)
@@ -98,6 +101,8 @@ def train_run(
     if rank == 0:
         logger.log_metrics({"summary/train_seconds": timing["train_seconds"]}, step=result.steps)
         logger.set_tags({k: str(timing[k]) for k in ("device", "torch", "threads", "machine")})
+        if "dtype" in summary:
+            logger.set_tags({"dtype": summary["dtype"], "dtype.reason": dtype.reason})
         log_outputs(logger, out, curve, tok_dir, log_weights=log_weights)
     return {**summary, **timing}
 
@@ -116,6 +121,8 @@ def _summary(name: str, run: RunConfig, model, result, device) -> tuple[dict, di
         "val_loss": selected["val_loss"],
         "tokens": result.tokens,
     }
+    if run.model.fitting == "gradient":
+        summary["dtype"] = run.train.dtype  # resolved: what the forward pass autocast to (lm.precision)
     timing = {
         "train_seconds": result.train_seconds,
         "tokens_per_s": result.tokens_per_s,

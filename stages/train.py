@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"train@{args.run}: {summary['params']:,} params, {summary['steps']} steps, "
             f"val {summary['val_loss']:.4f}, {summary['train_seconds']:.1f}s, {summary['tokens_per_s']:.0f} tok/s"
+            + (f", {summary['dtype']}" if "dtype" in summary else "")
         )
 
 

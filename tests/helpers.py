@@ -24,6 +24,33 @@ from tiny import ROOT, tiny_params
 BIN = Path(sys.executable).parent
 
 
+TIMEOUT_S = 300
+"""How long a test waits for one command (a stage, a benchmark) before it kills it."""
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`'s whole process group (it was started in a session of its own), so nothing it spawned (the
+    fresh processes a benchmark measures in, DVC's stages) outlives a test that gave up on it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(cmd: list[str], *, timeout: float = TIMEOUT_S, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with stdout and stderr captured as text, in a session of its own: when `timeout` fires, the
+    command and everything it started are killed and the test fails naming the command and its output so far."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    ) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(p)
+            out, err = p.communicate()
+            raise AssertionError(f"{' '.join(map(str, cmd))}: no end after {timeout:g} s, killed:\n{out[-2000:]}\n"
+                                 f"{err[-2000:]}") from None  # fmt: skip
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def dvc_env(**extra: str) -> dict[str, str]:
     """The environment `make` gives dvc: the venv first on PATH (stages run `python -m ...`), no analytics."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **extra}
@@ -35,7 +62,7 @@ def sh(
     """Run a command in `cwd` in dvc_env() updated with `env` (a None value unsets a variable); with `check`, fail
     showing its output tails."""
     full = {k: v for k, v in {**dvc_env(), **(env or {})}.items() if v is not None}
-    r = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True)
+    r = run(list(cmd), cwd=cwd, env=full, timeout=4 * TIMEOUT_S)  # a whole tiny `dvc repro` fits easily
     if check and r.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -136,16 +163,24 @@ def kill_server(url: str, sig: int = signal.SIGKILL) -> None:
 # stages as processes
 
 
-def stage(cwd: Path, *args: str, **kw) -> subprocess.Popen:
-    """`python -m <args>` in `cwd`, with this checkout importable; stdout and stderr captured."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def stage(cwd: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """`python -m <args>` in `cwd`, with this checkout importable and `env` added to the environment, in a session
+    of its own; stdout and stderr captured."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-    )
+        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **kw
+    )  # fmt: skip
 
 
-def finish(p: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=300)
+def finish(p: subprocess.Popen, timeout: float = TIMEOUT_S) -> tuple[int, str, str]:
+    """Wait for a `stage` process; past `timeout`, kill its process group and fail."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        out, err = p.communicate()
+        raise AssertionError(f"{' '.join(p.args)}: no end after {timeout:g} s, killed:\n{err[-2000:]}") from None
     return p.returncode, out, err
 
 

@@ -34,7 +34,7 @@ from lm.data import DataError, fetch, prepare_corpus
 from lm.families import BigramNNConfig, GPTConfig, MLPConfig, SingleHeadConfig, WaveNetConfig
 from lm.tokenizer import load_ids, load_stats, tokenize_corpus
 
-from helpers import copy_project, dvc_env, sh
+from helpers import copy_project, dvc_env, kill_group, run, sh
 from tiny import FIXTURE_SHA256, tiny_params, with_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,11 +117,9 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
     with_runs(params, {})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "toy"
-    r = subprocess.run(
+    r = run(
         [sys.executable, "-m", "stages.fetch", "toy", "--out", str(out), "--params", str(tmp_path / "params.yaml")],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=120,
         env={**os.environ, "LM_DATA_MIRROR": str(tmp_path / "mirror")},
     )
@@ -573,7 +571,11 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
         if first.poll() is None:
             if stopped:
                 os.killpg(first.pid, signal.SIGCONT)
-            first.wait(timeout=120)
+            try:
+                first.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                kill_group(first)
+                raise
     assert "Running stage 'fetch@names'" in log.read_text() and "ERROR" not in log.read_text()
     assert (project / "data" / "names" / "dataset" / "dataset_dict.json").is_file()
     assert "fetch@names" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]

@@ -16,7 +16,7 @@ import yaml
 from lm.config import CleanConfig, CorpusConfig, SplitConfig
 from lm.data import DataError, clean_text, fetch, load_splits, load_stats, prepare_corpus, split_corpus, write_dataset
 
-from helpers import Response
+from helpers import Response, run
 from tiny import FIXTURE_SHA256, on_fixtures
 
 NAMES_SHA = FIXTURE_SHA256["names.txt"]
@@ -261,14 +261,7 @@ def test_prepare_corpus_oz(mirror, unused_port, tmp_path):
 
 def stage(repo_root: Path, tmp_path: Path, *args: str, mirror: Path | str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "LM_DATA_MIRROR": str(mirror), "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run(
-        [sys.executable, "-m", "stages.fetch", *args],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run([sys.executable, "-m", "stages.fetch", *args], cwd=repo_root, env=env, timeout=120)
 
 
 @pytest.fixture

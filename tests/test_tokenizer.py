@@ -28,6 +28,7 @@ from lm.tokenizer import (
     train_tokenizer,
 )
 
+from helpers import run
 from tiny import FIXTURE_CORPORA as CORPORA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,13 +274,7 @@ def run_stage(*args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
-        return subprocess.run(
-            [sys.executable, "-m", "stages.tokenize", *args, "--params", str(path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run([sys.executable, "-m", "stages.tokenize", *args, "--params", str(path)], cwd=ROOT, timeout=120)
 
 
 def save_dataset(splits: dict[str, list[str]], data_dir: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,13 @@ def test_bench_train_runs_and_prints_its_tables(work):
     assert code == 0, err
     assert "Throughput ratio:" in out and "Same wall-clock as the reference's 12 iterations" in out
     assert "val loss" in out and not (work / "reports").exists()  # --write only when asked
+
+
+def test_bench_train_speed_says_bf16_is_unavailable_where_it_is_not_native(work):
+    """On a CPU without native bf16 (oneDNN held to AVX2 here, as on an AVX2-only machine) the GEMM probe stays
+    within its bound and the benchmark says bf16 is unavailable instead of measuring it for minutes."""
+    t0 = time.perf_counter()
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code, out, err = finish(stage(work, "bench.train_speed", "--run", "gpt", "--warmup", "1", "--steps", "2", env=env))
+    assert code == 0, err
+    assert "bf16 is unavailable here" in out and "| gpt |" in out and time.perf_counter() - t0 < 120

@@ -166,11 +166,13 @@ GPT_RUN = {
 """The tiny GPT run the stage tests train, kill and resume on the Shakespeare excerpt (long enough to interrupt)."""
 
 
-def train_tiny(root: Path, name: str, splits: dict, fmt: str, tokenizer: dict, model: dict, **train) -> Path:
+def train_tiny(
+    root: Path, name: str, splits: dict, fmt: str, tokenizer: dict, model: dict, logger=None, **train
+) -> Path:
     """Train `model` (a model mapping) on `splits` in `root`, laid out as the pipeline's folders: its tokenizer
     (`tokenizer`: kind and vocab_size) in tokenizers/<name>-tok, the run in models/<name>, the curve in <name>.csv.
     `train`: train settings over 20 steps of batch 8 on the CPU. One torch thread (tiny models, shared cores).
-    Returns the model folder."""
+    `logger`: the tracker train_run logs to (default: none). Returns the model folder."""
     import torch
 
     from lm.config import RunConfig, TokenizerConfig
@@ -185,7 +187,7 @@ def train_tiny(root: Path, name: str, splits: dict, fmt: str, tokenizer: dict, m
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_run(name, run, tok_dir, root / "models" / name, root / f"{name}.csv", progress=False)
+        train_run(name, run, tok_dir, root / "models" / name, root / f"{name}.csv", progress=False, logger=logger)
     finally:
         torch.set_num_threads(threads)
     return root / "models" / name
