@@ -40,16 +40,20 @@ DEFAULT_SEEDS = [1337, 1, 2, 3, 4]
 """The runs' own seed (train.seed's default) and four more."""
 
 
-def train_and_score(name: str, run_json: str, tok_dir: str, seed: int) -> dict:
-    """Train `name` (its RunConfig as JSON) with ``train.seed = seed`` in a temporary folder and score it on the
-    whole val (and test) split; one thread, in this process."""
+def train_and_score(
+    name: str, run_json: str, tok_dir: str, seed: int, dtype: str | None = None, threads: int = 1
+) -> dict:
+    """Train `name` (its RunConfig as JSON) with ``train.seed = seed`` (and ``train.dtype = dtype`` if given) in a
+    temporary folder and score it on the whole val (and test) split; `threads` torch threads, in this process."""
     from lm.config import EvaluateConfig, RunConfig
     from lm.evaluate import evaluate_run
     from lm.train_run import train_run
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     run = RunConfig.model_validate_json(run_json)
-    run = run.model_copy(update={"train": run.train.model_copy(update={"seed": seed, "device": "cpu"})})
+    change = {"seed": seed, "device": "cpu"} | ({"dtype": dtype} if dtype else {})
+    run = run.model_copy(update={"train": run.train.model_copy(update=change)})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         w = Path(work)
@@ -70,6 +74,7 @@ def train_and_score(name: str, run_json: str, tok_dir: str, seed: int) -> dict:
         "seed": seed,
         "val": {k: m[f"val/{k}"] for k in ("loss", "bpc")},
         "test": {k: m[f"test/{k}"] for k in ("loss", "bpc")} if "test/loss" in m else None,
+        "dtype": info["dtype"],
         "selected": info["selected_step"],
         "steps": info["steps"],
         "seconds": time.perf_counter() - t0,
