@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in runs
         if n in study.runs and not (args.tokenizers / study.runs[n].tokenizer / "stats.json").is_file()
     ]
-    problems += [f"{n}: a counted model has no dtype" for n in runs if study.runs.get(n) and study.runs[n].model.fitting != "gradient"]  # fmt: skip
+    counted = [n for n in runs if n in study.runs and study.runs[n].model.fitting != "gradient"]
+    problems += [f"{n}: a counted model has no dtype" for n in counted]
     native, why = cpu_native_bf16()
     if not native:
         problems.append(f"this CPU has no native bf16 ({why}): training in bf16 here would take ~100x as long")

@@ -412,3 +412,31 @@ def test_the_seed_spread_names_the_stage_that_builds_a_missing_tokenizer(tmp_pat
     with pytest.raises(SystemExit):
         seeds.main([*args, "a"])
     assert "dvc repro tokenize@shakespeare-char" in capsys.readouterr().err
+
+
+def test_bench_dtypes_table_pairs_each_run_by_dtype():
+    from bench.dtypes import as_json, table
+
+    results = [
+        {"run": "a", "dtype": "bfloat16", "val": {"loss": 1.50, "bpc": 2.16}, "seconds": 60.0},
+        {"run": "a", "dtype": "float32", "val": {"loss": 1.52, "bpc": 2.19}, "seconds": 90.0},
+    ]
+    text = table(results, ["a"], {"a": {"val/loss": 1.5001, "train/dtype": "bfloat16"}}, threads=2)
+    assert "| a | 1.5000 | 1.5200 | +0.0200 | 2.1600 | 2.1900 | 1.5001 | bfloat16 |" in text
+    assert as_json(results, ["a"]) == {
+        "a": {"bfloat16": {"val/loss": 1.50, "val/bpc": 2.16}, "float32": {"val/loss": 1.52, "val/bpc": 2.19}}
+    }
+
+
+def test_bench_dtypes_refuses_to_train_bf16_without_native_bf16(tmp_path):
+    """Held to AVX2 (as an AVX2-only CPU is), it refuses before training anything, naming why."""
+    import os
+    import sys
+
+    from helpers import run
+    from tiny import ROOT
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    r = run([sys.executable, "-m", "bench.dtypes", "--out", str(tmp_path / "d.md")], cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "no native bf16" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())

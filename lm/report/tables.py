@@ -44,6 +44,7 @@ def run_table(study: StudyConfig, metrics_dir: Path) -> pd.DataFrame:
                 "selected step": m.get("train/selected_step", m["train/steps"]),
                 "train tokens": m["train/tokens"],
                 "train FLOPs": math.nan if flops is None else float(flops) * m["train/tokens"],
+                "dtype": m.get("train/dtype", ""),  # the forward pass's in training (train.dtype: auto resolved)
                 "val tokens per character": m["val/tokens"] / m["val/characters"],
                 "params_by_component": m["params_by_component"],
             }
