@@ -220,6 +220,25 @@ def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: d
     return total, time.perf_counter() - t0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Judge the working tree's pipeline outputs against those committed at --rev (lm/verify.py)."""
+    import subprocess
+
+    from lm.config import ParamsError, load_params
+    from lm.verify import report, verify
+
+    try:
+        study = load_params(args.params)
+    except ParamsError as e:
+        return _error(str(e), 2)
+    try:
+        verdict = verify(study, Path.cwd(), args.rev)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        return _error(f"lm verify compares with git: run it in a clone of the study ({e})", 2)
+    print(report(verdict))
+    return 0 if verdict.ok else 1
+
+
 def _ui(args: argparse.Namespace) -> int:
     """Print the runs table's URL, then serve the MLflow UI on the project's store (until Ctrl-C)."""
     import os
@@ -501,6 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_sample(sub)
     _add_export(sub)
+    c = sub.add_parser(
+        "verify",
+        help="did the study reproduce here? every committed number against this checkout's, within tolerance",
+        description="Compare every run's metrics and curve in the working tree with the committed ones (git), with "
+        "the tolerance the case calls for: bit-identical on the machine class that made the commit "
+        "(reports/machine.json), else per run as lm/verify.py derives it; then the study's conclusions. Prints one "
+        "table; exit status 1 names each number or conclusion beyond tolerance. Compares only: run `dvc repro` "
+        "first (`make verify` does both).",
+    )
+    c.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    c.add_argument("--rev", default="HEAD", help="the commit to compare with (default: HEAD)")
+    c.set_defaults(func=_verify)
     c = sub.add_parser(
         "ui",
         help="serve the MLflow UI on the project's store and print the URL of the study's runs table",

@@ -69,13 +69,7 @@ def evaluate_run(
         characters = stats["splits"][split]["characters"] - len(tokenizer.decode([int(ids[0])]))
         for k, v in metrics(total, count, characters).items():
             out[f"{split}/{k}"] = v
-    train_info = model_dir / "train.json"
-    if train_info.exists():
-        t = json.loads(train_info.read_text())
-        out.update({"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]})
-        out["train/selected_step"] = t.get("selected_step", t["steps"])
-        if "dtype" in t:  # the forward pass's dtype in training (gradient-trained runs)
-            out["train/dtype"] = t["dtype"]
+    out.update(_train_info(model_dir / "train.json"))
     dist = component_counts(model)
     out["params"] = sum(dist.values())
     out["params_by_component"] = dist
@@ -94,6 +88,17 @@ def evaluate_run(
         logger.set_tags({"train.dtype": out["train/dtype"]})
     log_outputs(logger, metrics_path, samples_path)
     return out
+
+
+def _train_info(path: Path) -> dict:
+    """What the metrics repeat of train.json (none for a checkpoint without it): the train loss, steps, tokens, the
+    kept step and, for gradient-trained runs, the dtype the forward pass ran in."""
+    if not path.exists():
+        return {}
+    t = json.loads(path.read_text())
+    out = {"train/loss": t["train_loss"], "train/steps": t["steps"], "train/tokens": t["tokens"]}
+    out["train/selected_step"] = t.get("selected_step", t["steps"])
+    return out | ({"train/dtype": t["dtype"]} if "dtype" in t else {})
 
 
 def _inside(model, run, tokenizer, tok_dir: Path, stats: dict, vocab_size: int, cfg: EvaluateConfig, device) -> dict:

@@ -1,5 +1,5 @@
 """The study's report: reports/README.md, reports/runs.csv and reports/figures/*.png, which read offline on a
-repository page (no JavaScript, no internet).
+repository page (no JavaScript, no internet), and reports/machine.json, the record of the machine that made them.
 
 It reads files only (metrics JSON, curves, samples, the arrays evaluate wrote, the training-health records) and
 computes no model: ``tables`` builds the tables, ``figures`` and ``inside`` draw, ``markdown`` writes the text.
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lm.atomic import atomic_write_text
+from lm.atomic import atomic_write_text, write_json
 from lm.config import StudyConfig
+from lm.machine import describe
 from lm.report import figures, inside, markdown, tables
 
 
@@ -25,7 +26,8 @@ def write_report(
     samples_dir: Path,
     out_dir: Path,
 ) -> pd.DataFrame:
-    """Write out_dir/README.md, out_dir/runs.csv and out_dir/figures/*.png; return the run table.
+    """Write out_dir/README.md, out_dir/runs.csv, out_dir/figures/*.png and out_dir/machine.json (this machine's
+    record); return the run table.
 
     `models_dir` is read for the training-health records only (models/<run>/health.json)."""
     fig_dir = out_dir / "figures"
@@ -40,4 +42,6 @@ def write_report(
     table.drop(columns=columns).to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
     text = markdown.report_markdown(markdown.Inputs(study, table, metrics_dir, samples_dir, drawn))
     atomic_write_text(out_dir / "README.md", text)
+    # Which machine made these numbers: `lm verify` expects the same bits on the same class (lm/machine.py).
+    write_json(out_dir / "machine.json", describe())
     return table
