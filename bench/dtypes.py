@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.seeds import train_and_score
+from bench.seeds import run_problems, train_and_score
 from lm.atomic import atomic_write_text, write_json
 
 DTYPES = ("bfloat16", "float32")
@@ -84,14 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as e:
         ap.error(str(e))
     runs = args.runs or [n for n, r in study.runs.items() if r.train.dtype == "auto"]
-    problems = [f"{n!r} is not a run of {args.params}" for n in runs if n not in study.runs]
-    problems += [
-        f"{n}: {args.tokenizers / study.runs[n].tokenizer} is not built: `dvc repro tokenize@{study.runs[n].tokenizer}`"
-        for n in runs
-        if n in study.runs and not (args.tokenizers / study.runs[n].tokenizer / "stats.json").is_file()
-    ]
-    counted = [n for n in runs if n in study.runs and study.runs[n].model.fitting != "gradient"]
-    problems += [f"{n}: a counted model has no dtype" for n in counted]
+    problems = run_problems(study, runs, args.params, args.tokenizers, "has no dtype")
     native, why = cpu_native_bf16()
     if not native:
         problems.append(f"this CPU has no native bf16 ({why}): training in bf16 here would take ~100x as long")

@@ -81,6 +81,18 @@ def train_and_score(
     }
 
 
+def run_problems(study, runs: list[str], params: Path, tokenizers: Path, counted: str) -> list[str]:
+    """Why the named runs cannot be trained again here: not a run of the params, a tokenizer not built, or a
+    counted model (`counted` says what it lacks)."""
+    known = [n for n in runs if n in study.runs]
+    problems = [f"{n!r} is not a run of {params}" for n in runs if n not in study.runs]
+    for n in known:
+        tok = study.runs[n].tokenizer
+        if not (tokenizers / tok / "stats.json").is_file():
+            problems.append(f"{n}: {tokenizers / tok} is not built: `dvc repro tokenize@{tok}`")
+    return problems + [f"{n}: a counted model {counted}" for n in known if study.runs[n].model.fitting != "gradient"]
+
+
 def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
@@ -201,17 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("name at least one RUN, or --ablation")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds repeats a seed: {args.seeds}")
-    problems = [f"{n!r} is not a run of {args.params}" for n in runs if n not in study.runs]
-    problems += [
-        f"{n}: {args.tokenizers / study.runs[n].tokenizer} is not built: `dvc repro tokenize@{study.runs[n].tokenizer}`"
-        for n in runs
-        if n in study.runs and not (args.tokenizers / study.runs[n].tokenizer / "stats.json").is_file()
-    ]
-    problems += [
-        f"{n}: a counted model has no seed to vary"
-        for n in runs
-        if n in study.runs and study.runs[n].model.fitting != "gradient"
-    ]
+    problems = run_problems(study, runs, args.params, args.tokenizers, "has no seed to vary")
     if problems:
         ap.error("; ".join(problems))
     jobs = [
