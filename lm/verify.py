@@ -27,7 +27,7 @@ from pathlib import Path
 from lm.config import StudyConfig
 from lm.machine import differences, same_class
 
-TRACKED = ("dvc.lock", "metrics", "curves", "samples", "inside", "reports")
+TRACKED = ("dvc.lock", "metrics", "curves", "samples", "reports")
 """The pipeline outputs git tracks (dvc.yaml's outs that are not cached, and dvc.lock)."""
 
 MACHINE = Path("reports/machine.json")
