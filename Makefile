@@ -35,7 +35,7 @@ repro: install
 	$(BIN)/dvc repro
 	$(BIN)/python -m stages.track
 
-# MLflow gets the train and evaluate runs that `dvc repro` skipped (from their committed outputs; see stages/track.py).
+# MLflow gets the train and evaluate runs it lacks, from their outputs (a lost or new store; see stages/track.py).
 track: install
 	$(BIN)/python -m stages.track
 

@@ -3,10 +3,11 @@ study's experiment holds yet is run again with --log-only, which logs its commit
 
     python -m stages.track [--params params.yaml]      (`make repro` runs it after `dvc repro`; `make track`)
 
-Why: on a fresh clone DVC retrains the models (they are not in git) but skips every evaluate stage (metrics/ and
-samples/ are committed and the retrained models hash the same), so without this MLflow would never see a whole-
-split val/loss. Logging from the outputs is exact (the numbers are the files, matched by the md5 dvc.lock
-records), cheap (seconds, no scoring) and marked (tag lm.relogged=true). Not a DVC stage: it writes no output.
+Why: a stage DVC does not run is not logged, and MLflow can lack runs whose outputs are current: the store was
+deleted or is a new one (another MLFLOW_TRACKING_URI), the server was down (`tracking.required: false`), or the
+outputs came from a `dvc pull`. Logging from the outputs is exact (the numbers are the files, matched by the md5
+dvc.lock records), cheap (seconds, no scoring) and marked (tag lm.relogged=true). Not a DVC stage: it writes no
+output.
 """
 
 from __future__ import annotations

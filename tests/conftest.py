@@ -76,12 +76,24 @@ def http_server() -> Iterator[LoopbackServer]:
         thread.join(5)
 
 
-@pytest.fixture
-def unused_port() -> int:
-    """A loopback port with nothing listening (bound then released: connections are refused)."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port with nothing listening (bound then released: connections are refused)."""
+    return free_port()
+
+
+@pytest.fixture
+def another_unused_port(unused_port: int) -> int:
+    """A second such port, for a test that needs two servers at once or one after the other."""
+    while (port := free_port()) == unused_port:
+        pass
+    return port
 
 
 @pytest.fixture

@@ -375,22 +375,36 @@ def test_second_repro_logs_nothing(project: Path, server: Rest):
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_gets_every_run_into_mlflow(project: Path, tmp_path: Path, unused_port: int):
-    """A fresh clone against an empty store: `dvc repro` retrains the models but skips every evaluate stage
-    (metrics/ and samples/ are committed, the models hash the same), so the whole-split numbers would never reach
-    MLflow; `python -m stages.track` (run by `make repro`) logs them from the committed outputs."""
+def test_a_fresh_clone_gets_every_run_into_mlflow(
+    project: Path, tmp_path: Path, unused_port: int, another_unused_port: int
+):
+    """A fresh clone against an empty store: `dvc repro` retrains the models and re-runs every evaluate stage (the
+    models and the `inside/` arrays are not in git), so every run reaches MLflow live and `stages.track` has
+    nothing to do. Against a store that lost them (a new server, mlflow.db deleted), `stages.track` logs every
+    train and evaluate run again from the outputs, marked relogged, without computing anything."""
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    with mlflow_server(tmp_path, unused_port) as url:
+    (tmp_path / "first").mkdir()
+    with mlflow_server(tmp_path / "first", unused_port) as url:
         rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url}
         out = sh(clone, "dvc", "repro", env=env).stdout
-        assert "Running stage 'train@names-bigram_nn'" in out and "Running stage 'evaluate@" not in out
-        assert not any(r["name"].endswith("(evaluate)") for r in rest.runs())
-        out = sh(clone, sys.executable, "-m", "stages.track", env=env).stdout
-        assert out.rstrip().endswith("track: 2 stage runs logged from their outputs"), out
+        for run in KEEP["runs"]:
+            assert f"Running stage 'train@{run}'" in out and f"Running stage 'evaluate@{run}'" in out, out
         runs = by_name(rest.runs())
         for run in KEEP["runs"]:
-            assert runs[f"{run} (train)"]["status"] == "FINISHED"
+            for verb in ("train", "evaluate"):
+                assert runs[f"{run} ({verb})"]["status"] == "FINISHED"
+                assert "lm.relogged" not in runs[f"{run} ({verb})"]["tags"]
+        out = sh(clone, sys.executable, "-m", "stages.track", env=env).stdout
+        assert out.rstrip().endswith("track: 0 stage runs logged from their outputs"), out
+    (tmp_path / "second").mkdir()
+    with mlflow_server(tmp_path / "second", another_unused_port) as url:
+        rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url}
+        out = sh(clone, sys.executable, "-m", "stages.track", env=env).stdout
+        assert out.rstrip().endswith(f"track: {2 * len(KEEP['runs'])} stage runs logged from their outputs"), out
+        runs = by_name(rest.runs())
+        for run in KEEP["runs"]:
+            assert runs[f"{run} (train)"]["tags"]["lm.relogged"] == "true"
             evaluated = runs[f"{run} (evaluate)"]
             metrics = json.loads((clone / "metrics" / f"{run}.json").read_text())
             assert evaluated["tags"]["lm.relogged"] == "true" and evaluated["status"] == "FINISHED"
