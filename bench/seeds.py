@@ -58,6 +58,7 @@ def train_and_score(
     with tempfile.TemporaryDirectory() as work:
         w = Path(work)
         info = train_run(name, run, Path(tok_dir), w / "model", w / "curve.csv", progress=False)
+        weights = json.loads((w / "model" / "config.json").read_text())["sha256"]
         cfg = EvaluateConfig(num_names=0, num_passages=0, quality_prompts=0)
         m = evaluate_run(
             name,
@@ -74,8 +75,9 @@ def train_and_score(
         "seed": seed,
         "val": {k: m[f"val/{k}"] for k in ("loss", "bpc")},
         "test": {k: m[f"test/{k}"] for k in ("loss", "bpc")} if "test/loss" in m else None,
-        "dtype": info["dtype"],
-        "selected": info["selected_step"],
+        "dtype": info.get("dtype"),  # counted models have none
+        "weights": weights,
+        "selected": info.get("selected_step"),
         "steps": info["steps"],
         "seconds": time.perf_counter() - t0,
     }

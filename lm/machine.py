@@ -13,8 +13,11 @@ from pathlib import Path
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 """x86 flags oneDNN and MKL choose kernels by (so the order of floating-point sums, so the last bits)."""
 
-CLASS_KEYS = ("cpu", "flags", "threads", "torch", "onednn", "mkl", "machine", "cpu_capability", "onednn_max_isa")
-"""What two records must share to be the same machine class: bit-identical results are expected then."""
+CLASS_KEYS = (
+    "cpu", "flags", "threads", "torch", "onednn", "mkl", "machine", "cpu_capability", "onednn_max_isa", "mkl_cbwr"
+)  # fmt: skip
+"""What two records must share to be the same machine class: bit-identical results are expected then. A key a
+record lacks (one written before the key existed) reads as "" (the library's default)."""
 
 
 def _config_version(pattern: str) -> str:
@@ -44,14 +47,15 @@ def describe(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATEN_CPU_CAPABILITY caps it
         "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),  # MKL's code branch (bench.bitwise)
     }
 
 
 def same_class(a: dict, b: dict) -> bool:
     """Whether records `a` and `b` describe machines that give the same bits (same CLASS_KEYS)."""
-    return all(a.get(k) == b.get(k) for k in CLASS_KEYS)
+    return all(a.get(k, "") == b.get(k, "") for k in CLASS_KEYS)
 
 
 def differences(a: dict, b: dict) -> list[str]:
     """'key: a → b' for each CLASS_KEYS entry that differs."""
-    return [f"{k}: {a.get(k)} → {b.get(k)}" for k in CLASS_KEYS if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k, '')} → {b.get(k, '')}" for k in CLASS_KEYS if a.get(k, "") != b.get(k, "")]

@@ -440,3 +440,38 @@ def test_bench_dtypes_refuses_to_train_bf16_without_native_bf16(tmp_path):
     r = run([sys.executable, "-m", "bench.dtypes", "--out", str(tmp_path / "d.md")], cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "no native bf16" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_bitwise_trains_each_run_per_setting_in_a_fresh_process(tmp_path, capsys):
+    """Each setting reaches torch in its own process (``portable`` gets ATen's scalar kernels), repeats are
+    compared, the weights' digests go to the JSON another machine compares against, and a second machine with
+    the same digests reads "yes"."""
+    import json
+
+    from bench import bitwise
+
+    args = _seeds_setup(tmp_path)[:4]  # no --metrics
+    out = tmp_path / "bits.md"
+    bitwise.main([*args, "a", "counted", "--settings", "native", "portable", "--repeats", "2", "--out", str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    caps = {(r["setting"], r["run"]): r["capability"] for r in record["results"]}
+    assert caps["portable", "a"] == "DEFAULT" and caps["native", "a"] != "DEFAULT"
+    assert set(record["digests"]) == {"native", "portable"} and set(record["digests"]["native"]) == {"a", "counted"}
+    text = out.read_text()
+    assert "| native | a | " in text and "| portable | counted | " in text
+    rows = [line for line in text.splitlines() if line.startswith("| native |")]
+    assert all("| yes | yes |" in row for row in rows), rows  # repeats agree; native equals itself
+    capsys.readouterr()
+    bitwise.main([*args, "a", "--settings", "native", "--repeats", "1", "--compare", str(out.with_suffix(".json"))])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| native | a |"))
+    assert row.rstrip().endswith("| yes |"), row
+
+
+def test_bench_bitwise_refuses_bad_input_before_training(tmp_path, capsys):
+    from bench import bitwise
+
+    args = _seeds_setup(tmp_path)[:4]  # no --metrics
+    with pytest.raises(SystemExit) as exc:
+        bitwise.main([*args, "nope", "--compare", str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "'nope' is not a run of" in err and "missing.json: not found" in err

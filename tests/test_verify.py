@@ -165,6 +165,10 @@ def test_the_machine_record_round_trips_and_tells_classes_apart(tmp_path):
         differences(record, record | {"onednn_max_isa": "AVX2"}) == ["onednn_max_isa:  → AVX2"]
         or record["onednn_max_isa"]
     )
+    # MKL's code branch (MKL_CBWR) decides bits too; a record from before the key existed reads as MKL's default.
+    unset = record | {"mkl_cbwr": ""}
+    assert same_class({k: v for k, v in unset.items() if k != "mkl_cbwr"}, unset)
+    assert differences(unset, unset | {"mkl_cbwr": "COMPATIBLE"}) == ["mkl_cbwr:  → COMPATIBLE"]
 
 
 def test_lm_verify_exits_1_and_names_what_failed(repo):
