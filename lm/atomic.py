@@ -71,10 +71,14 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private (0700)
         yield tmp
-        for p in tmp.rglob("*"):  # durable before the rename publishes it
+        for p in tmp.rglob("*"):  # durable before the rename publishes it, with the modes of plain outputs
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+                # Writers that go through their own temp file (safetensors' save_file) leave it private (0600).
+                os.chmod(p, FILE_MODE)
+            elif p.is_dir():
+                os.chmod(p, DIR_MODE)
         _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,8 +26,10 @@ from lm.families import FamilyNames, ModelConfig
 from lm.references import PUBLISHED, Published
 from lm.strict import Strict
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-"""Corpus, tokenizer and run names: they become DVC stage keys, file names and MLflow run names."""
+NAME_MAX = 64
+NAME_RE = re.compile(rf"^[a-z0-9][a-z0-9_-]{{0,{NAME_MAX - 1}}}$")
+"""Corpus, tokenizer and run names: they become DVC stage keys, file names (with prefixes and suffixes: a file
+name is at most 255 bytes) and MLflow run names."""
 
 
 class ParamsError(ValueError):
@@ -366,7 +368,10 @@ class StudyConfig(Strict):
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         bad = [k for k in v if not NAME_RE.match(k)]
         if bad:
-            raise ValueError(f"names {bad} must match {NAME_RE.pattern} (lowercase letters, digits, '-', '_')")
+            raise ValueError(
+                f"names {[k if len(k) <= 40 else k[:37] + '...' for k in bad]} must match {NAME_RE.pattern} "
+                f"(lowercase letters, digits, '-', '_'; at most {NAME_MAX} characters)"
+            )
         return v
 
     @model_validator(mode="after")

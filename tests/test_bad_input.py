@@ -404,6 +404,9 @@ def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
     a plain open() or mkdir() would give under the umask instead (0644/0755 with the usual 022)."""
     import stat
 
+    import torch
+    from safetensors.torch import save_file
+
     from lm.atomic import DIR_MODE, FILE_MODE
 
     mask = os.umask(0)
@@ -412,6 +415,8 @@ def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")
     with atomic_dir(tmp_path / "d") as tmp:
         (tmp / "b.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # its own temp file: 0600
+        (tmp / "sub").mkdir(mode=0o700)
     write_json(tmp_path / "m.json", {})
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
@@ -420,6 +425,8 @@ def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
         "a.txt": FILE_MODE,
         "d": DIR_MODE,
         "b.json": FILE_MODE,
+        "model.safetensors": FILE_MODE,
+        "sub": DIR_MODE,
         "m.json": FILE_MODE,
         "plain.txt": FILE_MODE,
     }

@@ -100,6 +100,17 @@ def test_names_must_be_usable_as_stage_keys(good):
     assert "must match" in problems(d)[0]
 
 
+def test_a_name_too_long_for_a_file_name_is_refused_up_front(good):
+    """A 250-character run name used to pass and then fail in training with `File name too long`."""
+    d = copy.deepcopy(good)
+    d["runs"]["r" * 250] = {"tokenizer": "names-char", "model": {"family": "bigram_nn"}}
+    (problem,) = problems(d)
+    assert "at most 64 characters" in problem and len(problem) < 300
+    del d["runs"]["r" * 250]
+    d["runs"]["r" * 64] = {"tokenizer": "names-char", "model": {"family": "bigram_nn"}}
+    assert "r" * 64 in parse_params(d).runs
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
