@@ -305,7 +305,7 @@ def _export(args: argparse.Namespace) -> int:
     from lm.export import ExportError, check_target, export_hf, gpt2_problems
 
     try:
-        check_target(args.out, args.force)  # before any work: nothing of the user's is replaced by mistake
+        check_target(args.out, args.force, [model_dir])  # before any work: nothing of the user's is replaced
         _, run, _ = load(model_dir)
     except ExportError as e:
         return _error(str(e), 2)

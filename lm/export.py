@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,14 +230,23 @@ MARKER = "lm_export.json"
 """Written into every export: which run it holds. A folder with it is an export `lm export` may replace."""
 
 
-def check_target(out: Path, force: bool = False) -> None:
+def check_target(out: Path, force: bool = False, sources: Sequence[Path] = ()) -> None:
     """Refuse an `--out` that holds something else than an earlier export: a non-empty folder of the user's, a
     file, or the current directory (or one above it), unless `force` (then replaced, the current directory
-    never). An empty or missing folder is fine."""
+    never); and never, even forced, one that is, is inside or contains a folder the export reads (`sources`: the
+    run's checkpoint and tokenizer), which replacing would destroy. An empty or missing folder is fine."""
     out = Path(out)
-    here = Path.cwd().resolve()
-    if out.resolve() == here or out.resolve() in here.parents:
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
         raise ExportError(f"--out {out} is the current directory or one above it: name a new folder, e.g. exports/run")
+    for src in sources:
+        source = Path(src).resolve()
+        how = "is" if target == source else "is inside" if source in target.parents else "contains"
+        if how != "contains" or target in source.parents:
+            raise ExportError(
+                f"--out {out} {how} {src}, which the export reads: name a new folder, e.g. exports/run "
+                "(--force does not override this)"
+            )
     if force or not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir() or out.is_symlink():
@@ -260,7 +270,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = 
     """
     from lm.tokenizer import load_stats, load_tokenizer
 
-    check_target(out, force)
+    check_target(out, force, (model_dir, tokenizer_dir))
 
     model, run, vocab_size = checkpoint.load(Path(model_dir))
     llama = run.model.family == "llama"

@@ -241,6 +241,23 @@ def test_export_never_replaces_what_is_not_an_export(runs, tmp_path, capsys, mon
     assert (mine / "lm_export.json").is_file()
 
 
+def test_export_never_replaces_the_checkpoint_it_exports(runs, capsys):
+    """`--out models/RUN --force` replaced the checkpoint being exported (the run was then unloadable): the run's
+    own folder, a folder inside it or one holding it is refused even with --force, and nothing is touched."""
+    from lm.checkpoint import load
+
+    ckpt = runs / "models" / "tied-bias"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    for out, how in ((ckpt, "is"), (ckpt / "hf", "is inside"), (runs / "models", "contains")):
+        for extra in ((), ("--force",)):
+            assert _export_cli(runs, out, *extra) == 2, (out, extra)
+            err = capsys.readouterr().err
+            assert f"error: --out {out} {how} {ckpt}, which the export reads" in err, err
+            assert "--force does not override this" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before and not (ckpt / "hf").exists()
+    load(ckpt)
+
+
 def test_state_dict_names_and_shapes():
     from lm.export import hf_state_dict
 
