@@ -126,13 +126,14 @@ def _sample(args: argparse.Namespace) -> int:
     context = _context(args.prompt, run, tokenizer, stats)
     if isinstance(context, str):
         return _error(context, 2)
-    total, seconds = _stream_samples(args, model, device, tokenizer, stats, context)
+    total, seconds, interrupted = _stream_samples(args, model, device, tokenizer, stats, context)
     cache = "KV cache" if model.kv_cache and not args.no_cache else "no cache"
     print(
-        f"[{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
+        ("[interrupted: " if interrupted else "[")
+        + f"{total} tokens in {seconds:.2f} s: {total / max(seconds, 1e-9):,.1f} tokens/s on {device}, {cache}]",
         file=sys.stderr,
     )
-    return 0
+    return 130 if interrupted else 0
 
 
 def _load_for_sampling(args: argparse.Namespace):
@@ -189,7 +190,8 @@ def _context(prompt: str, run, tokenizer, stats: dict) -> list[int] | str:
 
 
 def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: dict, context: list[int]):
-    """Write --num-samples samples to stdout as they are drawn; return the tokens drawn and the seconds taken."""
+    """Write --num-samples samples to stdout as they are drawn; return the tokens drawn, the seconds taken and
+    whether Ctrl-C stopped it (what was drawn by then is written, ended with a newline)."""
     import torch
 
     from lm.generate import PASSAGE_SEPARATOR, TextStream, stream
@@ -197,27 +199,33 @@ def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: d
     lines, boundary = stats["format"] == "lines", stats.get("boundary_id")
     g = torch.Generator().manual_seed(args.seed)
     out = sys.stdout
-    total, t0 = 0, time.perf_counter()
-    for i in range(args.num_samples):
-        if i and not lines:
-            out.write(PASSAGE_SEPARATOR.removeprefix("\n"))  # the previous sample ended with a newline
-        out.write(args.prompt)
-        out.flush()
-        text = TextStream(tokenizer, context)
-        tokens = stream(
-            model, torch.tensor([context], device=device), args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, generator=g, use_cache=not args.no_cache and model.kv_cache,
-            overflow=args.overflow,
-        )  # fmt: skip
-        for nxt in tokens:
-            total += 1
-            if lines and int(nxt) == boundary:
-                break
-            out.write(text.push(int(nxt)))
+    total, t0, text = 0, time.perf_counter(), None
+    try:
+        for i in range(args.num_samples):
+            if i and not lines:
+                out.write(PASSAGE_SEPARATOR.removeprefix("\n"))  # the previous sample ended with a newline
+            out.write(args.prompt)
             out.flush()
-        out.write(text.flush() + "\n")
+            text = TextStream(tokenizer, context)
+            tokens = stream(
+                model, torch.tensor([context], device=device), args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, generator=g, use_cache=not args.no_cache and model.kv_cache,
+                overflow=args.overflow,
+            )  # fmt: skip
+            for nxt in tokens:
+                total += 1
+                if lines and int(nxt) == boundary:
+                    break
+                out.write(text.push(int(nxt)))
+                out.flush()
+            out.write(text.flush() + "\n")
+            out.flush()
+            text = None
+    except KeyboardInterrupt:
+        out.write((text.flush() if text is not None else "") + "\n")
         out.flush()
-    return total, time.perf_counter() - t0
+        return total, time.perf_counter() - t0, True
+    return total, time.perf_counter() - t0, False
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -557,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C anywhere else (loading a model, ...): one line, the shell's code for SIGINT
+        print(f"lm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

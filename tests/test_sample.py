@@ -319,3 +319,38 @@ def test_sample_says_when_the_checkpoint_was_trained_with_other_params(runs, cap
     (runs / "edited.yaml").write_text(yaml.safe_dump({**params, "runs": {"char-gpt": trained}}))
     assert main(["sample", "char-gpt", "--max-new-tokens", "5", *dirs, "--params", str(runs / "edited.yaml")]) == 0
     assert "note:" not in capsys.readouterr().err  # the same settings: nothing to say
+
+
+def test_ctrl_c_while_sampling_keeps_the_text_and_ends_in_one_line(runs):
+    """Ctrl-C during `lm sample --max-new-tokens 1000000000` ended in a 49-line KeyboardInterrupt traceback: the
+    text drawn so far stays on stdout (ended with a newline), stderr is one summary line, the exit code 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm.cli",
+        "sample",
+        "char-gpt",
+        "--max-new-tokens",
+        "1000000000",
+        "--models-dir",
+        str(runs / "models"),
+        "--tokenizers-dir",
+        str(runs / "tokenizers"),
+        "--params",
+        str(runs / "absent.yaml"),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    first = proc.stdout.read(50)  # streamed: 50 characters are out before the sampling ends
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(first) == 50 and (first + out).endswith("\n") and len(first + out) > 50
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("[interrupted: "), err
