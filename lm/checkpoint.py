@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -56,10 +57,45 @@ def _sha256(path: Path) -> str:
 
 
 def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig, int]:
-    """Rebuild the model from config.json and load its tensors (strictly); returns (model, run, vocab_size)."""
+    """Rebuild the model from config.json and load its tensors (strictly); returns (model, run, vocab_size).
+
+    Before any memory is allocated: the weights must have the sha256 config.json records, their header must hold
+    the names and shapes the config builds (on the meta device), and the model must fit in memory
+    (:mod:`lm.memory`). Every problem is one CheckpointError line naming the first mismatch and the fix."""
+    from lm import memory
     from lm.models import build_model
 
     ckpt_dir = Path(ckpt_dir)
+    meta, run, vocab_size = _read_config(ckpt_dir)
+    weights = ckpt_dir / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{weights} not found: run the train stage for this run first")
+    if "sha256" not in meta:
+        raise CheckpointError(
+            f"{ckpt_dir / CONFIG} records no sha256 of {WEIGHTS}, so the weights cannot be checked: re-run the "
+            "train stage (it writes both)"
+        )
+    if _sha256(weights) != meta["sha256"]:
+        raise CheckpointError(
+            f"{weights} has changed since it was saved (its sha256 differs from {ckpt_dir / CONFIG}): "
+            "re-run the train stage"
+        )
+    params = _check_header(ckpt_dir, run, vocab_size)
+    try:
+        memory.check(memory.inference_need(params), "loading the checkpoint", "load it on a larger machine")
+    except memory.TooBig as e:
+        raise CheckpointError(f"{ckpt_dir}: {e}") from None
+    model = build_model(run.model, vocab_size)
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {why}") from None
+    model.to(device).eval()
+    return model, run, vocab_size
+
+
+def _read_config(ckpt_dir: Path) -> tuple[dict, RunConfig, int]:
     try:
         meta = json.loads((ckpt_dir / CONFIG).read_text())
         run = RunConfig.model_validate(meta["run"])
@@ -67,30 +103,43 @@ def load(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir / CONFIG} not found: run the train stage for this run first") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt_dir / CONFIG} is not a valid checkpoint config: {e}") from None
-    model = build_model(run.model, vocab_size)
-    weights = ckpt_dir / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"{weights} not found: run the train stage for this run first")
-    if "sha256" in meta and _sha256(weights) != meta["sha256"]:
+        first = " ".join(str(e).split())[:200]
         raise CheckpointError(
-            f"{weights} has changed since it was saved (its sha256 differs from {ckpt_dir / CONFIG}): "
-            "re-run the train stage"
-        )
+            f"{ckpt_dir / CONFIG} is not a valid checkpoint config ({first}): re-run the train stage"
+        ) from None
+    if vocab_size < 1:
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: vocab_size {vocab_size} must be at least 1: re-run train")
+    return meta, run, vocab_size
+
+
+def _check_header(ckpt_dir: Path, run: RunConfig, vocab_size: int) -> int:
+    """Compare the names and shapes the config builds (on the meta device) with those stored in the weights'
+    header (read alone); return the parameter count. A tied tensor is stored once, under one of its names."""
+    from safetensors import safe_open
+
+    from lm.model_size import build_meta
+
     try:
-        # load_model knows a tied tensor is stored once; we report missing/unexpected names ourselves.
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        with safe_open(str(ckpt_dir / WEIGHTS), "pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{ckpt_dir} does not match its config.json: {' '.join(str(e).split())}") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt_dir} does not match its config.json (missing tensors {sorted(missing)}, "
-            f"unexpected tensors {sorted(unexpected)}): re-run the train stage"
-        )
-    model.to(device).eval()
-    return model, run, vocab_size
+        raise CheckpointError(f"{ckpt_dir / WEIGHTS} is not a readable safetensors file: {e}") from None
+    groups: dict[int, tuple[list[int], list[str]]] = {}
+    for name, t in build_meta(run.model, vocab_size).state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), (list(t.shape), []))[1].append(name)
+    problems = []
+    for shape, names in groups.values():
+        held = [n for n in names if n in stored]
+        if not held:
+            problems.append(f"{names[0]} {shape} is missing")
+        elif stored[held[0]] != shape:
+            problems.append(f"{held[0]} is {stored[held[0]]} in {WEIGHTS} but {shape} by config.json")
+    known = {n for _, names in groups.values() for n in names}
+    problems += [f"{WEIGHTS} holds {n}, which config.json does not build" for n in sorted(stored.keys() - known)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{ckpt_dir} does not match its config.json: {problems[0]}{more}: re-run the train stage")
+    return sum(math.prod(shape) for shape, _ in groups.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,11 +63,16 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
 
 def _check_params(args: argparse.Namespace) -> int:
     from lm.config import ParamsError, load_params
+    from lm.memory import study_problems
 
     try:
         study = load_params(args.file)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if problems := study_problems(study, args.tokenizers_dir):
+        head = f"error: {args.file}: {len(problems)} run(s) cannot be trained in this machine's memory:"
+        print("\n  ".join([head, *problems]), file=sys.stderr)
         return 2
     print(f"{args.file}: ok ({len(study.corpora)} corpora, {len(study.tokenizers)} tokenizers, {len(study.runs)} runs)")
     return 0
@@ -380,9 +385,12 @@ def _add_check_params(sub) -> None:
         "check-params",
         help="validate a params file and print one line per problem",
         description="Validate the whole params file (unknown keys, ranges, cross-references) without running anything. "
-        "Exit status 0 when valid, 2 otherwise.",
+        "Also refuses a run whose training cannot fit in this machine's memory (parameters counted on the meta "
+        "device; lm/memory.py). Exit status 0 when valid, 2 otherwise.",
     )
     c.add_argument("file", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
+    c.add_argument("--tokenizers-dir", type=Path, default=Path("tokenizers"),
+                   help="built tokenizers, for the memory check's vocabulary sizes (default: tokenizers)")  # fmt: skip
     c.set_defaults(func=_check_params)
 
 

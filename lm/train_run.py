@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lm import batches as B
-from lm import checkpoint, distributed, precision
+from lm import checkpoint, distributed, memory, precision
 from lm.atomic import atomic_dir, atomic_write_text, exclusive, write_json
 from lm.config import RunConfig
 from lm.models import build_model
@@ -86,6 +86,7 @@ def train_run(
         # 'auto' becomes the dtype this machine trains in; the run, its fingerprint and train.json carry that one.
         dtype = precision.resolve(run.train.dtype, device)
         run = run.model_copy(update={"train": run.train.model_copy(update={"dtype": dtype.dtype})})
+        memory.check_training(run, vocab_size, device)  # before anything is allocated
         torch.manual_seed(run.train.seed)
         model = build_model(run.model, vocab_size)
         state = checkpoint.state_dir_for(out)

@@ -484,6 +484,38 @@ def _full_disk_on(monkeypatch, part: str) -> None:
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
 
+def test_a_model_past_the_machine_s_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    """n_embd 12000 (3.5 B parameters) passed check-params and allocated until the kernel killed it; n_embd
+    100000 failed after 10 s in the allocator. check-params and training refuse up front, naming the parameter
+    count, the bytes training needs and the memory available."""
+    from lm import memory
+    from lm.config import RunConfig
+    from lm.train_run import train_run
+
+    params = tiny_params()
+    big = next(n for n, r in params["runs"].items() if r["model"]["family"] == "gpt")
+    params["runs"][big]["model"]["n_embd"] = 100_000  # past any machine: ~4e11 parameters
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    t0 = time.perf_counter()
+    r = run([sys.executable, "-m", "lm.cli", "check-params", str(tmp_path / "p.yaml")], timeout=120)
+    assert r.returncode == 2 and time.perf_counter() - t0 < 60, r.stderr
+    line = next(x for x in r.stderr.splitlines() if f"runs.{big}:" in x)
+    assert re.search(r"the model has [\d,]+ parameters; training needs about [\d.]+ GB \(weights, gradients", line)
+    assert "this machine has" in line and "make the model smaller" in line
+
+    tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
+    run_cfg = _tiny_run(0).model_dump()
+    run_cfg["model"]["n_embd"] = 12_000
+    monkeypatch.setattr(memory, "available", lambda: 24 * 2**30)  # the 24 GiB machine of the report
+    built = []
+    monkeypatch.setattr("lm.train_run.build_model", lambda *a: built.append(a))
+    with pytest.raises(memory.TooBig, match=r"training needs about \d+\.\d GB .* 25\.8 GB available"):
+        train_run("big", RunConfig.model_validate(run_cfg), tok, tmp_path / "models" / "big", tmp_path / "c.csv")
+    assert not built and not (tmp_path / "models" / "big").exists()
+    monkeypatch.setenv("LM_MEMORY_CHECK", "off")  # the escape hatch the message names
+    memory.check_training(RunConfig.model_validate(run_cfg), 60, free=1)
+
+
 def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, capsys, one_thread):
     """checkpoint_interval 0 (no periodic saves): the outputs cannot be written, yet the trained model is kept
     and a re-run only writes them, equal to a run that never failed."""

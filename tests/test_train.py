@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -254,6 +255,39 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
     checkpoint.read_training_state(state)  # intact and readable
 
 
+def test_a_config_that_does_not_match_its_weights_is_one_short_line(tmp_path):
+    """config.json sizes that disagree with the weights printed a ~3,000-character line with no fix: one line
+    naming the first mismatch, checked from the header before any model is built."""
+    run = run_cfg("gpt")
+    checkpoint.save(build_model(run.model, V), run, V, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    bigger = {**meta, "run": {**meta["run"], "model": {**meta["run"]["model"], "n_embd": 2 * run.model.n_embd}}}
+    (tmp_path / "config.json").write_text(json.dumps(bigger))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path} does not match its config.json: ") and msg.endswith(": re-run the train stage")
+    assert " more)" in msg and "in model.safetensors but" in msg and len(msg) < 300, msg
+    deeper = {**meta, "run": {**meta["run"], "model": {**meta["run"]["model"], "n_layer": run.model.n_layer + 1}}}
+    (tmp_path / "config.json").write_text(json.dumps(deeper))
+    with pytest.raises(checkpoint.CheckpointError, match=r"is missing.*re-run the train stage"):
+        checkpoint.load(tmp_path)
+
+
+def test_a_checkpoint_past_the_machine_s_memory_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """A crafted config.json used to build 4.7 GB before any check: the header's shapes give the size first."""
+    from lm import memory
+
+    run = run_cfg("gpt")
+    checkpoint.save(build_model(run.model, V), run, V, tmp_path)
+    built = []
+    monkeypatch.setattr(memory, "available", lambda: 1000)  # bytes: less than the weights
+    monkeypatch.setattr("lm.models.build_model", lambda *a: built.append(a))
+    with pytest.raises(checkpoint.CheckpointError, match=r"parameters; loading the checkpoint needs about") as e:
+        checkpoint.load(tmp_path)
+    assert "machine has 0.0 GB available" in str(e.value) and not built
+
+
 def test_checkpoint_files_are_safetensors_and_tampering_is_rejected(tmp_path):
     run = run_cfg("gpt")
     checkpoint.save(build_model(run.model, V), run, V, tmp_path)
@@ -269,13 +303,23 @@ def test_checkpoint_files_are_safetensors_and_tampering_is_rejected(tmp_path):
         (tmp_path / "model.safetensors").write_bytes(bad)
         with pytest.raises(checkpoint.CheckpointError, match=why):
             checkpoint.load(tmp_path)
-    # Without the recorded hash (an older checkpoint), safetensors itself rejects the broken files.
+    # Without the recorded hash (an older or hand-made config.json) nothing is read: corrupted weights used to end
+    # in a 40-line traceback (`probability tensor contains inf/nan`) when sampled.
     meta = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    for weights in (good, flipped):
+        (tmp_path / "model.safetensors").write_bytes(weights)
+        with pytest.raises(checkpoint.CheckpointError, match="records no sha256 of model.safetensors") as e:
+            checkpoint.load(tmp_path)
+        assert "re-run the train stage" in str(e.value)
+    # A hash that matches broken bytes (a crafted config.json): the header is checked before any model is built.
     for bad in (good[:9] + b"\xff" + good[10:], good[: len(good) // 2], b"\x80\x04\x95" + b"\0" * 64):
         (tmp_path / "model.safetensors").write_bytes(bad)
-        with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors file|does not match"):
+        (tmp_path / "config.json").write_text(json.dumps({**meta, "sha256": hashlib.sha256(bad).hexdigest()}))
+        with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors file") as e:
             checkpoint.load(tmp_path)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    (tmp_path / "config.json").write_text(json.dumps(meta))
     (tmp_path / "model.safetensors").write_bytes(good)
     (tmp_path / "config.json").write_text(json.dumps({**meta, "run": {**meta["run"], "model": {"family": "nope"}}}))
     with pytest.raises(checkpoint.CheckpointError, match="not a valid checkpoint config"):
@@ -286,11 +330,13 @@ def test_checkpoint_files_are_safetensors_and_tampering_is_rejected(tmp_path):
     # A tensor removed from the file: missing names are listed.
     from safetensors.torch import load_file, save_file
 
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    tensors.pop(sorted(tensors)[0])
+    first = sorted(tensors)[0]
+    tensors.pop(first)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(checkpoint.CheckpointError, match="missing tensors"):
+    sha = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "sha256": sha}))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{first} .* is missing"):
         checkpoint.load(tmp_path)
 
 
