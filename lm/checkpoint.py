@@ -175,6 +175,14 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def saved_step(state_dir: Path) -> int | None:
+    """The step of the training state in `state_dir`, or None when there is none that reads."""
+    try:
+        return int(json.loads((Path(state_dir) / STATE_JSON).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_training_state(
     state_dir: Path,
     model: torch.nn.Module,

@@ -15,6 +15,8 @@ import io
 import json
 import platform
 import shutil
+import sys
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -135,6 +137,12 @@ def _summary(name: str, run: RunConfig, model, result, device) -> tuple[dict, di
     return summary, timing
 
 
+WRITE_RETRY_S, WRITE_RETRY_EVERY_S = 600.0, 10.0
+"""When the finished run's outputs cannot be written (a full disk), the trained model is held in memory and the
+write retried every WRITE_RETRY_EVERY_S seconds for WRITE_RETRY_S, after saying what to free: the steps since the
+last saved state are not thrown away for want of a few megabytes."""
+
+
 def _write_outputs(
     model,
     run: RunConfig,
@@ -147,24 +155,49 @@ def _write_outputs(
     health: list[dict] | None = None,
 ) -> None:
     """Checkpoint + train.json (+ health.json with train.health_every; one atomic directory) and the curve CSV;
-    then the training state goes."""
-    try:
-        with atomic_dir(out) as tmp:
-            checkpoint.save(model, run, vocab_size, tmp)
-            write_json(tmp / "train.json", summary)
-            if health:
-                write_json(tmp / "health.json", {"run": summary["run"], "records": health})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(curve, buf.getvalue())
-    except OSError as e:
-        raise NotWritten(
-            f"{e}. The trained model is kept in {state} (step {summary['steps']}): run the stage again once the "
-            "problem is fixed; it resumes there and only writes the outputs"
-        ) from e
+    then the training state goes. A write that fails is retried (:data:`WRITE_RETRY_S`) and then raises
+    NotWritten, whose message names the step the kept state really holds."""
+    deadline, told = time.monotonic() + WRITE_RETRY_S, False
+    while True:
+        try:
+            with atomic_dir(out) as tmp:
+                checkpoint.save(model, run, vocab_size, tmp)
+                write_json(tmp / "train.json", summary)
+                if health:
+                    write_json(tmp / "health.json", {"run": summary["run"], "records": health})
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(curve, buf.getvalue())
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise NotWritten(_not_written(e, state, summary["steps"])) from e
+            if not told:
+                mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+                print(f"warning: {e}; the trained model (step {summary['steps']}) is held in memory: free at least "
+                      f"{max(mb, 0.1):.1f} MB in {out.parent}; retrying every {WRITE_RETRY_EVERY_S:.0f} s for "
+                      f"{WRITE_RETRY_S / 60:.0f} min (Ctrl-C gives up)", file=sys.stderr, flush=True)  # fmt: skip
+                told = True
+            try:
+                time.sleep(WRITE_RETRY_EVERY_S)
+            except KeyboardInterrupt:
+                raise NotWritten(_not_written(e, state, summary["steps"])) from e
     shutil.rmtree(state, ignore_errors=True)  # the outputs are complete: nothing left to resume
+
+
+def _not_written(error: OSError, state: Path, steps: int) -> str:
+    """The message when the outputs could not be written: the step the kept state really holds, if any."""
+    kept = checkpoint.saved_step(state)
+    if kept == steps:
+        return (f"{error}. The trained model is kept in {state} (step {steps}): run the stage again once the "
+                "problem is fixed; it resumes there and only writes the outputs")  # fmt: skip
+    if kept is not None:
+        return (f"{error}. Saving the final state failed too: {state} holds step {kept} of {steps}. Run the stage "
+                f"again once the problem is fixed: it resumes at step {kept} and trains steps {kept + 1}-{steps} "
+                "again, to the same result")  # fmt: skip
+    return f"{error}. No training state could be saved: run the stage again once the problem is fixed (from step 0)"
 
 
 class NotWritten(RuntimeError):

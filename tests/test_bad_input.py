@@ -526,6 +526,7 @@ def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, cap
     train_run("ref", run, tok, models / "ref", tmp_path / "ref.csv", progress=False)
 
     _full_disk_on(monkeypatch, "/.m.")  # the outputs' temp folder (.m.<random>.tmp), not the state
+    monkeypatch.setattr("lm.train_run.WRITE_RETRY_S", 0.0)  # give up at once (the retry has its own test)
     with pytest.raises(NotWritten) as e:
         train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
     state = models / ".m.resume"
@@ -540,6 +541,71 @@ def test_full_disk_at_the_end_keeps_the_trained_model(tmp_path, monkeypatch, cap
     assert f"resuming from {state} at step 30/30" in capsys.readouterr().err
     assert (models / "m" / "model.safetensors").read_bytes() == (models / "ref" / "model.safetensors").read_bytes()
     assert not state.exists()
+
+
+def test_full_disk_at_the_final_save_names_the_step_really_kept(tmp_path, monkeypatch, capsys, one_thread):
+    """The disk fills after the step-10 save: the saves at 20 and 30 and the outputs fail. The message used to
+    say "kept in .m.resume (step 30)" while the state there was step 10: it names step 10, says the final save
+    failed, and the rerun resumes there and ends bit-identical to a run that never failed."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lm.train_run import NotWritten, train_run
+
+    tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
+    run, models = _tiny_run(10), tmp_path / "models"
+    train_run("ref", run, tok, models / "ref", tmp_path / "ref.csv", progress=False)
+    real, saves = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, *a, **k):
+        if ".m." in str(filename):  # run m's state (..m.resume.<random>.tmp) and outputs (.m.<random>.tmp)
+            saves.append(filename)
+            if len(saves) > 1:  # the first state save (step 10) fits, then the disk is full
+                raise SafetensorError(SAFETENSORS_ENOSPC)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr("lm.train_run.WRITE_RETRY_S", 0.0)
+    with pytest.raises(NotWritten) as e:
+        train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
+    state = models / ".m.resume"
+    assert f"Saving the final state failed too: {state} holds step 10 of 30" in str(e.value)
+    assert "it resumes at step 10 and trains steps 11-30 again" in str(e.value) and "(step 30)" not in str(e.value)
+    monkeypatch.undo()
+    capsys.readouterr()
+    train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
+    assert f"resuming from {state} at step 10/30" in capsys.readouterr().err
+    assert (models / "m" / "model.safetensors").read_bytes() == (models / "ref" / "model.safetensors").read_bytes()
+
+
+def test_full_disk_at_the_end_is_retried_with_the_model_held_in_memory(tmp_path, monkeypatch, capsys, one_thread):
+    """The outputs cannot be written at first: one warning says what to free, the model is held in memory and
+    the write retried; once space is free the outputs appear, equal to a run that never failed."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lm.train_run import train_run
+
+    tok = tokenized(tmp_path, "to be or not to be, that is the question " * 20, "to see the tea " * 10)
+    run, models = _tiny_run(0), tmp_path / "models"
+    train_run("ref", run, tok, models / "ref", tmp_path / "ref.csv", progress=False)
+    real, failures = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, *a, **k):
+        if "/.m." in str(filename) and len(failures) < 3:  # three attempts fail, then space is freed
+            failures.append(filename)
+            raise SafetensorError(SAFETENSORS_ENOSPC)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr("lm.train_run.WRITE_RETRY_EVERY_S", 0.01)
+    capsys.readouterr()
+    train_run("m", run, tok, models / "m", tmp_path / "m.csv", progress=False)
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "the trained model (step 30) is held in memory: free at least" in warnings[0]
+    assert f"MB in {models}; retrying every" in warnings[0] and len(failures) == 3
+    assert (models / "m" / "model.safetensors").read_bytes() == (models / "ref" / "model.safetensors").read_bytes()
+    assert not (models / ".m.resume").exists()
 
 
 def test_full_disk_during_a_periodic_save_is_a_warning(tmp_path, monkeypatch, capsys, one_thread):
