@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -375,8 +376,28 @@ def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {**group.tags, "lm.study_run": group.key, "lm.role": STUDY_ROLE}
+    tags = {**group.tags, "lm.study_run": group.key, "lm.role": STUDY_ROLE, "lm.host": socket.gethostname()}
     return client.create_run(experiment_id, run_name=group.name, tags=tags).info.run_id
+
+
+INVOCATION = re.compile(r":(\d+):(\d+\.\d{3})$")
+"""The end of a parent's ``lm.study_run`` key for a `dvc repro` / `dvc exp run`: the dvc process's pid and start."""
+
+
+def _end_orphan_parents(client: Any, experiment_id: str, own: Group | None) -> None:
+    """Mark KILLED the RUNNING parent runs of this machine whose `dvc` process is gone (kill -9 of a stage or of
+    dvc leaves them RUNNING: each stage ends the parent as it ends, and the killed one never did)."""
+    found = client.search_runs(
+        [experiment_id], f"tags.`lm.role` = '{STUDY_ROLE}' and attributes.status = 'RUNNING'", max_results=50
+    )
+    for run in found:
+        t = run.data.tags
+        key = t.get("lm.study_run", "")
+        m = INVOCATION.search(key)
+        if m and t.get("lm.host") == socket.gethostname() and (own is None or key != own.key):
+            if not _alive(m[1], m[2]):
+                client.set_tag(run.info.run_id, "lm.ended_by", "the next stage run (its dvc process was gone)")
+                client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _process_tags() -> dict[str, str]:
@@ -448,6 +469,7 @@ def open_run(
 
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, cfg.experiment, artifact_root, experiment_description)
+        _end_orphan_parents(client, experiment_id, group)
         parent_id = _parent_run(client, experiment_id, group) if group else None
         run_id = _create_run(client, experiment_id, name, tags, group, parent_id, description)
     except TrackingError as e:

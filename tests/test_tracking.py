@@ -120,6 +120,42 @@ def test_unreachable_server_fails_fast_or_warns(unused_port: int):
     assert time.perf_counter() - t0 < 5
 
 
+def test_a_parent_run_whose_dvc_process_is_gone_is_ended_by_the_next_stage_run(tmp_path):
+    """kill -9 of a trainer (or of dvc) left the parent `repro ...` run RUNNING (11 after six kills): the next
+    stage run marks KILLED each RUNNING parent of this machine whose dvc process is gone, and no other."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from lm.tracking import Group
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_start = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    me = psutil.Process()
+    cfg = TrackingConfig(experiment="orphans")
+    dead = Group(f"dvc:{gone.pid}:{gone_start:.3f}", "repro (killed)")
+    alive = Group(f"dvc:{me.pid}:{me.create_time():.3f}", "repro (still running)")
+    user = Group("env:mine", "a group of the user's (LM_STUDY_RUN): no process to check")
+    for group in (alive, user, dead):  # each open_run sweeps first: the dead parent is made last
+        open_run(cfg, uri, f"x (train) {group.name}", params={}, tags={}, group=group, artifact_root=tmp_path, echo=str)
+    # No stage ended: the three parents are RUNNING, as a kill -9 leaves them.
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orphans").experiment_id
+
+    def parents():
+        found = client.search_runs([exp], "tags.`lm.role` = 'study'")
+        return {r.info.run_name: (r.info.status, r.data.tags.get("lm.ended_by")) for r in found}
+
+    assert {s for s, _ in parents().values()} == {"RUNNING"}
+    open_run(cfg, uri, "y (train)", params={}, tags={}, group=alive, artifact_root=tmp_path, echo=str)
+    assert parents() == {
+        "repro (killed)": ("KILLED", "the next stage run (its dvc process was gone)"),
+        "repro (still running)": ("RUNNING", None),
+        "a group of the user's (LM_STUDY_RUN): no process to check": ("RUNNING", None),
+    }
+
+
 def test_git_state_names_every_changed_input(tmp_path):
     """Unstaged (' M'), staged ('M '), new and untracked inputs all count, each named whole; outputs do not."""
     from lm.provenance import git_state
