@@ -183,6 +183,7 @@ class Tracker(NullTracker):
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
         self.failed: str | None = None
+        self._monitor: Any = None
         """The first failure's message, once a call has failed (nothing is logged after it)."""
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, fatal: bool = False, **kwargs: Any) -> None:
@@ -199,6 +200,13 @@ class Tracker(NullTracker):
             self.failed = message
             again = f"; log it again later with: {self.relog}" if self.relog else ""
             self.warn(f"{message}; the rest of this run is not logged (the stage's outputs are not affected){again}")
+            # Said once: MLflow's own threads (system metrics) would repeat it with a traceback per sample.
+            for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "mlflow"] + ["mlflow"]:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            if self._monitor is not None:
+                with contextlib.suppress(Exception):
+                    self._monitor.finish()
+                self._monitor = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -253,15 +261,17 @@ class Tracker(NullTracker):
 
             monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, tracking_uri=self.uri)
             monitor.start()
+            self._monitor = monitor
         except Exception as e:  # noqa: BLE001 (an optional view: never a reason to stop the stage)
             self.warn(f"MLflow system metrics are off for this run: {' '.join(str(e).split())[:200]}")
             monitor = None
         try:
             yield
         finally:
-            if monitor is not None:
+            if self._monitor is not None:  # not stopped already by a failure
                 with contextlib.suppress(Exception):
-                    monitor.finish()
+                    self._monitor.finish()
+                self._monitor = None
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file (as `name`, default its own name) or a directory's files under `artifact_path`. Fixed names
@@ -480,6 +490,9 @@ def open_run(
             f"store is reachable and writable"
         )
     else:
+        # A store error reaches the stage as an exception, which it reports in one line: MLflow's logging of the
+        # same error (a ~90-line SQLAlchemy traceback each time) would bury that line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog, experiment_id)
         params_batch = [Param(k, v) for k, v in params.items()]
         tracker._call("log params", client.log_batch, run_id, params=params_batch, fatal=cfg.required)

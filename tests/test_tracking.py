@@ -156,6 +156,32 @@ def test_a_parent_run_whose_dvc_process_is_gone_is_ended_by_the_next_stage_run(t
     }
 
 
+@pytest.mark.parametrize("how", ["deleted", "garbled"])  # (read-only: root writes it anyway)
+def test_a_store_that_fails_mid_run_is_one_warning_not_pages_of_tracebacks(tmp_path, how):
+    """mlflow.db deleted or made unwritable mid-run printed ~190 lines of SQLAlchemy tracebacks (MLflow's store
+    logger, then its system-metrics thread, every sample) around the project's one-line warning."""
+    script = f"""
+import os, sys, time
+from pathlib import Path
+from lm.config import TrackingConfig
+from lm.tracking import open_run
+db = Path.cwd() / "mlflow.db"
+t = open_run(TrackingConfig(experiment="e"), f"sqlite:///{{db}}", "x (train)", params={{}}, tags={{}},
+             artifact_root=Path.cwd(), echo=str, warn=lambda s: print("WARN:", s, file=sys.stderr))
+with t, t.system_metrics(sampling_interval=0.3):
+    t.log_metrics({{"a": 1.0}}, step=1); t.flush()
+    os.remove(db) if {how!r} == "deleted" else db.write_bytes(b"not a database" * 1000)
+    for i in range(3):
+        t.log_metrics({{"a": 1.0}}, step=i + 2); t.flush(); time.sleep(0.5)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "Creating initial MLflow database" not in x and "Updating" not in x]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("WARN: MLflow tracking at sqlite:") and "failed to" in lines[0]
+
+
 def test_git_state_names_every_changed_input(tmp_path):
     """Unstaged (' M'), staged ('M '), new and untracked inputs all count, each named whole; outputs do not."""
     from lm.provenance import git_state
