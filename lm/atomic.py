@@ -88,6 +88,15 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         raise
 
 
+def publish(src: Path, dst: Path) -> None:
+    """Move a finished file or folder `src` onto `dst` in one rename (replacing the previous `dst`, which is put
+    back if the rename fails), with the modes of plain outputs."""
+    src = Path(src)
+    for p in [src, *src.rglob("*")] if src.is_dir() else [src]:
+        os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
+    _replace(src, Path(dst))
+
+
 def _replace(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`, replacing an existing `dst` (os.replace cannot replace a non-empty dir).
 

@@ -130,16 +130,18 @@ def _check_header(ckpt_dir: Path, run: RunConfig, vocab_size: int) -> int:
     problems = []
     for shape, names in groups.values():
         held = [n for n in names if n in stored]
+        # A tensor built empty is sized by the data it holds (a counted n-gram's table): its rank must match.
+        sized_by_data = 0 in shape and len(shape) == len(stored[held[0]]) if held else False
         if not held:
             problems.append(f"{names[0]} {shape} is missing")
-        elif stored[held[0]] != shape:
+        elif stored[held[0]] != shape and not sized_by_data:
             problems.append(f"{held[0]} is {stored[held[0]]} in {WEIGHTS} but {shape} by config.json")
     known = {n for _, names in groups.values() for n in names}
     problems += [f"{WEIGHTS} holds {n}, which config.json does not build" for n in sorted(stored.keys() - known)]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"{ckpt_dir} does not match its config.json: {problems[0]}{more}: re-run the train stage")
-    return sum(math.prod(shape) for shape, _ in groups.values())
+    return sum(math.prod(stored[next(n for n in names if n in stored)]) for _, names in groups.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     from lm.report import write_report
 
     with tracked:
-        table = write_report(cfg, args.metrics, args.curves, args.inside, args.models, args.samples, args.out)
+        try:
+            table = write_report(cfg, args.metrics, args.curves, args.inside, args.models, args.samples, args.out)
+        except OSError as e:  # an OutputError: the previous report is unchanged
+            fail(f"report: {e}")
         tracked.log_metrics({"runs": len(table)})
         made = {"report": args.out / "README.md", "runs": args.out / "runs.csv", "figures": args.out / "figures"}
         for path in made.values():  # not the rest of --out

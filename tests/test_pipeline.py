@@ -165,3 +165,44 @@ def test_broken_params_fail_before_any_work(project: Path):
         assert "corpora.names.format: got 'verse'" in r.stderr
     finally:
         params_path.write_text(original)
+
+
+def test_a_full_disk_while_writing_the_report_leaves_the_previous_report_whole(project, tmp_path, monkeypatch, capsys):
+    """The disk fills at the third figure: a 40-line PIL traceback used to end the stage with three new figures
+    beside the old README.md and runs.csv. The report is made whole aside, so the previous one is untouched, no
+    temporary folder is left, and the stage says `cannot write reports` in one line."""
+    import errno
+
+    import matplotlib.figure
+
+    import stages.report
+
+    reports = project / "reports"
+    before = {p.relative_to(reports): p.read_bytes() for p in sorted(reports.rglob("*")) if p.is_file()}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the runs' order is the report's
+    real, drawn = matplotlib.figure.Figure.savefig, []
+
+    def savefig(self, *a, **k):
+        drawn.append(a[0])
+        if len(drawn) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    monkeypatch.chdir(project)
+    args = ["--metrics", "metrics", "--curves", "curves", "--inside", "inside", "--models", "models", "--samples",
+            "samples", "--out", "reports", "--params", str(tmp_path / "p.yaml")]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        stages.report.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: report: cannot write reports: No space left on device; free disk space and rerun")
+    after = {p.relative_to(reports): p.read_bytes() for p in sorted(reports.rglob("*")) if p.is_file()}
+    assert after == before and not list(reports.glob(".report.*"))
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    stages.report.main(args)  # space freed: the same report again, byte for byte
+    assert {p.relative_to(reports): p.read_bytes() for p in sorted(reports.rglob("*")) if p.is_file()} == before

@@ -7,14 +7,19 @@ computes no model: ``tables`` builds the tables, ``figures`` and ``inside`` draw
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from lm.atomic import atomic_write_text, write_json
+from lm.atomic import OutputError, atomic_write_text, publish, write_json
 from lm.config import StudyConfig
 from lm.machine import describe
 from lm.report import figures, inside, markdown, tables
+
+OUTPUTS = ("figures", "README.md", "runs.csv", "machine.json")
+"""What the report stage writes into its folder (the rest of reports/ is not its own)."""
 
 
 def write_report(
@@ -29,8 +34,29 @@ def write_report(
     """Write out_dir/README.md, out_dir/runs.csv, out_dir/figures/*.png and out_dir/machine.json (this machine's
     record); return the run table.
 
-    `models_dir` is read for the training-health records only (models/<run>/health.json)."""
+    The report is made whole in a temporary folder inside `out_dir`, then each output replaces its previous
+    version: a failure (a full disk) leaves the previous report as it was, never half new, and raises OutputError
+    naming `out_dir`. `models_dir` is read for the training-health records only (models/<run>/health.json)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=out_dir))
+    except OSError as e:
+        raise OutputError(out_dir, e) from e
+    try:
+        table = _write(study, metrics_dir, curves_dir, inside_dir, models_dir, samples_dir, staging)
+        for name in OUTPUTS:
+            publish(staging / name, out_dir / name)
+    except OSError as e:
+        raise OutputError(out_dir, e) from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return table
+
+
+def _write(study: StudyConfig, metrics_dir: Path, curves_dir: Path, inside_dir: Path, models_dir: Path,
+           samples_dir: Path, out_dir: Path) -> pd.DataFrame:  # fmt: skip
     fig_dir = out_dir / "figures"
+    fig_dir.mkdir()
     table = tables.run_table(study, metrics_dir)
     figures.plot_loss_curves(study, curves_dir, table, fig_dir / "loss_curves.png")
     figures.plot_bpc_vs_params(study, table, fig_dir / "bpc_vs_params.png")
