@@ -27,9 +27,21 @@ def study(path: str) -> StudyConfig:
         cfg = load_params(path)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
+        if (stage := os.environ.get("DVC_STAGE")) and stage != "check":
+            print(removed_outputs_note(stage), file=sys.stderr)
         raise SystemExit(2) from None
     stop_with_dvc()
     return cfg
+
+
+def removed_outputs_note(stage: str) -> str:
+    """What a stage run by DVC says when it stops before any work: DVC removed the stage's outputs before running
+    it (it always does), and how to have them back."""
+    return (
+        f"note: DVC removed the outputs of {stage} before running it. Once the params are fixed, `dvc repro` makes "
+        f"them again; to have the previous ones back now: `dvc checkout {stage}` (its cached outputs, e.g. models/) "
+        "and `git checkout -- PATH` for each committed one `git status` lists as deleted (curves/, metrics/, ...)"
+    )
 
 
 def entry(section: Mapping[str, Any], name: str, what: str, params: str) -> Any:

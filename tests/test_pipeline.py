@@ -206,3 +206,41 @@ def test_a_full_disk_while_writing_the_report_leaves_the_previous_report_whole(p
     monkeypatch.chdir(project)
     stages.report.main(args)  # space freed: the same report again, byte for byte
     assert {p.relative_to(reports): p.read_bytes() for p in sorted(reports.rglob("*")) if p.is_file()} == before
+
+
+def test_bad_params_stop_dvc_repro_before_it_removes_any_output(project):
+    """Plain `dvc repro` with a run naming a missing tokenizer: DVC removed the trained model and the committed
+    curve before the stage found the problem. The check stage, upstream of every stage, stops it first."""
+    params = project / "params.yaml"
+    good = params.read_text()
+    run = "names-bigram_nn"
+    model, curve = project / "models" / run, project / "curves" / f"{run}.csv"
+    before = {p.name: p.read_bytes() for p in model.iterdir()} | {curve.name: curve.read_bytes()}
+    bad = yaml.safe_load(good)
+    bad["runs"][run]["tokenizer"] = "names-chr"
+    try:
+        params.write_text(yaml.safe_dump(bad, sort_keys=False))
+        r = sh(project, "dvc", "repro", f"train@{run}", check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "Running stage 'check'" in out and f"train@{run}'" not in out, out
+        assert f"runs.{run}.tokenizer: got 'names-chr'" in out, out
+    finally:
+        params.write_text(good)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} | {curve.name: curve.read_bytes()} == before
+
+
+def test_a_stage_stopped_by_its_params_check_says_what_dvc_removed(tmp_path, monkeypatch, capsys):
+    """Run alone (`dvc repro --single-item`), a stage that stops on a bad params file says that DVC removed its
+    outputs first, and how to have them back."""
+    import stages.train
+
+    params = tiny_params()
+    params["runs"]["names-bigram_nn"].setdefault("train", {})["lr"] = -1
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("DVC_STAGE", "train@names-bigram_nn")
+    with pytest.raises(SystemExit) as e:
+        stages.train.main(["names-bigram_nn", "--tokenizer", "t", "--out", "m", "--curve", "c", "--params",
+                           str(tmp_path / "p.yaml")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "note: DVC removed the outputs of train@names-bigram_nn before running it" in err
+    assert "`dvc checkout train@names-bigram_nn`" in err and "`git checkout -- PATH`" in err
