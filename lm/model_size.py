@@ -32,8 +32,10 @@ not included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,9 +258,29 @@ def count(model: torch.nn.Module) -> Counts:
     return Counts(components, [blocks[i] for i in sorted(blocks)])
 
 
+INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "xavier_uniform_",
+                  "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")  # fmt: skip
+"""torch.nn.init's in-place initialisers: skipped while a model is built on the meta device (:func:`build_meta`)."""
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's initialisers as no-ops. On the meta device there are no values to fill, and ``normal_`` has
+    no C++ meta kernel: its Python reference loads on first use in about a second, which every stage that checks
+    a model's size would pay."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def build_meta(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
     """Build the model on the meta device: parameters have shapes but no storage (no memory, no init cost)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         return build_model(cfg, vocab_size)
 
 
