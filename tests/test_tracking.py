@@ -521,7 +521,7 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
         env={"MLFLOW_TRACKING_URI": None},
     ).stdout  # type: ignore[dict-item]
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["evaluate@names-bigram_nn", "report", "train@names-bigram_nn"], out
+    assert ran == ["check", "evaluate@names-bigram_nn", "report", "train@names-bigram_nn"], out  # check: untracked
     exp_name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)  # type: ignore[union-attr]
 
     from mlflow.tracking import MlflowClient
