@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         problems.append("--repeats and --threads must be at least 1")
     if not runs or problems:
         ap.error("; ".join(problems) or "no run to train")
-    others = {json.loads(p.read_text())["machine"]["cpu"] or p.stem: json.loads(p.read_text()) for p in args.compare}
+    loaded = [(p, json.loads(p.read_text())) for p in args.compare]
+    others = {other["machine"]["cpu"] or p.stem: other for p, other in loaded}
     results = []
     for s in args.settings:
         for name in runs:

@@ -71,15 +71,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private (0700)
         yield tmp
-        for p in tmp.rglob("*"):  # durable before the rename publishes it, with the modes of plain outputs
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                # Writers that go through their own temp file (safetensors' save_file) leave it private (0600).
-                os.chmod(p, FILE_MODE)
-            elif p.is_dir():
-                os.chmod(p, DIR_MODE)
-        _replace(tmp, out)
+        publish(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(out, e) from e
@@ -90,9 +82,13 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
 def publish(src: Path, dst: Path) -> None:
     """Move a finished file or folder `src` onto `dst` in one rename (replacing the previous `dst`, which is put
-    back if the rename fails), with the modes of plain outputs."""
+    back if the rename fails): durable first, and with the modes of plain outputs (writers that go through their
+    own temp file, as safetensors' save_file does, leave it private: 0600)."""
     src = Path(src)
     for p in [src, *src.rglob("*")] if src.is_dir() else [src]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
     _replace(src, Path(dst))
 

@@ -127,21 +127,22 @@ def _check_header(ckpt_dir: Path, run: RunConfig, vocab_size: int) -> int:
     groups: dict[int, tuple[list[int], list[str]]] = {}
     for name, t in build_meta(run.model, vocab_size).state_dict(keep_vars=True).items():
         groups.setdefault(id(t), (list(t.shape), []))[1].append(name)
-    problems = []
+    problems, params = [], 0
     for shape, names in groups.values():
-        held = [n for n in names if n in stored]
-        # A tensor built empty is sized by the data it holds (a counted n-gram's table): its rank must match.
-        sized_by_data = 0 in shape and len(shape) == len(stored[held[0]]) if held else False
-        if not held:
+        held = next((stored[n] for n in names if n in stored), None)
+        if held is None:
             problems.append(f"{names[0]} {shape} is missing")
-        elif stored[held[0]] != shape and not sized_by_data:
-            problems.append(f"{held[0]} is {stored[held[0]]} in {WEIGHTS} but {shape} by config.json")
+            continue
+        params += math.prod(held)
+        # A tensor built empty is sized by the data it holds (a counted n-gram's table): only its rank must match.
+        if held != shape and not (0 in shape and len(held) == len(shape)):
+            problems.append(f"{names[0]} is {held} in {WEIGHTS} but {shape} by config.json")
     known = {n for _, names in groups.values() for n in names}
     problems += [f"{WEIGHTS} holds {n}, which config.json does not build" for n in sorted(stored.keys() - known)]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"{ckpt_dir} does not match its config.json: {problems[0]}{more}: re-run the train stage")
-    return sum(math.prod(stored[next(n for n in names if n in stored)]) for _, names in groups.values())
+    return params
 
 
 # ----------------------------------------------------------------------------------------------

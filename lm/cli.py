@@ -63,7 +63,7 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
 
 def _check_params(args: argparse.Namespace) -> int:
     from lm.config import ParamsError, load_params
-    from lm.memory import study_problems
+    from lm.memory import study_error, study_problems
 
     try:
         study = load_params(args.file)
@@ -71,9 +71,7 @@ def _check_params(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if problems := study_problems(study, args.tokenizers_dir):
-        head = f"error: {args.file}: {len(problems)} run(s) cannot be trained in this machine's memory:"
-        print("\n  ".join([head, *problems]), file=sys.stderr)
-        return 2
+        return _error(study_error(args.file, problems), 2)
     print(f"{args.file}: ok ({len(study.corpora)} corpora, {len(study.tokenizers)} tokenizers, {len(study.runs)} runs)")
     return 0
 

@@ -97,10 +97,9 @@ def check(need: Need, what: str, fix: str, free: int | None = None) -> None:
 def count_params(cfg, vocab_size: int) -> int:
     """Parameters of model config `cfg` at `vocab_size`, counted on the meta device (nothing allocated; a tied
     tensor once)."""
-    from lm.model_size import build_meta
+    from lm.model_size import build_meta, count
 
-    model = build_meta(cfg, vocab_size)
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return count(build_meta(cfg, vocab_size)).total
 
 
 def check_training(run, vocab_size: int, device=None, free: int | None = None) -> None:
@@ -122,7 +121,7 @@ def study_problems(study, tokenizers_dir: Path, free: int | None = None) -> list
     import json
 
     free = available() if free is None else free
-    if free is None or os.environ.get("LM_MEMORY_CHECK", "") == "off":
+    if free is None:
         return []
     problems = []
     for name, run in study.runs.items():
@@ -136,3 +135,9 @@ def study_problems(study, tokenizers_dir: Path, free: int | None = None) -> list
         except TooBig as e:
             problems.append(f"runs.{name}: {e}")
     return problems
+
+
+def study_error(params_file: object, problems: list[str]) -> str:
+    """The one error `lm check-params` and the check stage give for the runs :func:`study_problems` names."""
+    head = f"{params_file}: {len(problems)} run(s) cannot be trained in this machine's memory:"
+    return "\n  ".join([head, *problems])

@@ -24,11 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = study(args.params)  # one line per problem, exit 2
 
     from lm.atomic import atomic_write_text
-    from lm.memory import study_problems
+    from lm.memory import study_error, study_problems
 
     if problems := study_problems(cfg, args.tokenizers):
-        fail(f"{args.params}: {len(problems)} run(s) cannot be trained in this machine's memory:\n  "
-             + "\n  ".join(problems), 2)  # fmt: skip
+        fail(study_error(args.params, problems), 2)
     try:
         atomic_write_text(args.out, "ok\n")
     except OSError as e:

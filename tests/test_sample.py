@@ -215,19 +215,14 @@ def runs(tmp_path_factory, mirror: Path) -> Path:
     return root
 
 
+def where(runs: Path) -> list[str]:
+    """`lm sample`'s arguments that point at the tiny runs (and at a params file that does not exist)."""
+    return ["--models-dir", str(runs / "models"), "--tokenizers-dir", str(runs / "tokenizers"), "--params",
+            str(runs / "absent.yaml")]  # fmt: skip
+
+
 def lm_sample(runs: Path, capsys, *args: str) -> tuple[int, str, str]:
-    code = main(
-        [
-            "sample",
-            *args,
-            "--models-dir",
-            str(runs / "models"),
-            "--tokenizers-dir",
-            str(runs / "tokenizers"),
-            "--params",
-            str(runs / "absent.yaml"),
-        ]
-    )
+    code = main(["sample", *args, *where(runs)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -330,21 +325,7 @@ def test_ctrl_c_while_sampling_keeps_the_text_and_ends_in_one_line(runs):
     import sys
     import time
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm.cli",
-        "sample",
-        "char-gpt",
-        "--max-new-tokens",
-        "1000000000",
-        "--models-dir",
-        str(runs / "models"),
-        "--tokenizers-dir",
-        str(runs / "tokenizers"),
-        "--params",
-        str(runs / "absent.yaml"),
-    ]
+    cmd = [sys.executable, "-m", "lm.cli", "sample", "char-gpt", "--max-new-tokens", "1000000000", *where(runs)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     first = proc.stdout.read(50)  # streamed: 50 characters are out before the sampling ends
