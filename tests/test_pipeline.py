@@ -245,3 +245,19 @@ def test_a_stage_stopped_by_its_params_check_says_what_dvc_removed(tmp_path, mon
     err = capsys.readouterr().err
     assert e.value.code == 2 and "note: DVC removed the outputs of train@names-bigram_nn before running it" in err
     assert "`dvc checkout train@names-bigram_nn`" in err and "`git checkout -- PATH`" in err
+
+
+def test_a_stage_exits_without_a_last_garbage_collection(tmp_path, repo_root):
+    """Every stage freezes the garbage collector at exit (stages.common.study), so Python's exit skips its last
+    collections over torch's, MLflow's and SQLAlchemy's objects; a handler registered before the stage's runs
+    after that one and sees the frozen objects."""
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from stages.common import study\n"
+        f"study({str(tmp_path / 'p.yaml')!r})\n"
+        "print('frozen before exit:', gc.get_freeze_count() > 0)\n"
+    )
+    out = sh(repo_root, sys.executable, "-c", code).stdout
+    assert "frozen before exit: False" in out and "frozen at exit: True" in out
