@@ -1,9 +1,9 @@
 """Where a result comes from: the code a stage runs, the md5 DVC records of its inputs and outputs, and the git state.
 
 - The project files a module imports, directly or transitively, imports inside functions included (read from the
-  source with ast, nothing is imported), and a digest of them: `tests/test_dvc_deps.py` checks that every stage of
-  dvc.yaml depends on exactly these files, and the train stage's resume fingerprint includes their digest, so a
-  state saved by other code is never resumed.
+  source with ast, nothing is imported), and a digest of them: the check stage writes it per stage module
+  (code/<module>.txt), every stage of dvc.yaml depends on its module's (`tests/test_dvc_deps.py` checks it), and
+  the train stage's resume fingerprint includes it, so a state saved by other code is never resumed.
 - DVC 3's md5 of a file or folder (what dvc.lock records) and the git commit and dirty state: the lineage tags of
   every stage's MLflow run (stages/mlflow_run.py).
 """
@@ -101,6 +101,18 @@ def code_deps(module: str, root: Path = ROOT) -> set[str]:
 def code_digests(module: str, root: Path = ROOT) -> dict[str, str]:
     """sha256 of every file `module` depends on (:func:`code_deps`), by relative path."""
     return {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in sorted(code_deps(module, root))}
+
+
+def code_manifest(module: str, root: Path = ROOT) -> str:
+    """:func:`code_digests` as `sha256sum` writes them (`sha256sum -c` checks the files against it): the file each
+    stage of dvc.yaml depends on in place of its code files, so dvc.lock records one line per stage, not one per
+    file (DVC rewrites the whole lock file after every stage)."""
+    return "".join(f"{digest}  {file}\n" for file, digest in code_digests(module, root).items())
+
+
+def manifest_module(path: Path | str) -> str:
+    """The stage module a code manifest is named after: code/stages.train.txt → stages.train."""
+    return Path(path).name.removesuffix(".txt")
 
 
 # ----------------------------------------------------------------------------------------------

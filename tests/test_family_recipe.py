@@ -152,6 +152,7 @@ def test_dvc_repro_trains_a_family_added_by_the_recipe(repo_root: Path, tmp_path
         "head": 8 * 27 + 27,
     }
     assert math.log(27) - 0.5 < metrics["val/loss"] < math.log(27) + 0.1  # 20 steps: it learnt a little
-    assert "lm/models" in (project / "dvc.lock").read_text()  # the new file is inside the stage's code dep
+    for module in ("stages.train", "stages.evaluate"):  # the check stage put the new file in their code manifests
+        assert "  lm/models/bag.py\n" in (project / "code" / f"{module}.txt").read_text()
     r = subprocess.run(["git", "diff", "--stat", "--", "lm", "stages", "dvc.yaml"], cwd=project, capture_output=True)
     assert r.stdout.decode().count("|") == 1  # lm/families.py only (lm/models/bag.py is new)
