@@ -475,3 +475,24 @@ def test_bench_bitwise_refuses_bad_input_before_training(tmp_path, capsys):
         bitwise.main([*args, "nope", "--compare", str(tmp_path / "missing.json")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "'nope' is not a run of" in err and "missing.json: not found" in err
+
+
+def test_bench_stage_cost_times_every_part_of_a_stage_s_fixed_cost(tmp_path, capsys):
+    """One row per part, each a number of seconds (their size is a figure, not asserted), the lock rewrite of the
+    file given; a bad --repeats is refused before anything runs."""
+    import re
+
+    from bench import stage_cost
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  check:\n    cmd: python -m stages.check --out params.ok\n")
+    stage_cost.main(["--repeats", "1", "--lock", str(lock)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    parts = [row.split(" | ")[0][2:] for row in rows[1:]]
+    assert parts == ["python", "import torch", "import mlflow", "open the store (after import mlflow)",
+                     "exit, with Python's last garbage collection", "exit, gc.freeze at exit (what stages do)",
+                     "dvc.lock rewrite (0 KB)"]  # fmt: skip
+    assert all(re.fullmatch(r"\| .+ \| -?\d+\.\d\d \|", row) for row in rows[1:]), rows
+    with pytest.raises(SystemExit):
+        stage_cost.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
