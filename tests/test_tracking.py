@@ -551,3 +551,57 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
     # Artifacts went to the project too, not into the deleted temp copy.
     artifacts = Path(urllib.parse.urlparse(new.info.artifact_uri).path)
     assert artifacts.is_relative_to(project / "mlartifacts") and (artifacts / "checkpoint" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/mlflow.md's examples, run as written: they cannot go stale
+
+
+def doc_blocks(repo_root: Path, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", (repo_root / "docs" / "mlflow.md").read_text(), re.S)
+
+
+@pytest.mark.slow
+def test_the_mlflow_docs_python_example_answers_from_the_real_store(project: Path, server: Rest, repo_root: Path):
+    """The Python block, as written but for its store and experiment (this module's), lists evaluate runs only,
+    with their family, best val/bpc first, and the val/bpc of each is its metrics file's."""
+    (code,) = doc_blocks(repo_root, "python")
+    store, experiment = 'mlflow.set_tracking_uri("sqlite:///mlflow.db")', 'experiment_names=["lm-ladder"]'
+    assert store in code and experiment in code, "the docs' example changed: update the swaps below"
+    code = code.replace(store, f"mlflow.set_tracking_uri({server.url!r})")
+    code = code.replace(experiment, f"experiment_names=[{EXPERIMENT!r}]")
+    out = sh(project, sys.executable, "-c", code).stdout.splitlines()
+    assert out[0].split() == ["tags.mlflow.runName", "tags.family", "metrics.val/bpc"], out
+    rows = [line.split() for line in out[1:]]
+    assert rows and all(r[2] == "(evaluate)" for r in rows), out
+    bpc = [float(r[-1]) for r in rows]
+    assert bpc == sorted(bpc)
+    for run, family in (("names-bigram_nn", "bigram_nn"), ("oz-gpt-bpe512", "gpt")):
+        metrics = json.loads((project / "metrics" / f"{run}.json").read_text())
+        assert any(r[1] == run and r[3] == family and float(r[-1]) == pytest.approx(metrics["val/bpc"], abs=1e-6)
+                   for r in rows), (run, out)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_mlflow_docs_fail_fast_example_prints_what_it_shows(project: Path, repo_root: Path, unused_port: int):
+    """The console block's command, run in this module's project (a free port for 5999, a run of it for
+    names-mlp), prints every line the docs show."""
+    (block,) = doc_blocks(repo_root, "console")
+    command, *shown = block.strip().splitlines()
+    swap = {"5999": str(unused_port), "names-mlp": "names-bigram_nn"}
+    for old, new in swap.items():
+        command, shown = command.replace(old, new), [line.replace(old, new) for line in shown]
+    words = command.removeprefix("$ ").split()
+    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    argv = [w for w in words if w.split("=", 1)[0] not in env]
+    assert argv[:2] == ["dvc", "repro"], command
+    try:
+        r = sh(project, *argv, env=env, check=False)
+        assert r.returncode != 0
+        printed = (r.stdout + r.stderr).splitlines()
+        assert [line for line in shown if line not in printed] == [], printed
+    finally:
+        # DVC removed the stage's outputs before running it: the model from its cache, the curve from git.
+        sh(project, "dvc", "checkout", "train@names-bigram_nn")
+        sh(project, "git", "checkout", "--", "curves")
+        assert "Data and pipelines are up to date" in sh(project, "dvc", "status").stdout
