@@ -195,6 +195,8 @@ def _context(prompt: str, run, tokenizer, stats: dict) -> list[int] | str:
 def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: dict, context: list[int]):
     """Write --num-samples samples to stdout as they are drawn; return the tokens drawn, the seconds taken and
     whether Ctrl-C stopped it (what was drawn by then is written, ended with a newline)."""
+    import signal
+
     import torch
 
     from lm.generate import PASSAGE_SEPARATOR, TextStream, stream
@@ -202,7 +204,12 @@ def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: d
     lines, boundary = stats["format"] == "lines", stats.get("boundary_id")
     g = torch.Generator().manual_seed(args.seed)
     out = sys.stdout
-    total, t0, text = 0, time.perf_counter(), None
+    total, t0 = 0, time.perf_counter()
+    # Ctrl-C sets a flag the loop reads after each token, rather than raising KeyboardInterrupt wherever the
+    # interpreter happens to be: raised inside torch's generator wrapper or a write, it could be lost, and the
+    # sampling went on.
+    asked: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
     try:
         for i in range(args.num_samples):
             if i and not lines:
@@ -216,6 +223,8 @@ def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: d
                 overflow=args.overflow,
             )  # fmt: skip
             for nxt in tokens:
+                if asked:
+                    break
                 total += 1
                 if lines and int(nxt) == boundary:
                     break
@@ -223,12 +232,11 @@ def _stream_samples(args: argparse.Namespace, model, device, tokenizer, stats: d
                 out.flush()
             out.write(text.flush() + "\n")
             out.flush()
-            text = None
-    except KeyboardInterrupt:
-        out.write((text.flush() if text is not None else "") + "\n")
-        out.flush()
-        return total, time.perf_counter() - t0, True
-    return total, time.perf_counter() - t0, False
+            if asked:
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return total, time.perf_counter() - t0, bool(asked)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -293,7 +301,11 @@ def _stale_note(args: argparse.Namespace, trained) -> str | None:
         current = load_params(args.params).runs.get(args.run)
     except (ParamsError, OSError):
         return None
-    if current is None or current == trained:
+    if current is None:
+        return None
+    if current.train.dtype == "auto":  # the checkpoint records what auto resolved to, on the machine that trained it
+        current = current.model_copy(update={"train": current.train.model_copy(update={"dtype": trained.train.dtype})})
+    if current == trained:
         return None
     old, new = flatten(trained.model_dump(mode="json")), flatten(current.model_dump(mode="json"))
     diff = [

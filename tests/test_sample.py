@@ -314,6 +314,12 @@ def test_sample_says_when_the_checkpoint_was_trained_with_other_params(runs, cap
     (runs / "edited.yaml").write_text(yaml.safe_dump({**params, "runs": {"char-gpt": trained}}))
     assert main(["sample", "char-gpt", "--max-new-tokens", "5", *dirs, "--params", str(runs / "edited.yaml")]) == 0
     assert "note:" not in capsys.readouterr().err  # the same settings: nothing to say
+    # train.dtype: auto in the params, the resolved dtype in the checkpoint: the same settings too.
+    assert trained["train"]["dtype"] in ("float32", "bfloat16")
+    (runs / "edited.yaml").write_text(yaml.safe_dump({**params, "runs": {"char-gpt": trained | {
+        "train": trained["train"] | {"dtype": "auto"}}}}))  # fmt: skip
+    assert main(["sample", "char-gpt", "--max-new-tokens", "5", *dirs, "--params", str(runs / "edited.yaml")]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_ctrl_c_while_sampling_keeps_the_text_and_ends_in_one_line(runs):
