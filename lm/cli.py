@@ -259,7 +259,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """Print the runs table's URL, then serve the MLflow UI on the project's store (until Ctrl-C)."""
+    """Print the runs table's URL and a link per question of docs/mlflow.md, then serve the MLflow UI on the
+    project's store (until Ctrl-C), opening one of the links with --open."""
     import os
     import subprocess
 
@@ -267,28 +268,69 @@ def _ui(args: argparse.Namespace) -> int:
     from lm.tracking import runs_table_url
 
     try:
-        experiment = load_params(args.params).tracking.experiment
+        cfg = load_params(args.params)
     except ParamsError as e:
         return _error(str(e), 2)
+    experiment = cfg.tracking.experiment
+    corpus = args.corpus or ("shakespeare" if "shakespeare" in cfg.corpora else next(iter(cfg.corpora), ""))
+    if args.corpus and args.corpus not in cfg.corpora:
+        return _error(f"--corpus {args.corpus}: {args.params} has the corpora {', '.join(cfg.corpora)}", 2)
     store = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     if args.screenshots is not None:
         from lm.ui import screenshots
 
         try:
-            for path in screenshots(store, experiment, args.screenshots):
+            for path in screenshots(store, experiment, args.screenshots, corpus=corpus, pair=tuple(args.pair)):
                 print(f"wrote {path}")
         except (ValueError, OSError) as e:
             return _error(str(e))
         return 0
     url = f"http://{args.host}:{args.port}"
     print(f"Runs table of {experiment!r}: {runs_table_url(store, experiment, url)}", flush=True)
+    links = _question_links(store, experiment, url, corpus, tuple(args.pair))
+    if args.open and args.open not in links:
+        return _error(f"--open {args.open}: the store has no runs for that view yet (run `make repro` first)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: it serves GenAI jobs only
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--workers", "1", "--host", args.host,
            "--port", str(args.port)]  # fmt: skip
+    server = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+        if args.open:
+            import webbrowser
+
+            from lm.ui import _wait
+
+            _wait(f"{url}/health", 120)
+            if not webbrowser.open(links[args.open]):
+                print(f"no browser to open here: open {links[args.open]}", file=sys.stderr)
+        return server.wait()
+    except (KeyboardInterrupt, TimeoutError) as e:
+        server.terminate()
+        server.wait()
+        return _error(str(e)) if isinstance(e, TimeoutError) else 0
+
+
+def _question_links(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str]) -> dict[str, str]:
+    """Print a link per question of docs/mlflow.md (lm.ui.views: what each shows), and return them by name."""
+    from lm.ui import views
+
+    try:
+        urls = views(store, experiment, ui, corpus, pair)
+    except ValueError as e:  # no experiment yet, or not the pair's runs
+        if "no finished train runs" not in str(e):
+            print(f"note: {e}")
+            return {}
+        urls = views(store, experiment, ui, corpus, None)
+        print(f"note: {e}: pass --pair RUN RUN for the third link")
+    labels = {
+        "best": "1. Which family is best? Evaluate runs by val/bpc",
+        "curves": f"2. How did the losses evolve? {corpus}'s train runs as charts (type _est in the chart search)",
+        "diff": f"3. What differs between {pair[0]} and {pair[1]}? Their train runs compared (Show diff only)",
+    }
+    links = {name.removesuffix(".png"): url for name, url in urls.items() if name}
+    for name, link in links.items():
+        print(f"{labels[name]}:\n   {link}")
+    return links
 
 
 def _stale_note(args: argparse.Namespace, trained) -> str | None:
@@ -560,16 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_verify)
     c = sub.add_parser(
         "ui",
-        help="serve the MLflow UI on the project's store and print the URL of the study's runs table",
+        help="serve the MLflow UI on the project's store and print the links that answer the study's questions",
         description="Print the URL of the runs table of tracking.experiment (the ML view: MLflow 3 opens new "
-        "experiments on its GenAI overview) and serve `mlflow ui` on MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-        "of the current directory, until Ctrl-C.",
+        "experiments on its GenAI overview) and a link per question of docs/mlflow.md (which family is best, how "
+        "the losses evolved, what differs between two runs), and serve `mlflow ui` on MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db of the current directory, until Ctrl-C.",
     )
     c.add_argument(
         "--params", default="params.yaml", help="params file (its tracking.experiment; default: params.yaml)"
     )
     c.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     c.add_argument("--port", type=_positive_int, default=5000, help="port (default: 5000)")
+    c.add_argument("--corpus", default=None, help="the corpus of the curves link (default: shakespeare, or the first)")
+    c.add_argument("--pair", nargs=2, default=["names-mlp", "names-mlp-bn"], metavar="RUN",
+                   help="the two runs of the diff link (default: names-mlp names-mlp-bn)")  # fmt: skip
+    c.add_argument("--open", choices=["best", "curves", "diff"], default=None,
+                   help="open that link in the browser once the UI answers")  # fmt: skip
     c.add_argument(
         "--screenshots",
         type=Path,

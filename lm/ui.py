@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +24,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from lm.tracking import experiment_id, find_runs
@@ -73,31 +78,102 @@ numbers that answer the question, hide the Dataset, Source and Models columns to
 ACTIONS = {"best.png": (OPEN_COLUMNS, PICK_COLUMNS), "curves.png": (SEARCH_CHARTS,), "diff.png": (PARAMETER_DIFF,)}
 
 
-def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str]) -> dict[str, str]:
-    """File name → URL of each view on the UI at `ui`: `corpus`'s train curves, the runs `pair` compared (raises
-    ValueError if the store lacks them)."""
+def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str] | None) -> dict[str, str]:
+    """File name → URL of each view on the UI at `ui`: the evaluate runs by val/bpc, `corpus`'s train curves, the
+    runs `pair` compared (raises ValueError if the store lacks them; None leaves that view out). The "" entry is the
+    runs table, visited first (see below)."""
     exp = experiment_id(store, experiment)
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} in {store}: run `make repro` first")
     page = f"{ui}/#/experiments/{exp}?workflowType=machine_learning"
     runs = f"{ui}/#/experiments/{exp}/runs?workflowType=machine_learning"
     q = urllib.parse.quote
-    finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}
-    ids = [finished.get(f"{run} (train)") for run in pair]
-    if None in ids:
-        raise ValueError(f"the store has no finished train runs of {' and '.join(pair)} to compare")
     evaluated = "attributes.run_name LIKE '%(evaluate)'"
     trained = f"tags.corpus = '{corpus}' AND attributes.run_name LIKE '%(train)'"
-    return {
+    urls = {
         # The first visit only stores the ML workflow in the browser: switching to it reloads the page without
         # the other URL parameters (the search filter), so the views come after it.
         "": page,
         "best.png": f"{runs}&searchFilter={q(evaluated)}&orderByKey={q('metrics.`val/bpc`')}&orderByAsc=true",
+        # Sorted by a metric only train runs have: the runs list flat, not folded under their collapsed parent.
         "curves.png": f"{runs}&searchFilter={q(trained)}&orderByKey={q('metrics.`val_bpc_est`')}&orderByAsc=true"
         "&compareRunsMode=CHART",
-        "diff.png": f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}"
-        "&workflowType=machine_learning",
     }
+    if pair is not None:
+        finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}
+        ids = [finished.get(f"{run} (train)") for run in pair]
+        if None in ids:
+            raise ValueError(f"the store has no finished train runs of {' and '.join(pair)} to compare")
+        urls["diff.png"] = (f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}"
+                            "&workflowType=machine_learning")  # fmt: skip
+    return urls
+
+
+@dataclasses.dataclass
+class Page:
+    """What a view shows, read from the rendered page: `rows` the run names of the runs table in display order
+    (the grid's row-index, not the DOM's order), `legends` the runs each chart draws, by metric (legend entries read
+    "<run> (<metric>)"), `lines` the page's visible text."""
+
+    rows: list[str]
+    legends: dict[str, list[str]]
+    lines: list[str]
+
+
+READ_PAGE = """JSON.stringify({
+    rows: [...document.querySelectorAll('[role=row][row-index]')].map(r => [Number(r.getAttribute('row-index')),
+                                                                          r.innerText]),
+    lines: document.body.innerText.split('\\n').map(l => l.trim()).filter(l => l)})"""
+RUN_NAME = re.compile(r"^(\S+ \((?:train|evaluate|fetch|tokenize)\)|report)$")
+LEGEND = re.compile(r"^(\S+ \((?:train|evaluate)\)) \(([^()]+)\)$")
+
+
+def read_page(data: dict) -> Page:
+    """A :class:`Page` from READ_PAGE's result."""
+    by_index: dict[int, str] = {}
+    for index, text in data["rows"]:
+        name = next((line.strip() for line in text.splitlines() if RUN_NAME.match(line.strip())), None)
+        if name is not None:
+            by_index.setdefault(index, name)
+    legends: dict[str, list[str]] = {}
+    for line in data["lines"]:
+        if m := LEGEND.match(line):
+            legends.setdefault(m[2], []).append(m[1])
+    return Page([by_index[i] for i in sorted(by_index)], legends, data["lines"])
+
+
+@contextlib.contextmanager
+def _browser(store: str, chromium: str) -> Iterator[tuple[str, int]]:
+    """Headless Chromium on a free port, and `mlflow server` on `store` on another (a tracking server's URL is
+    its own UI): (the UI's URL, the DevTools port)."""
+    if shutil.which(chromium) is None:
+        raise FileNotFoundError(f"{chromium} not found: install Chromium (Debian: apt-get install chromium)")
+    port, devtools = _free_port(), _free_port()
+    ui, server = store.rstrip("/"), None
+    if not store.startswith(("http://", "https://")):
+        ui = f"http://127.0.0.1:{port}"
+        cmd = ["mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]  # fmt: skip
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                  env=env)  # fmt: skip
+    profile = tempfile.mkdtemp(prefix="lm-chromium-")
+    browser = None
+    try:
+        _wait(f"{ui}/health", 120)
+        flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+                 f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--remote-debugging-port={devtools}"]  # fmt: skip
+        browser = subprocess.Popen(
+            [chromium, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait(f"http://127.0.0.1:{devtools}/json/version", 60)
+        yield ui, devtools
+    finally:
+        for proc in (browser, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(20)
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def screenshots(
@@ -111,50 +187,49 @@ def screenshots(
     settle_s: float = 8.0,
 ) -> list[Path]:
     """Serve `store` with `mlflow server` on a free port, shoot every view into `out_dir`; return the files."""
-    if shutil.which(chromium) is None:
-        raise FileNotFoundError(f"{chromium} not found: install Chromium (Debian: apt-get install chromium)")
-    port, devtools = _free_port(), _free_port()
-    ui = f"http://127.0.0.1:{port}"
-    cmd = [
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    profile = tempfile.mkdtemp(prefix="lm-chromium-")
-    browser = None
-    try:
-        _wait(f"{ui}/health", 120)
+    with _browser(store, chromium) as (ui, devtools):
         urls = views(store, experiment, ui, corpus, pair)
-        flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-                 f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--remote-debugging-port={devtools}"]  # fmt: skip
-        browser = subprocess.Popen(
-            [chromium, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        _wait(f"http://127.0.0.1:{devtools}/json/version", 60)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(_shoot(devtools, urls, out_dir, settle_s))
-    finally:
-        for proc in (browser, server):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(20)
-        shutil.rmtree(profile, ignore_errors=True)
+
+        async def shoot(call, name: str) -> Path:
+            shot = await call("Page.captureScreenshot", format="png")
+            (out_dir / name).write_bytes(base64.b64decode(shot["data"]))
+            return out_dir / name
+
+        return list(asyncio.run(_visit(devtools, urls, settle_s, shoot)).values())
 
 
-async def _shoot(devtools: int, urls: dict[str, str], out_dir: Path, settle_s: float) -> list[Path]:
+def read_views(
+    store: str,
+    experiment: str,
+    *,
+    corpus: str,
+    pair: tuple[str, str],
+    chromium: str = "chromium",
+    settle_s: float = 8.0,
+) -> dict[str, Page]:
+    """Open every view of :func:`views` as the docs say (the same clicks as the screenshots) and read what it
+    shows: what a test checks the links against. The first is opened as a fresh browser's first visit, as a link
+    `lm ui` prints would be."""
+    with _browser(store, chromium) as (ui, devtools):
+        urls = views(store, experiment, ui, corpus, pair)
+        del urls[""]
+
+        async def read(call, name: str) -> Page:
+            result = await call("Runtime.evaluate", expression=READ_PAGE, returnByValue=True)
+            return read_page(json.loads(result["result"]["value"]))
+
+        pages = asyncio.run(_visit(devtools, urls, settle_s, read))
+        return {name.removesuffix(".png"): page for name, page in pages.items()}
+
+
+async def _visit(devtools: int, urls: dict[str, str], settle_s: float, act) -> dict:
+    """Open each URL in the browser's page, do the view's ACTIONS, then `act(call, name)`; its results by name."""
     import aiohttp
 
     with urllib.request.urlopen(f"http://127.0.0.1:{devtools}/json/list") as r:
         page = next(t for t in json.load(r) if t["type"] == "page")
-    written = []
+    results = {}
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws,
@@ -179,11 +254,8 @@ async def _shoot(devtools: int, urls: dict[str, str], out_dir: Path, settle_s: f
             for action in ACTIONS.get(name, ()):
                 await call("Runtime.evaluate", expression=action)
                 await asyncio.sleep(2.0)
-            shot = await call("Page.captureScreenshot", format="png")
-            path = out_dir / name
-            path.write_bytes(base64.b64decode(shot["data"]))
-            written.append(path)
-    return written
+            results[name] = await act(call, name)
+    return results
 
 
 def _free_port() -> int:

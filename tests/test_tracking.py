@@ -605,3 +605,45 @@ def test_the_mlflow_docs_fail_fast_example_prints_what_it_shows(project: Path, r
         sh(project, "dvc", "checkout", "train@names-bigram_nn")
         sh(project, "git", "checkout", "--", "curves")
         assert "Data and pipelines are up to date" in sh(project, "dvc", "status").stdout
+
+
+@pytest.mark.slow
+def test_the_ui_links_open_on_the_answers_in_a_real_browser(project: Path, server: Rest):
+    """Each link `lm ui` prints (lm.ui.views), opened in headless Chromium as the docs say, read from the page:
+    the evaluate runs best val/bpc first; the corpus's train runs, each drawn in the val_bpc_est chart; the two
+    runs' parameters, the differing rows only."""
+    import shutil
+
+    from lm.ui import read_views
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it where it can)")
+    pages = read_views(server.url, EXPERIMENT, corpus="oz", pair=("names-bigram_nn", "oz-gpt-bpe512"))
+    bpc = {r: json.loads((project / "metrics" / f"{r}.json").read_text())["val/bpc"] for r in KEEP["runs"]}
+    best = pages["best"].rows
+    assert best and all(name.endswith(" (evaluate)") for name in best), best
+    assert "Sort: val/bpc" in pages["best"].lines
+    first_seen = list(dict.fromkeys(name.removesuffix(" (evaluate)") for name in best))
+    assert [r for r in first_seen if r in bpc] == sorted(bpc, key=bpc.get), (best, bpc)
+    curves = pages["curves"]
+    assert curves.rows and set(curves.rows) == {"oz-gpt-bpe512 (train)"}, curves.rows  # oz's train runs only
+    assert set(curves.legends.get("val_bpc_est", [])) == set(curves.rows), curves.legends
+    cells = {line.split("\t")[0]: line.split("\t")[1:] for line in pages["diff"].lines if "\t" in line}
+    assert cells.get("model.family") == ["bigram_nn", "gpt"], cells
+    assert "train.seed" not in cells  # the same in both: hidden by "Show diff only"
+    assert cells.get("tokenizer") == ["names-char", "oz-bpe512"], cells  # the two runs asked for, in that order
+
+
+@pytest.mark.slow
+def test_lm_ui_prints_a_link_per_question(project: Path, server: Rest, capsys):
+    """The three links of read_views above, labelled with their question; without the pair's runs, two links and a
+    note naming --pair."""
+    from lm.cli import _question_links
+
+    links = _question_links(server.url, EXPERIMENT, "http://ui", "oz", ("names-bigram_nn", "oz-gpt-bpe512"))
+    out = capsys.readouterr().out
+    assert list(links) == ["best", "curves", "diff"] and all(u.startswith("http://ui/#/") for u in links.values())
+    assert "1. Which family is best?" in out and "2. How did the losses evolve? oz's" in out
+    assert "3. What differs between names-bigram_nn and oz-gpt-bpe512?" in out and links["diff"] in out
+    links = _question_links(server.url, EXPERIMENT, "http://ui", "oz", ("names-mlp", "names-mlp-bn"))
+    assert list(links) == ["best", "curves"] and "pass --pair RUN RUN" in capsys.readouterr().out
