@@ -128,7 +128,7 @@ def tracker(
         return open_run(
             cfg.tracking,
             uri,
-            run_name(stage),
+            run_name(stage, env.get("DVC_EXP_NAME", "").strip() or None),
             params=flatten(params),
             tags=all_tags,
             group=study_group(env, git),
@@ -152,10 +152,13 @@ def relog_command(stage: str) -> str:
     return shlex.join(["python", "-m", f"stages.{stage.split('@')[0]}", *args, "--log-only"])
 
 
-def run_name(stage: str) -> str:
-    """A stage's MLflow run name, what differs first: 'train@names-mlp' → 'names-mlp (train)'; 'report'."""
+def run_name(stage: str, exp: str | None = None) -> str:
+    """A stage's MLflow run name, what differs first: 'train@names-mlp' → 'names-mlp (train)'; 'report'. Under
+    `dvc exp run` the experiment's name follows the run's, so two experiments' runs of a stage tell apart:
+    'names-mlp [stout-pail] (train)' (the verb stays last: filters on "LIKE '%(train)'" still find it)."""
     verb, _, entry = stage.partition("@")
-    return f"{entry} ({verb})" if entry else verb
+    tag = f" [{exp}]" if exp else ""
+    return f"{entry}{tag} ({verb})" if entry else f"{verb}{tag}"
 
 
 def outputs(run: NullTracker, **paths: Path) -> None:

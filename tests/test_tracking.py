@@ -530,15 +530,18 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
     local = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert sorted(local) == sorted(
-        [
-            "names-bigram_nn (train)",
-            "names-bigram_nn (evaluate)",
-            "report",
-            f"exp {exp_name} (from {sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})",
-        ]
+    assert (
+        sorted(local)
+        == sorted(
+            [  # the experiment's name in each stage run's: two experiments' runs of a stage tell apart
+                f"names-bigram_nn [{exp_name}] (train)",
+                f"names-bigram_nn [{exp_name}] (evaluate)",
+                f"report [{exp_name}]",
+                f"exp {exp_name} (from {sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})",
+            ]
+        )
     )
-    new = local["names-bigram_nn (train)"]
+    new = local[f"names-bigram_nn [{exp_name}] (train)"]
     assert new.data.tags["dvc.exp_name"] == exp_name and new.data.tags["git.dirty"] == "true"
     assert new.data.tags["git.dirty_files"] == "params.yaml"
     baseline = by_name(server.runs())["names-bigram_nn (train)"]["params"]
