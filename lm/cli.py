@@ -298,9 +298,9 @@ def _ui(args: argparse.Namespace) -> int:
         if args.open:
             import webbrowser
 
-            from lm.ui import _wait
+            from lm.ui import wait_for
 
-            _wait(f"{url}/health", 120)
+            wait_for(f"{url}/health", 120)
             if not webbrowser.open(links[args.open]):
                 print(f"no browser to open here: open {links[args.open]}", file=sys.stderr)
         return server.wait()

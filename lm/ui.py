@@ -160,13 +160,13 @@ def _browser(store: str, chromium: str) -> Iterator[tuple[str, int]]:
     profile = tempfile.mkdtemp(prefix="lm-chromium-")
     browser = None
     try:
-        _wait(f"{ui}/health", 120)
+        wait_for(f"{ui}/health", 120)
         flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
                  f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--remote-debugging-port={devtools}"]  # fmt: skip
         browser = subprocess.Popen(
             [chromium, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        _wait(f"http://127.0.0.1:{devtools}/json/version", 60)
+        wait_for(f"http://127.0.0.1:{devtools}/json/version", 60)
         yield ui, devtools
     finally:
         for proc in (browser, server):
@@ -264,7 +264,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(url: str, timeout_s: float) -> None:
+def wait_for(url: str, timeout_s: float) -> None:
+    """Return once `url` answers; TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
