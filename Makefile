@@ -30,10 +30,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 # Params first: a broken params.yaml (a run naming a missing tokenizer, a typo) gets its one-line-per-problem
 # message before DVC resolves the DAG, where it could only say that a path is missing.
+# The stages write their MLflow runs to mlflow-journal/ (LM_TRACKING=deferred: no MLflow import in 80 stage processes,
+# about 2 s each) and stages.track logs them all in one process, also after a failed stage; LM_TRACKING=live logs
+# each run as it happens. Make exits with dvc's status if it failed, else with stages.track's.
 repro: install
 	$(BIN)/lm check-params params.yaml
-	$(BIN)/dvc repro
-	$(BIN)/python -m stages.track
+	LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro; s=$$?; $(BIN)/python -m stages.track; t=$$?; exit $$(( s ? s : t ))
 
 # MLflow gets the train and evaluate runs it lacks, from their outputs (a lost or new store; see stages/track.py).
 track: install
@@ -43,7 +45,8 @@ track: install
 # on the machine class that made the commit (reports/machine.json), within each run's tolerance on another CPU.
 verify: install
 	$(BIN)/lm check-params params.yaml
-	$(BIN)/dvc repro --force
+	LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro --force; s=$$?; $(BIN)/python -m stages.track; t=$$?; \
+	  test $$s -eq 0 -a $$t -eq 0
 	$(BIN)/lm verify
 
 test: install

@@ -11,7 +11,12 @@ import torch and MLflow, open the SQLite store, exit, and DVC's rewrite of dvc.l
 - ``exit``: from the last line of a process that imported torch, mlflow and the store to its end, with Python's
   last garbage collection and without it (``gc.freeze`` at exit, what every stage does: stages.common.study);
 - ``dvc.lock rewrite``: DVC's parse-for-update and dump of this repository's dvc.lock, which it does after every
-  stage (one process, DVC imported).
+  stage (one process, DVC imported);
+- ``a stage's tracking, live`` and ``deferred``: a fresh process that opens a stage's MLflow run as every stage does
+  (stages.mlflow_run.tracker: tags, git state, code md5), logs a metric and an artifact and ends it, with
+  LM_TRACKING=live (into the SQLite store) and =deferred (into a journal, lm/journal.py; what `make repro` does),
+  start-up subtracted; and ``replaying one deferred run``: stages.track's cost per journal, in one process that
+  logs ten (its own import of mlflow excluded).
 
 Prints a markdown table; a timing, not a result: nothing under reports/ is written.
 """
@@ -19,6 +24,8 @@ Prints a markdown table; a timing, not a result: nothing under reports/ is writt
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,13 +53,55 @@ t1 = time.perf_counter()
 dump_yaml(sys.argv[2], data)
 print(t1 - t0, time.perf_counter() - t1)
 """
+TRACK_PROBE = """
+from pathlib import Path
+from stages.common import study
+from stages.mlflow_run import tracker
+cfg = study(Path("params.yaml"))
+with tracker(cfg, "report", {"x": 1}, description="bench.stage_cost") as t:
+    t.log_metrics({"runs": 1.0})
+    t.log_artifact(Path("params.yaml"))
+"""
+REPLAY_PROBE = """
+import sys, time
+from pathlib import Path
+import lm.tracking, mlflow.tracking
+from lm.journal import replay_all
+t0 = time.perf_counter()
+logged, failed = replay_all(Path(sys.argv[1]))
+assert len(logged) == 10 and not failed, (logged, failed)
+print((time.perf_counter() - t0) / len(logged))
+"""
 
 
-def run_s(code: str, *args: str) -> float:
+def run_s(code: str, *args: str, env: dict[str, str] | None = None) -> float:
     """Wall-clock seconds of `python -c code` in a fresh process."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=ROOT, capture_output=True,
+                   env=None if env is None else {**os.environ, **env})  # fmt: skip
     return time.perf_counter() - t0
+
+
+def tracking_rows(tmp: Path, median, python: float) -> list[tuple[str, float]]:
+    """A stage's tracking live and deferred, and stages.track's replay of one deferred run."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'track.db'}", "DVC_ROOT": str(tmp)}
+    rows = []
+    for mode in ("live", "deferred"):
+        run_s(TRACK_PROBE, env={**env, "LM_TRACKING": mode})  # the store and experiment exist before timing
+        rows.append(
+            (
+                f"a stage's tracking, {mode}",
+                median(lambda m=mode: run_s(TRACK_PROBE, env={**env, "LM_TRACKING": m})) - python,
+            )
+        )
+    for path in (tmp / "mlflow-journal").iterdir():
+        shutil.rmtree(path)
+    for _ in range(10):
+        run_s(TRACK_PROBE, env={**env, "LM_TRACKING": "deferred"})
+    out = subprocess.run([sys.executable, "-c", REPLAY_PROBE, str(tmp / "mlflow-journal")], check=True, cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, **env}).stdout  # fmt: skip
+    rows.append(("replaying one deferred run (stages.track, per run)", float(out.split()[-1])))
+    return rows
 
 
 def exit_s(uri: str, freeze: bool) -> float:
@@ -80,6 +129,7 @@ def measure(repeats: int, lock: Path) -> list[tuple[str, float]]:
         if lock.is_file():
             rewrite = median(lambda: run_lock(lock, Path(tmp) / "dvc.lock"))
             rows.append((f"dvc.lock rewrite ({lock.stat().st_size // 1024} KB)", rewrite))
+        rows += tracking_rows(Path(tmp), median, python)
     return rows
 
 

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import ast
+import fnmatch
 import hashlib
 import json
 import subprocess
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project root: the folder holding the `lm` and `stages` packages."""
@@ -136,13 +137,31 @@ def tree_md5(root: Path, files: Iterable[Path]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+DVCIGNORE = ("__pycache__/", ".*.lock", ".*.resume/")
+"""The project's .dvcignore patterns (tests/test_dvc_deps.py checks they agree): DVC hashes a directory without the
+files they match (a trainer's lock file and resumable state beside its output), and so does :func:`dvc_md5`."""
+
+
+def dvc_ignored(relpath: PurePosixPath) -> bool:
+    """Whether a file (its path inside the hashed directory) matches :data:`DVCIGNORE` (gitignore-style: a pattern
+    without a slash matches a name at any depth; a trailing slash, a directory's)."""
+    for pattern in DVCIGNORE:
+        names = relpath.parts[:-1] if pattern.endswith("/") else relpath.parts
+        if any(fnmatch.fnmatchcase(name, pattern.rstrip("/")) for name in names):
+            return True
+    return False
+
+
 def dvc_md5(path: Path) -> str:
-    """The md5 DVC 3 records in dvc.lock for a file or a directory (.dvcignore not applied), so a
+    """The md5 DVC 3 records in dvc.lock for a file or a directory (without what .dvcignore ignores), so a
     run's ``dvc.dep.*`` / ``dvc.out.*`` tags compare with dvc.lock, and across runs."""
     path = Path(path)
     if path.is_file():
         return _file_md5(path)
-    return tree_md5(path, (p for p in path.rglob("*") if p.is_file()))
+    files = (
+        p for p in path.rglob("*") if p.is_file() and not dvc_ignored(PurePosixPath(p.relative_to(path).as_posix()))
+    )
+    return tree_md5(path, files)
 
 
 def git_state(root: Path, inputs: Sequence[str]) -> dict[str, str]:

@@ -7,8 +7,12 @@ per-evaluation metrics and sends them with ``MlflowClient.log_batch`` (one call 
 per metric and step). The stage runs of one ``dvc repro`` / ``dvc exp run`` are children of one
 parent run (a :class:`Group`), so the UI shows the pipeline as one progression.
 
+Tracking can also be deferred (``journal=``): the stage then writes its run to a journal folder
+(:mod:`lm.journal`, no mlflow import) and :func:`replay` logs it later, with its own times, in one process for
+all stages.
+
 The library reads no environment variables: the stage resolves the tracking URI, the project root
-and the group (``stages/common.py``) and passes them in. An unreachable store fails the stage before
+and the group (``stages/mlflow_run.py``) and passes them in. An unreachable store fails the stage before
 it does any work, with a message naming the URI (``tracking.required: false``: warn, run untracked).
 """
 
@@ -111,6 +115,11 @@ class DatasetRef:
     profile: Mapping[str, Any] = field(default_factory=dict)
     """Sizes shown with the dataset (tokens, characters)."""
 
+    def record(self) -> dict[str, Any]:
+        """What MLflow's dataset input holds, computed now (the digest is of the file as it is now)."""
+        return {"name": self.name, "digest": dvc_md5(self.source)[:36], "source": str(self.source),
+                "profile": json.dumps(dict(self.profile)), "context": self.context}  # fmt: skip
+
 
 def split_datasets(tok_dir: Path, stats: Mapping[str, Any], contexts: Mapping[str, str]) -> list[DatasetRef]:
     """A tokenizer's splits a run reads (split → its mlflow.data.context), with `stats` (its stats.json) sizes."""
@@ -185,6 +194,8 @@ class Tracker(NullTracker):
         self.failed: str | None = None
         self._monitor: Any = None
         """The first failure's message, once a call has failed (nothing is logged after it)."""
+        self.end_time: int | None = None
+        """The run's end in ms since the epoch (a replayed run's own); None: now."""
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, fatal: bool = False, **kwargs: Any) -> None:
         """Run a client call; a failure raises TrackingError if `fatal` (while opening a required run), else
@@ -226,14 +237,18 @@ class Tracker(NullTracker):
 
     def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
         """The splits the run reads, as MLflow dataset inputs (the Datasets column of the runs table)."""
+        self.log_dataset_records([d.record() for d in datasets])
+
+    def log_dataset_records(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Dataset inputs from :meth:`DatasetRef.record` dicts."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = [
             DatasetInput(
-                Dataset(d.name, dvc_md5(d.source)[:36], "local", str(d.source), profile=json.dumps(dict(d.profile))),
-                tags=[InputTag("mlflow.data.context", d.context)],
+                Dataset(r["name"], r["digest"], "local", r["source"], profile=r["profile"]),
+                tags=[InputTag("mlflow.data.context", r["context"])],
             )
-            for d in datasets
+            for r in records
         ]
         self._call("log dataset inputs", self.client.log_inputs, self.run_id, datasets=inputs)
 
@@ -291,14 +306,23 @@ class Tracker(NullTracker):
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
-        if isinstance(exc, SystemExit) and exc.code in (0, None):
-            status = "FINISHED"
+        self.finish(exit_status(kind, exc))
+
+    def finish(self, status: str) -> None:
+        """Send what is buffered and end the run (and its parent) with `status` at :attr:`end_time`."""
         self.flush()
-        self._call("end the run", self.client.set_terminated, self.run_id, status)
+        self._call("end the run", self.client.set_terminated, self.run_id, status, self.end_time)
         if self.parent_id:
             # The parent ends with each stage: after the last one it spans the whole invocation.
-            self._call("end the parent run", self.client.set_terminated, self.parent_id, status)
+            self._call("end the parent run", self.client.set_terminated, self.parent_id, status, self.end_time)
+
+
+def exit_status(kind: type[BaseException] | None, exc: BaseException | None) -> str:
+    """A run's end status from how its `with` block ended: FINISHED, KILLED (Ctrl-C) or FAILED (an exception, a
+    stage's non-zero SystemExit)."""
+    if kind is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+        return "FINISHED"
+    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +401,9 @@ def _experiment_id(client: Any, name: str, artifact_root: Path | None, descripti
     return exp.experiment_id
 
 
-def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
-    """The group's parent run, created by its first stage; later stages mark it RUNNING again."""
+def _parent_run(client: Any, experiment_id: str, group: Group, start_time: int | None = None) -> str:
+    """The group's parent run, created by its first stage (at `start_time`, ms; None: now); later stages mark it
+    RUNNING again."""
     key = group.key.replace("\\", "\\\\").replace("'", "\\'")
     found = client.search_runs(
         [experiment_id], f"tags.`lm.study_run` = '{key}' and tags.`lm.role` = '{STUDY_ROLE}'", max_results=1
@@ -387,7 +412,7 @@ def _parent_run(client: Any, experiment_id: str, group: Group) -> str:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     tags = {**group.tags, "lm.study_run": group.key, "lm.role": STUDY_ROLE, "lm.host": socket.gethostname()}
-    return client.create_run(experiment_id, run_name=group.name, tags=tags).info.run_id
+    return client.create_run(experiment_id, start_time=start_time, run_name=group.name, tags=tags).info.run_id
 
 
 INVOCATION = re.compile(r":(\d+):(\d+\.\d{3})$")
@@ -410,7 +435,7 @@ def _end_orphan_parents(client: Any, experiment_id: str, own: Group | None) -> N
                 client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _process_tags() -> dict[str, str]:
+def process_tags() -> dict[str, str]:
     """Which process a run belongs to: host, pid and the pid's start time (pids are reused)."""
     import psutil
 
@@ -461,52 +486,87 @@ def open_run(
     relog: str | None = None,
     description: str | None = None,
     experiment_description: str | None = None,
+    journal: Path | None = None,
 ) -> NullTracker:
     """Start the MLflow run `name` (e.g. 'names-mlp (train)') with its params and tags, first marking KILLED the
     runs of that name left RUNNING by a process of this machine that is gone. `relog`: the command that logs the run
     again from the stage's outputs, quoted if tracking fails later; `description`, `experiment_description`: the
     UI's texts; `artifact_root`: where a *new* experiment of a local (sqlite) store keeps its artifacts (absolute,
     so runs from DVC's temp copies land in the project; None: the server chooses); `echo` gets one line saying
-    where the run is. Returns a :class:`NullTracker` if tracking is off, or unreachable and not required; raises
-    :class:`TrackingError` otherwise."""
+    where the run is; `journal`: defer the run to a new folder there (:mod:`lm.journal`, no mlflow import; an http
+    server is still probed) for :func:`replay`. Returns a :class:`NullTracker` if tracking is off, or unreachable and
+    not required; raises :class:`TrackingError` otherwise."""
     if not cfg.enabled:
         return NullTracker()
     try:
         probe(uri)
-        # Imported only now: mlflow is slow to import, and only tracked stages pay for it.
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, cfg.experiment, artifact_root, experiment_description)
-        _end_orphan_parents(client, experiment_id, group)
-        parent_id = _parent_run(client, experiment_id, group) if group else None
+        if journal is not None:
+            record = {"uri": uri, "experiment": cfg.experiment, "name": name, "params": dict(params),
+                      "tags": dict(tags), "group": group, "artifact_root": artifact_root, "description": description,
+                      "experiment_description": experiment_description}  # fmt: skip
+            return _deferred(journal, record, echo)
+        client, experiment_id, parent_id = _start(uri, cfg.experiment, artifact_root, experiment_description, group)
         run_id = _create_run(client, experiment_id, name, tags, group, parent_id, description)
     except TrackingError as e:
         error: Exception = e
     except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
+        said = " ".join(str(e).split())[:500]
         error = TrackingError(
-            f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]}): check that the "
-            f"store is reachable and writable"
+            f"MLflow tracking at {uri} failed ({said}): check that the store is reachable and writable"
         )
     else:
         # A store error reaches the stage as an exception, which it reports in one line: MLflow's logging of the
         # same error (a ~90-line SQLAlchemy traceback each time) would bury that line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        from mlflow.entities import Param
+
         tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog, experiment_id)
         params_batch = [Param(k, v) for k, v in params.items()]
         tracker._call("log params", client.log_batch, run_id, params=params_batch, fatal=cfg.required)
-        where = (
-            f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-            if probe_able(uri)
-            else f"run {run_id} in {uri}"
-        )
-        echo(f"mlflow: {name} → {where}")
+        web = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        echo(f"mlflow: {name} → {web if probe_able(uri) else f'run {run_id} in {uri}'}")
         return tracker
     if cfg.required:
         raise TrackingError(f"{error}; or set tracking.required: false to run untracked") from None
     warn(f"{error}; tracking.required is false: {name} runs untracked")
     return NullTracker()
+
+
+def _start(
+    uri: str,
+    experiment: str,
+    artifact_root: Path | None,
+    description: str | None,
+    group: Group | None,
+    start_time: int | None = None,
+) -> tuple[Any, str, str | None]:
+    """A client of the store at `uri`, the experiment's id (created if new) and the group's parent run id (None
+    without a group; created at `start_time` if new), after ending the parent runs whose dvc process is gone."""
+    # Imported only now: mlflow is slow to import, and only runs logged to the store pay for it.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, experiment, artifact_root, description)
+    _end_orphan_parents(client, experiment_id, group)
+    return client, experiment_id, _parent_run(client, experiment_id, group, start_time) if group else None
+
+
+def _deferred(journal: Path, record: dict[str, Any], echo: Callable[[str], None]) -> NullTracker:
+    """open_run's arguments (`record`) as the opening of a new journal below `journal`, in JSON."""
+    from lm.journal import JournalTracker
+
+    group, root = record["group"], record["artifact_root"]
+    record |= {
+        "group": None if group is None else {"key": group.key, "name": group.name, "tags": dict(group.tags)},
+        "artifact_root": None if root is None else str(root),
+        "process": process_tags(),
+    }
+    try:
+        tracker = JournalTracker.start(journal, record)
+    except OSError as e:
+        raise TrackingError(f"cannot write the tracking journal below {journal} ({e}): make it writable") from None
+    echo(f"mlflow: {record['name']} → deferred to {tracker.folder} (`make track` logs it)")
+    return tracker
 
 
 def _create_run(
@@ -517,15 +577,18 @@ def _create_run(
     group: Group | None,
     parent_id: str | None,
     description: str | None,
+    start_time: int | None = None,
+    process: Mapping[str, str] | None = None,
 ) -> str:
-    """End this machine's orphaned runs of `name`, then create the run with its tags; return its id."""
+    """End this machine's orphaned runs of `name`, then create the run with its tags (`process`: the host/pid tags of
+    the process the run is of; None: this one) at `start_time` (ms; None: now); return its id."""
     _end_orphans(client, experiment_id, name)
-    run_tags = {**tags, "lm.role": STAGE_ROLE, **_process_tags()}
+    run_tags = {**tags, "lm.role": STAGE_ROLE, **(process or process_tags())}
     if description:
         run_tags["mlflow.note.content"] = description
     if group:
         run_tags.update({"lm.study_run": group.key, "mlflow.parentRunId": parent_id})
-    return client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+    return client.create_run(experiment_id, start_time=start_time, run_name=name, tags=run_tags).info.run_id
 
 
 def logged(cfg: TrackingConfig, uri: str, stage: str, md5: str) -> bool:
@@ -572,3 +635,51 @@ def experiment_id(uri: str, experiment: str) -> str | None:
 
     exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
     return None if exp is None else exp.experiment_id
+
+
+def replay(record: Mapping[str, Any], events: Sequence[Mapping[str, Any]], files: Path) -> str:
+    """Log a deferred run (:mod:`lm.journal`: what :func:`open_run` was given, then the tracker's calls in order, each
+    with its time in ms) to the store it was meant for, as the live :class:`Tracker` would have logged it: the same
+    name, params, tags, parent, metrics at their own steps and times, artifacts (from `files`), datasets and models,
+    the run's own start and end time, and its end status (KILLED if the journal has no end: its process died).
+    Returns the run id; raises :class:`TrackingError` if any of it fails (the half-logged run is deleted)."""
+    uri = record["uri"]
+    start = int(record["start_ms"])
+    group = Group(**record["group"]) if record.get("group") else None
+    root = Path(record["artifact_root"]) if record.get("artifact_root") else None
+    try:
+        probe(uri)
+        client, experiment_id, parent_id = _start(uri, record["experiment"], root, record.get("experiment_description"),
+                                                  group, start)  # fmt: skip
+        run_id = _create_run(client, experiment_id, record["name"], record["tags"], group, parent_id,
+                             record.get("description"), start_time=start, process=record["process"])  # fmt: skip
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
+        raise TrackingError(f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]})") from None
+    # Silent: a failure is raised below, with the first failed call's message (t.failed).
+    from mlflow.entities import Param
+
+    t = Tracker(client, run_id, parent_id, uri, True, lambda _: None, None, experiment_id)
+    t._call("log params", client.log_batch, run_id, params=[Param(k, v) for k, v in record["params"].items()])
+    status, t.end_time = "KILLED", start
+    for e in events:
+        t.end_time = int(e["time"])
+        if e["kind"] == "metrics":
+            t._buffer.extend(t._metric(k, float(v), t.end_time, int(e["step"])) for k, v in e["values"].items())
+        elif e["kind"] == "tags":
+            t.set_tags(e["tags"])
+        elif e["kind"] == "artifact":
+            t.log_artifact(files / e["file"], e.get("artifact_path"))
+        elif e["kind"] == "datasets":
+            t.log_dataset_records(e["records"])
+        elif e["kind"] == "model":
+            t.log_model(e["name"], files / e["folder"], int(e["step"]))
+        elif e["kind"] == "end":
+            status = e["status"]
+    t.finish(status)
+    if t.failed:
+        with contextlib.suppress(Exception):
+            client.delete_run(run_id)
+        raise TrackingError(t.failed)
+    return run_id

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lm.config import StudyConfig
+from lm.journal import JOURNAL_DIR
 from lm.provenance import dvc_md5, git_state, tree_md5
 from lm.tracking import Group, NullTracker, TrackingError, flatten, open_run, probe_able
 from stages.common import fail, warn
@@ -43,6 +44,19 @@ def configure_mlflow() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for key, value in MLFLOW_HTTP.items():
         os.environ.setdefault(key, value)
+
+
+TRACKING_MODES = ("live", "deferred")
+"""$LM_TRACKING: `live` (the default) logs each stage's run as it happens; `deferred` (what `make repro` sets)
+writes it to the project's mlflow-journal/ and `python -m stages.track` logs it afterwards (lm/journal.py)."""
+
+
+def tracking_mode(env: Mapping[str, str] = os.environ) -> str:
+    """$LM_TRACKING, checked: 'live' when unset."""
+    mode = env.get("LM_TRACKING", "").strip() or "live"
+    if mode not in TRACKING_MODES:
+        fail(f"LM_TRACKING={mode!r} is not a tracking mode: set it to {' or '.join(TRACKING_MODES)}, or unset it")
+    return mode
 
 
 def project_root(env: Mapping[str, str] = os.environ) -> Path:
@@ -111,6 +125,7 @@ def tracker(
     configure_mlflow()
     env, cwd = os.environ, Path.cwd()
     root = project_root(env)
+    deferred = tracking_mode(env) == "deferred"
     uri = tracking_uri(root, env)
     # Git state and code are those of the workspace that runs (a temp copy under dvc exp --temp).
     git = git_state(cwd, SOURCES)
@@ -136,6 +151,7 @@ def tracker(
             warn=warn,
             relog=relog_command(stage) if relog else None,
             description=description,
+            journal=root / JOURNAL_DIR if deferred else None,
             experiment_description=(
                 f"{cfg.report.title}: one run per DVC stage, named for what differs first ('names-mlp (train)', "
                 f"'names-mlp (evaluate)'); the parent runs are `dvc repro` invocations. The report with every "

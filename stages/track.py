@@ -1,7 +1,12 @@
-"""Log to MLflow what `dvc repro` skipped: every train and evaluate stage of dvc.lock whose outputs no run of the
-study's experiment holds yet is run again with --log-only, which logs its committed outputs and computes nothing.
+"""Log to MLflow what the stages deferred and what `dvc repro` skipped.
 
     python -m stages.track [--params params.yaml]      (`make repro` runs it after `dvc repro`; `make track`)
+
+1. Deferred runs: `make repro` runs the stages with LM_TRACKING=deferred, so each writes its run to
+   mlflow-journal/ instead of importing MLflow (about 2 s a stage); every journal is logged here, in one process,
+   with its own times (lm/journal.py), and removed. A journal that fails to log is kept for the next `make track`.
+2. Skipped runs: every train and evaluate stage of dvc.lock whose outputs no run of the study's experiment holds
+   yet is run again with --log-only, which logs its committed outputs and computes nothing.
 
 Why: a stage DVC does not run is not logged, and MLflow can lack runs whose outputs are current: the store was
 deleted or is a new one (another MLFLOW_TRACKING_URI), the server was down (`tracking.required: false`), or the
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from lm.journal import JOURNAL_DIR
 from stages.common import fail, parser, study
 from stages.mlflow_run import configure_mlflow, project_root, tracking_uri
 
@@ -31,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lock", type=Path, default=Path("dvc.lock"), help="DVC lock file (default: dvc.lock)")
     args = p.parse_args(argv)
     cfg = study(args.params)
+    configure_mlflow()
+    _replay(project_root() / JOURNAL_DIR)
     if not cfg.tracking.enabled:
         print("track: tracking.enabled is false: nothing to log")
         return
@@ -38,7 +46,6 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"track: {args.lock} not found: run `dvc repro` first")
     stages = yaml.safe_load(args.lock.read_text()).get("stages", {})
     uri = tracking_uri(project_root(), os.environ)
-    configure_mlflow()
 
     from lm.tracking import logged
 
@@ -61,6 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"track: {done} stage runs logged from their outputs" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if failed:
         raise SystemExit(1)
+
+
+def _replay(journal: Path) -> None:
+    """Log the deferred runs (step 1); exit 1 naming each journal that failed (kept for the next try)."""
+    from lm.journal import replay_all
+
+    logged, failed = replay_all(journal)
+    if logged or failed:
+        print(f"track: {len(logged)} deferred stage runs logged from {journal}")
+    if failed:
+        fail(
+            "track: these journals could not be logged and are kept for the next `make track`:\n  "
+            + "\n  ".join(failed)
+        )
 
 
 if __name__ == "__main__":

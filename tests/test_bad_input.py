@@ -687,3 +687,28 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
     assert "Running stage 'fetch@names'" in log.read_text() and "ERROR" not in log.read_text()
     assert (project / "data" / "names" / "dataset" / "dataset_dict.json").is_file()
     assert "fetch@names" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+@pytest.mark.parametrize("dvc_status", [0, 3])
+def test_make_repro_defers_tracking_and_logs_the_runs_even_after_a_failed_stage(tmp_path, dvc_status):
+    """`make repro` runs the stages with LM_TRACKING=deferred (a user's LM_TRACKING wins), then stages.track, also
+    when `dvc repro` failed (the finished stages' runs are logged); make fails with dvc's status. The venv's tools
+    are stand-ins that record how they were called."""
+    for f in ("Makefile", "requirements.lock", "pyproject.toml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    bin_ = tmp_path / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    for tool, status in (("lm", 0), ("dvc", dvc_status), ("python", 0)):
+        (bin_ / tool).write_text(f'#!/bin/sh\necho "{tool} $* LM_TRACKING=$LM_TRACKING" >> "$CALLS"\nexit {status}\n')
+        (bin_ / tool).chmod(0o755)
+    (tmp_path / ".venv" / ".installed").touch()  # newer than requirements.lock: no install
+    for user, expected in ((None, "deferred"), ("live", "live")):
+        calls = tmp_path / f"calls-{user}"
+        env = {**os.environ, "CALLS": str(calls), "LM_TRACKING": user or ""}
+        r = subprocess.run(["make", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == (2 if dvc_status else 0), r.stderr  # make's own status for a failed recipe
+        assert calls.read_text().splitlines() == [
+            "lm check-params params.yaml LM_TRACKING=" + (user or ""),
+            f"dvc repro LM_TRACKING={expected}",
+            "python -m stages.track LM_TRACKING=" + (user or ""),
+        ]

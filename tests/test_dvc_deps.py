@@ -188,3 +188,26 @@ def test_an_import_inside_a_function_counts(tmp_path):
     (tmp_path / "lm" / "c.py").write_text("import torch\n")
     (tmp_path / "lm" / "unused.py").write_text("")
     assert import_closure("lm.a", tmp_path) == {"lm/__init__.py", "lm/a.py", "lm/b.py", "lm/c.py"}
+
+
+def test_dvc_md5_ignores_what_dvcignore_ignores_as_dvc_does(tmp_path, repo_root):
+    """A run's dvc.dep.* tag must equal what dvc.lock records. The report depends on models/, which holds each
+    trainer's lock file (its pid) and, mid-run, its resumable state: DVC hashes it without them (.dvcignore), so
+    lm.provenance.dvc_md5 must too, or the tag changes with every pid."""
+    from lm.provenance import DVCIGNORE, dvc_md5
+
+    patterns = [ln for ln in (repo_root / ".dvcignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert sorted(patterns) == sorted(DVCIGNORE)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    shutil.copy(repo_root / ".dvcignore", tmp_path / ".dvcignore")
+    models = tmp_path / "models"
+    for rel, text in [("a/model.bin", "w"), (".a.lock", "123\n"), (".a.resume/state.pt", "s"), ("b/.b.lock", "9"),
+                      ("b/config.json", "{}"), ("__pycache__/x.pyc", "c")]:  # fmt: skip
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        (models / rel).write_text(text)
+    subprocess.run(["dvc", "add", "-q", "models"], cwd=tmp_path, check=True)
+    recorded = yaml.safe_load((tmp_path / "models.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_md5(models) == recorded
+    (models / ".a.lock").write_text("456\n")  # another trainer's pid: the same hash
+    assert dvc_md5(models) == recorded

@@ -4,6 +4,7 @@ trimmed tiny study logging to it, the REST API to read back what was logged, a d
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -209,6 +211,162 @@ def test_git_state_names_every_changed_input(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# deferred tracking (LM_TRACKING=deferred, what `make repro` sets): journal now, replay later
+
+
+def open_both(tmp_path: Path, uri: str, journal: Path | None, fail: bool = False):
+    """One run with every kind of call a stage makes, live (journal None) or deferred; `fail`: its block raises."""
+    from lm.tracking import DatasetRef, Group
+
+    (tmp_path / "split.bin").write_bytes(b"\x01\x02")
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    cfg = TrackingConfig(experiment="deferred")
+    t = open_run(cfg, uri, "n-gpt (train)", params={"train.lr": "0.1"}, tags={"family": "gpt"}, echo=str,
+                 group=Group("k", "repro (abc)"), artifact_root=tmp_path / "art", journal=journal,
+                 description="d")  # fmt: skip
+    with contextlib.suppress(RuntimeError), t:
+        t.log_datasets([DatasetRef("n/train", tmp_path / "split.bin", "training", {"tokens": 2})])
+        t.log_metrics({"train_loss": 3.0, "tokens_seen": 0}, 0)
+        time.sleep(0.05)
+        t.log_metrics({"train_loss": 2.5, "tokens_seen": 64}, 10)
+        t.set_tags({"dtype": "float32"})
+        t.log_artifact(tmp_path / "split.bin", name="curve.csv")
+        t.log_artifact(tmp_path / "ckpt", "checkpoint")
+        t.log_model("n-gpt", tmp_path / "ckpt", step=10)
+        if fail:
+            raise RuntimeError("diverged")
+    return t
+
+
+def stored(uri: str) -> dict[str, dict]:
+    """Each run of the 'deferred' experiment by (name, id order) as what a reader compares."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("deferred").experiment_id
+    out = []
+    for r in c.search_runs([exp], "tags.`lm.role` = 'stage'", order_by=["attributes.start_time"]):
+        i, t0 = r.info, r.info.start_time
+        files = {f.path for f in c.list_artifacts(i.run_id)} | {
+            f.path for f in c.list_artifacts(i.run_id, "checkpoint")
+        }
+        history = {
+            k: [(m.step, m.value, m.timestamp - t0) for m in c.get_metric_history(i.run_id, k)] for k in r.data.metrics
+        }
+        datasets = [(d.dataset.name, d.dataset.digest, d.dataset.profile) for d in r.inputs.dataset_inputs]
+        parent = (
+            c.get_run(r.data.tags["mlflow.parentRunId"]).info.run_name if "mlflow.parentRunId" in r.data.tags else None
+        )
+        out.append({"name": i.run_name, "status": i.status, "ms": (i.end_time or t0) - t0, "params": r.data.params,
+                    "tags": {k: v for k, v in r.data.tags.items() if k != "mlflow.parentRunId"}, "history": history,
+                    "files": files, "datasets": datasets, "parent": parent})  # fmt: skip
+    models = c.search_logged_models([exp])
+    return {"runs": out, "models": sorted(m.name for m in models)}
+
+
+def test_a_deferred_run_imports_no_mlflow_and_writes_a_journal(tmp_path: Path):
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from test_tracking import open_both; "
+        f"open_both(Path({str(tmp_path)!r}), 'sqlite:///{tmp_path}/m.db', Path({str(tmp_path / 'journal')!r})); "
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    (folder,) = (tmp_path / "journal").iterdir()
+    assert folder.name.endswith("-n-gpt-train") and not (tmp_path / "m.db").exists()
+    kinds = [json.loads(line)["kind"] for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert kinds == ["open", "datasets", "metrics", "metrics", "tags", "artifact", "artifact", "model", "end"]
+    assert (folder / "files" / "1" / "curve.csv").read_bytes() == b"\x01\x02"  # kept under the name it is logged as
+
+
+def test_a_replayed_journal_is_the_live_run(tmp_path: Path):
+    """The same calls, live into one store and deferred then replayed into another, give the same run: name, parent,
+    params, tags, metrics at their steps and their own times, artifacts, datasets, the logged model, duration."""
+    from lm.journal import replay_all
+
+    live, later = f"sqlite:///{tmp_path}/live.db", f"sqlite:///{tmp_path}/later.db"
+    for fail in (False, True):
+        open_both(tmp_path, live, None, fail)
+        open_both(tmp_path, later, tmp_path / "journal", fail)
+    assert len(list((tmp_path / "journal").iterdir())) == 2
+    logged, failed = replay_all(tmp_path / "journal")
+    assert (logged, failed) == (["n-gpt (train)", "n-gpt (train)"], []) and not list((tmp_path / "journal").iterdir())
+    a, b = stored(live), stored(later)
+    assert [r["status"] for r in b["runs"]] == ["FINISHED", "FAILED"] and b["models"] == a["models"] == ["n-gpt"] * 2
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        for key in ("name", "status", "params", "files", "datasets", "parent"):
+            assert x[key] == y[key], key
+        assert {k: v for k, v in x["tags"].items() if k != "mlflow.log-model.history"} == {
+            k: v for k, v in y["tags"].items() if k != "mlflow.log-model.history"
+        }
+        assert x["history"].keys() == y["history"].keys() == {"train_loss", "tokens_seen"}
+        for key, points in x["history"].items():
+            assert [p[:2] for p in points] == [p[:2] for p in y["history"][key]]
+            # The replayed times are the stage's own (the 50 ms sleep between two evaluations shows in both).
+            assert [p[2] for p in points] == pytest.approx([p[2] for p in y["history"][key]], abs=30)
+        assert y["ms"] >= 50 and y["ms"] == pytest.approx(x["ms"], abs=60)
+    assert replay_all(tmp_path / "journal") == ([], [])  # nothing twice
+
+
+def test_a_killed_stage_replays_as_killed_and_a_running_one_waits(tmp_path: Path):
+    """A journal without its end line is a killed stage (its process is gone): KILLED, ending at its last call. One
+    whose process still runs is left alone; a store that is down keeps the journal for the next try."""
+    from mlflow.tracking import MlflowClient
+
+    from lm.journal import replay_all
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    code = (
+        "import os; from pathlib import Path; from lm.tracking import open_run; from lm.config import TrackingConfig; "
+        f"t = open_run(TrackingConfig(experiment='deferred'), {uri!r}, 'killed (train)', params={{}}, tags={{}}, "
+        f"echo=str, journal=Path({str(tmp_path / 'journal')!r})); t.log_metrics({{'loss': 1.0}}, 5); os._exit(9)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    # This process's own run is still open: its journal waits.
+    running = open_run(TrackingConfig(experiment="deferred"), uri, "running (train)", params={}, tags={}, echo=str,
+                       journal=tmp_path / "journal")  # fmt: skip
+    dead = "http://127.0.0.1:9"
+    record = json.loads(
+        (next((tmp_path / "journal").glob("*-killed-train")) / "events.jsonl").read_text().split("\n")[0]
+    )
+    for folder in (tmp_path / "journal").glob("*-killed-train"):  # point it at a dead server first
+        lines = (folder / "events.jsonl").read_text().splitlines()
+        (folder / "events.jsonl").write_text(
+            "\n".join([json.dumps({**record, "record": {**record["record"], "uri": dead}}), *lines[1:]]) + "\n"
+        )
+    logged, failed = replay_all(tmp_path / "journal")
+    assert logged == [] and len(failed) == 1 and f"MLflow tracking server {dead} is unreachable" in failed[0]
+    assert sorted(p.name.split("-", 4)[-1] for p in (tmp_path / "journal").iterdir()) == [
+        "killed-train",
+        "running-train",
+    ]
+    for folder in (tmp_path / "journal").glob("*-killed-train"):
+        (folder / "events.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    assert replay_all(tmp_path / "journal") == (["killed (train)"], [])
+    c = MlflowClient(uri)
+    (r,) = c.search_runs([c.get_experiment_by_name("deferred").experiment_id])
+    (point,) = c.get_metric_history(r.info.run_id, "loss")
+    assert (r.info.run_name, r.info.status, point.step, r.info.end_time) == (
+        "killed (train)",
+        "KILLED",
+        5,
+        point.timestamp,
+    )
+    with running:
+        pass
+    assert replay_all(tmp_path / "journal") == (["running (train)"], [])
+
+
+def test_lm_tracking_must_be_a_known_mode(monkeypatch, capsys):
+    from stages.mlflow_run import tracking_mode
+
+    assert tracking_mode({}) == "live" and tracking_mode({"LM_TRACKING": "deferred"}) == "deferred"
+    with pytest.raises(SystemExit):
+        tracking_mode({"LM_TRACKING": "later"})
+    assert "LM_TRACKING='later' is not a tracking mode: set it to live or deferred" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
 # a real server, a real pipeline
 
 
@@ -252,6 +410,13 @@ class Rest:
             }
             for r in raw.get("runs", [])
         ]
+
+    def runs_or_none(self) -> list[dict] | None:
+        """The study's runs, or None while its experiment does not exist."""
+        try:
+            return self.runs()
+        except urllib.error.HTTPError:
+            return None
 
     def logged_models(self) -> list[dict]:
         """The experiment's MLflow 3 logged models, as their REST `info`."""
@@ -425,7 +590,8 @@ def test_evaluate_and_report_runs_log_the_metrics_and_files(project: Path, serve
     report = server.artifacts(runs["report"]["id"])
     assert {"README.md", "runs.csv", "figures/loss_curves.png", "figures/bpc_vs_params.png"} <= report
     assert runs["report"]["metrics"]["runs"] == 2
-    assert runs["report"]["tags"]["dvc.dep.metrics"] == lock_md5(project, "report", "deps", "metrics")
+    for role in ("metrics", "models"):  # models/ holds each trainer's lock file, which DVC ignores (.dvcignore)
+        assert runs["report"]["tags"][f"dvc.dep.{role}"] == lock_md5(project, "report", "deps", role), role
 
 
 @pytest.mark.slow
@@ -554,6 +720,54 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
     # Artifacts went to the project too, not into the deleted temp copy.
     artifacts = Path(urllib.parse.urlparse(new.info.artifact_uri).path)
     assert artifacts.is_relative_to(project / "mlartifacts") and (artifacts / "checkpoint" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_make_repros_deferred_tracking_logs_the_same_runs(
+    project: Path, server: Rest, tmp_path: Path, another_unused_port: int
+):
+    """What `make repro` does (LM_TRACKING=deferred, then stages.track), into a second server: no stage imports
+    MLflow, and stages.track logs runs a reader cannot tell from the live ones (`server`), except for MLflow's
+    system metrics, which are live-only, and the process that ran them."""
+    forced = [
+        "fetch@names",
+        "train@names-bigram_nn",
+        "evaluate@names-bigram_nn",
+        "train@oz-gpt-bpe512",
+        "evaluate@oz-gpt-bpe512",
+        "report",
+    ]  # every train and evaluate stage: stages.track relogs none
+    with mlflow_server(tmp_path, another_unused_port) as url:
+        rest, env = Rest(url), {"MLFLOW_TRACKING_URI": url, "LM_TRACKING": "deferred"}
+        out = sh(project, "dvc", "repro", "--force", "--single-item", *forced, env=env).stdout
+        assert out.count("→ deferred to ") == len(forced), out
+        assert len(list((project / "mlflow-journal").iterdir())) == len(forced) and rest.runs_or_none() is None
+        out = sh(project, sys.executable, "-m", "stages.track", env={"MLFLOW_TRACKING_URI": url}).stdout
+        assert f"track: {len(forced)} deferred stage runs logged from {project / 'mlflow-journal'}" in out, out
+        assert not list((project / "mlflow-journal").iterdir()) and "0 stage runs logged from their outputs" in out
+        live, later = by_name(server.runs()), by_name(rest.runs())
+        stages = {run_name(s) for s in forced}
+        assert later.keys() == stages | {next(n for n in later if n.startswith("repro "))}
+        # The process and invocation differ; so does the commit (the fixture committed the live repro's outputs).
+        volatile = {"lm.pid", "lm.pid_start", "lm.study_run", "mlflow.parentRunId", "mlflow.log-model.history",
+                    "git.commit", "mlflow.source.git.commit"}  # fmt: skip
+        head = sh(project, "git", "rev-parse", "HEAD").stdout.strip()
+        for name in stages:
+            x, y = live[name], later[name]
+            assert x["params"] == y["params"] and x["datasets"] == y["datasets"], name
+            assert y["tags"]["git.commit"] == head, name
+            assert {k: v for k, v in x["tags"].items() if k not in volatile} == {
+                k: v for k, v in y["tags"].items() if k not in volatile
+            }, name
+            assert {k for k in x["metrics"] if not k.startswith("system/")} == y["metrics"].keys(), name
+            assert server.artifacts(x["id"]) == rest.artifacts(y["id"]), name
+            assert y["status"] == "FINISHED" and y["tags"]["mlflow.parentRunId"] == later[
+                next(n for n in later if n.startswith("repro "))]["id"]  # fmt: skip
+        exact = {k: v for k, v in live["oz-gpt-bpe512 (evaluate)"]["metrics"].items() if k.startswith("val/")}
+        assert exact == {k: later["oz-gpt-bpe512 (evaluate)"]["metrics"][k] for k in exact}
+        y = later["oz-gpt-bpe512 (train)"]
+        assert rest.history(y["id"], "train_loss") == server.history(live["oz-gpt-bpe512 (train)"]["id"], "train_loss")
+        assert [m["name"] for m in rest.logged_models()] == ["oz-gpt-bpe512"]
 
 
 # ----------------------------------------------------------------------------------------------
