@@ -324,7 +324,7 @@ def _question_links(store: str, experiment: str, ui: str, corpus: str, pair: tup
         print(f"note: {e}: pass --pair RUN RUN for the third link")
     labels = {
         "best": "1. Which family is best? Evaluate runs by val/bpc",
-        "curves": f"2. How did the losses evolve? {corpus}'s train runs as charts (type _est in the chart search)",
+        "curves": f"2. How did the losses evolve? {corpus}'s train runs' bits-per-character curves",
         "diff": f"3. What differs between {pair[0]} and {pair[1]}? Their train runs compared (Show diff only)",
     }
     links = {name.removesuffix(".png"): url for name, url in urls.items() if name}

@@ -630,6 +630,23 @@ def find_runs(uri: str, experiment: str, filter_string: str) -> list[tuple[str, 
     return [(r.info.run_id, r.info.run_name) for r in runs]
 
 
+SHARED_VIEW = "mlflow.sharedViewState."
+"""The experiment tag prefix under which MLflow's UI keeps a shared view (its Share button): a URL with
+``viewStateShareKey=<key>`` opens the runs page with that view's filter, sort, columns, chart search and x-axis."""
+
+
+def share_view(uri: str, experiment: str, key: str, state: Mapping[str, Any]) -> None:
+    """Store `state` (the UI's view state: searchFilter, orderByKey, selectedColumns, chartsSearchFilter, ...) as the
+    experiment's shared view `key`, replacing one of that key."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} in {uri}: run `make repro` first")
+    client.set_experiment_tag(exp.experiment_id, f"{SHARED_VIEW}{key}", json.dumps(state, sort_keys=True))
+
+
 def experiment_id(uri: str, experiment: str) -> str | None:
     from mlflow.tracking import MlflowClient
 

@@ -4,8 +4,12 @@ taken with headless Chromium driven over the DevTools protocol (aiohttp, already
     lm ui --screenshots reports/mlflow        (make screenshots; needs a `chromium` binary)
 
 1. best.png: every evaluate run, sorted by val/bpc, with its params, val/test bpc, val loss and family columns;
-2. curves.png: the Shakespeare train runs' charts side by side (val_bpc_est, val_loss_est, ... against steps);
+2. curves.png: the Shakespeare train runs' bits-per-character curves (train_bpc_est, val_bpc_est) against
+   tokens_seen, each run in its own colour (tag mlflow.runColor, stages/mlflow_run.py);
 3. diff.png: two runs compared (names-mlp and names-mlp-bn: the parameter rows that differ stand out).
+
+The first two are MLflow shared views (the UI's Share button: an experiment tag holding the view's state, named by
+the URL's viewStateShareKey), which keep what a plain URL cannot: the chosen columns, the chart search, the x-axis.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from lm.tracking import experiment_id, find_runs
+from lm.tracking import experiment_id, find_runs, share_view
 
 WINDOW = (1600, 1000)
 CLOSE_ASSISTANT = """(() => {
@@ -36,14 +40,6 @@ CLOSE_ASSISTANT = """(() => {
     return !!b;
 })()"""
 """MLflow 3 opens an assistant panel over a third of the page: close it."""
-SEARCH_CHARTS = """(() => {
-    const box = document.querySelector('input[placeholder="Search metric charts"]');
-    if (!box) return false;
-    Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, '_est');
-    box.dispatchEvent(new Event('input', {bubbles: true}));
-    return true;
-})()"""
-"""Only the curves' charts (val_bpc_est, val_loss_est, train_*_est), not the evaluate runs' empty sections."""
 PARAMETER_DIFF = """(() => {
     const headers = [...document.querySelectorAll('[role=button][aria-expanded=true]')];
     headers.filter(h => ['Visualizations', 'Run details'].includes(h.textContent.trim())).forEach(h => h.click());
@@ -52,52 +48,42 @@ PARAMETER_DIFF = """(() => {
     return !!toggle;
 })()"""
 """The compare page opens on plots: show its parameters table, the differing rows only."""
-OPEN_COLUMNS = """(() => {
-    const b = [...document.querySelectorAll('button')].find(x => x.textContent.trim() === 'Columns');
-    if (b) b.click();
-    return !!b;
-})()"""
-PICK_COLUMNS = """(() => {
-    const want = {'': ['Dataset', 'Source', 'Models'], Metrics: ['params', 'test/bpc', 'val/bpc', 'val/loss'],
-                  Tags: ['family']};
-    const nodes = document.querySelectorAll(
-        '[data-component-id="mlflow.experiment_page.runs_table.column_selector"] .du-bois-light-tree-treenode');
-    let group = '', n = 0;
-    for (const node of nodes) {
-        const title = node.textContent.trim(), heading = title.match(/^(Metrics|Parameters|Tags) \\(\\d+\\)$/);
-        if (heading) { group = heading[1]; continue; }
-        if (!(want[group] || []).includes(title)) continue;
-        (node.querySelector('.du-bois-light-tree-checkbox') || node).click();
-        n++;
-    }
-    document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
-    return n;
-})()"""
-"""The runs table shows no metric columns until picked (the choice lives in the browser, not the URL): show the
-numbers that answer the question, hide the Dataset, Source and Models columns to make room."""
-ACTIONS = {"best.png": (OPEN_COLUMNS, PICK_COLUMNS), "curves.png": (SEARCH_CHARTS,), "diff.png": (PARAMETER_DIFF,)}
+ACTIONS = {"diff.png": (PARAMETER_DIFF,)}
+"""What a view needs done after it opens: the compare page keeps no state in its URL, the other views none."""
+BEST_COLUMNS = ["metrics.`val/bpc`", "metrics.`test/bpc`", "metrics.`val/loss`", "metrics.`params`", "tags.`family`"]
+"""The runs table's columns for question 1 (MLflow's column keys), in place of its default Source, Models, Dataset."""
+CURVE_CHARTS = "bpc_est"
+"""Question 2's chart search: the train and val curves in bits per character (char and BPE runs on one scale)."""
 
 
 def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, str] | None) -> dict[str, str]:
     """File name → URL of each view on the UI at `ui`: the evaluate runs by val/bpc, `corpus`'s train curves, the
     runs `pair` compared (raises ValueError if the store lacks them; None leaves that view out). The "" entry is the
-    runs table, visited first (see below)."""
+    runs table, visited first (see below). Writes the first two views' shared view states to the experiment."""
     exp = experiment_id(store, experiment)
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} in {store}: run `make repro` first")
     page = f"{ui}/#/experiments/{exp}?workflowType=machine_learning"
     runs = f"{ui}/#/experiments/{exp}/runs?workflowType=machine_learning"
     q = urllib.parse.quote
-    evaluated = "attributes.run_name LIKE '%(evaluate)'"
-    trained = f"tags.corpus = '{corpus}' AND attributes.run_name LIKE '%(train)'"
+    every = {"runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True}  # not only the first 10 runs (the UI's default)
+    best = every | {"searchFilter": "attributes.run_name LIKE '%(evaluate)'", "orderByKey": "metrics.`val/bpc`",
+                    "orderByAsc": True, "selectedColumns": BEST_COLUMNS}  # fmt: skip
+    # Sorted by a metric only train runs have: the runs list flat, not folded under their collapsed parent.
+    curves = every | {"searchFilter": f"tags.corpus = '{corpus}' AND attributes.run_name LIKE '%(train)'",
+                      "orderByKey": "metrics.`val_bpc_est`", "orderByAsc": True, "chartsSearchFilter": CURVE_CHARTS,
+                      "globalLineChartConfig": {"xAxisKey": "metric", "selectedXAxisMetricKey": "tokens_seen",
+                                                "lineSmoothness": 0}}  # fmt: skip
+    share_view(store, experiment, "lm-best", best)
+    share_view(store, experiment, f"lm-curves-{corpus}", curves)
     urls = {
         # The first visit only stores the ML workflow in the browser: switching to it reloads the page without
-        # the other URL parameters (the search filter), so the views come after it.
+        # the other URL parameters, so the views come after it.
         "": page,
-        "best.png": f"{runs}&searchFilter={q(evaluated)}&orderByKey={q('metrics.`val/bpc`')}&orderByAsc=true",
-        # Sorted by a metric only train runs have: the runs list flat, not folded under their collapsed parent.
-        "curves.png": f"{runs}&searchFilter={q(trained)}&orderByKey={q('metrics.`val_bpc_est`')}&orderByAsc=true"
-        "&compareRunsMode=CHART",
+        # A shared view holds what a URL cannot (columns, chart search, x-axis); the URL must then carry no filter
+        # or sort of its own, or MLflow ignores the shared view.
+        "best.png": f"{runs}&viewStateShareKey=lm-best",
+        "curves.png": f"{runs}&viewStateShareKey={q(f'lm-curves-{corpus}')}&compareRunsMode=CHART",
     }
     if pair is not None:
         finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}

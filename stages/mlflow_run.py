@@ -137,6 +137,7 @@ def tracker(
         **_paths("dvc.dep", deps or {}),
         **({"dvc.exp_name": env["DVC_EXP_NAME"]} if env.get("DVC_EXP_NAME") else {}),
         "mlflow.source.name": f"stages.{stage.split('@')[0]}",
+        **({"mlflow.runColor": color} if (color := run_color(cfg, stage.partition("@")[2])) else {}),
         **(tags or {}),
     }
     try:
@@ -160,6 +161,23 @@ def tracker(
         )
     except TrackingError as e:
         fail(f"{stage}: {e}")
+
+
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
+           "#9a6324", "#800000", "#808000", "#000075", "#a9a9a9", "#ffe119", "#dcbeff", "#000000", "#fabed4",
+           "#aaffc3", "#ffd8b1")  # fmt: skip
+"""Run colours: twenty of the most distinct hues on a white page (Sasha Trubetskoy's list, its palest dropped)."""
+
+
+def run_color(cfg: StudyConfig, run: str) -> str | None:
+    """The colour MLflow's UI draws `run` in (tag mlflow.runColor; its default gives near-identical blues): the
+    run's place among its corpus's runs in params.yaml, so the runs of one corpus, charted together, all differ,
+    and its train and evaluate runs share one. None for a stage that is not a run's (fetch, report, ...)."""
+    if run not in cfg.runs:
+        return None
+    corpus = lambda r: cfg.tokenizers[cfg.runs[r].tokenizer].corpus  # noqa: E731
+    same = [r for r in cfg.runs if corpus(r) == corpus(run)]
+    return PALETTE[same.index(run) % len(PALETTE)]
 
 
 def relog_command(stage: str) -> str:

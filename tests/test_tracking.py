@@ -357,6 +357,20 @@ def test_a_killed_stage_replays_as_killed_and_a_running_one_waits(tmp_path: Path
     assert replay_all(tmp_path / "journal") == (["running (train)"], [])
 
 
+def test_every_run_of_a_corpus_has_its_own_colour_in_the_ui(repo_root: Path):
+    """MLflow's UI gives runs near-identical blues by default; the tag mlflow.runColor sets each: all the runs of
+    one corpus differ (they are charted together), a run's train and evaluate share one, other stages have none."""
+    from stages.mlflow_run import run_color
+
+    cfg = parse_params(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    by_corpus: dict[str, list[str]] = {}
+    for run, r in cfg.runs.items():
+        by_corpus.setdefault(cfg.tokenizers[r.tokenizer].corpus, []).append(run_color(cfg, run))
+    assert all(len(set(colours)) == len(colours) for colours in by_corpus.values()), by_corpus
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for colours in by_corpus.values() for c in colours)
+    assert run_color(cfg, "") is None and run_color(cfg, "names") is None
+
+
 def test_lm_tracking_must_be_a_known_mode(monkeypatch, capsys):
     from stages.mlflow_run import tracking_mode
 
@@ -502,6 +516,9 @@ def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: R
         assert r["tags"]["lm.study_run"] == parents[0]["tags"]["lm.study_run"]
         assert run_name(r["tags"]["dvc.stage"]) == r["name"]  # names lead with what differs; the tag keeps the stage
         assert r["tags"]["mlflow.note.content"], r["name"]  # a description a person reads
+    colour = {r["name"]: r["tags"].get("mlflow.runColor") for r in stages}
+    assert colour["names-bigram_nn (train)"] == colour["names-bigram_nn (evaluate)"] is not None
+    assert colour["names (fetch)"] is None and colour["report"] is None
 
 
 @pytest.mark.slow
@@ -826,9 +843,10 @@ def test_the_mlflow_docs_fail_fast_example_prints_what_it_shows(project: Path, r
 
 @pytest.mark.slow
 def test_the_ui_links_open_on_the_answers_in_a_real_browser(project: Path, server: Rest):
-    """Each link `lm ui` prints (lm.ui.views), opened in headless Chromium as the docs say, read from the page:
-    the evaluate runs best val/bpc first; the corpus's train runs, each drawn in the val_bpc_est chart; the two
-    runs' parameters, the differing rows only."""
+    """Each link `lm ui` prints (lm.ui.views), opened in headless Chromium with no click but the compare page's
+    "Show diff only", read from the page: the evaluate runs best val/bpc first, with the columns that answer it; the
+    corpus's train runs, each drawn in the bits-per-character charts only, against tokens_seen; the two runs'
+    parameters, the differing rows only."""
     import shutil
 
     from lm.ui import read_views
@@ -840,11 +858,16 @@ def test_the_ui_links_open_on_the_answers_in_a_real_browser(project: Path, serve
     best = pages["best"].rows
     assert best and all(name.endswith(" (evaluate)") for name in best), best
     assert "Sort: val/bpc" in pages["best"].lines
+    # The shared view's columns, in place of the runs table's default Source, Models and Dataset.
+    assert {"val/bpc", "test/bpc", "val/loss", "params", "family"} <= set(pages["best"].lines), pages["best"].lines
+    assert "Source" not in pages["best"].lines and "Dataset" not in pages["best"].lines, pages["best"].lines
     first_seen = list(dict.fromkeys(name.removesuffix(" (evaluate)") for name in best))
     assert [r for r in first_seen if r in bpc] == sorted(bpc, key=bpc.get), (best, bpc)
     curves = pages["curves"]
     assert curves.rows and set(curves.rows) == {"oz-gpt-bpe512 (train)"}, curves.rows  # oz's train runs only
     assert set(curves.legends.get("val_bpc_est", [])) == set(curves.rows), curves.legends
+    assert set(curves.legends) == {"train_bpc_est", "val_bpc_est"}, curves.legends  # the chart search: no other chart
+    assert "tokens_seen" in curves.lines  # the x-axis
     cells = {line.split("\t")[0]: line.split("\t")[1:] for line in pages["diff"].lines if "\t" in line}
     assert cells.get("model.family") == ["bigram_nn", "gpt"], cells
     assert "train.seed" not in cells  # the same in both: hidden by "Show diff only"
