@@ -166,7 +166,7 @@ def tracker(
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
            "#9a6324", "#800000", "#808000", "#000075", "#a9a9a9", "#ffe119", "#dcbeff", "#000000", "#fabed4",
            "#aaffc3", "#ffd8b1")  # fmt: skip
-"""Run colours: twenty of the most distinct hues on a white page (Sasha Trubetskoy's list, its palest dropped)."""
+"""Run colours: twenty of the most distinct hues on a white page (Sasha Trubetskoy's 22 without white and beige)."""
 
 
 def run_color(cfg: StudyConfig, run: str) -> str | None:
