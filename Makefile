@@ -31,7 +31,7 @@ $(STAMP): requirements.lock pyproject.toml
 # Params first: a broken params.yaml (a run naming a missing tokenizer, a typo) gets its one-line-per-problem
 # message before DVC resolves the DAG, where it could only say that a path is missing.
 # The stages write their MLflow runs to mlflow-journal/ (LM_TRACKING=deferred: no MLflow import in 80 stage processes,
-# about 2 s each) and stages.track logs them all in one process, also after a failed stage; LM_TRACKING=live logs
+# docs/mlflow.md, Cost) and stages.track logs them all in one process, also after a failed stage; LM_TRACKING=live logs
 # each run as it happens. Make exits with dvc's status if it failed, else with stages.track's.
 repro: install
 	$(BIN)/lm check-params params.yaml

@@ -1,7 +1,7 @@
 """Deferred tracking: a stage's MLflow run written to a journal folder now, logged to the store later.
 
-Importing MLflow and opening its store costs a stage process about two seconds, more than many stages' own work
-(docs/performance.md). `make repro` therefore runs the stages with ``LM_TRACKING=deferred``: each stage writes
+Importing MLflow and opening its store costs a stage process more than many stages' own work (docs/performance.md
+has the figures). `make repro` therefore runs the stages with ``LM_TRACKING=deferred``: each stage writes
 what its :class:`lm.tracking.Tracker` would have sent to ``mlflow-journal/<time>-<pid>-<stage>/`` (a JSON line per
 call, with its time; the artifact files beside it, hard-linked where possible, so a later rewrite of an output
 does not change them), and ``python -m stages.track`` then logs every journal in one process with

@@ -3,7 +3,7 @@
     python -m stages.track [--params params.yaml]      (`make repro` runs it after `dvc repro`; `make track`)
 
 1. Deferred runs: `make repro` runs the stages with LM_TRACKING=deferred, so each writes its run to
-   mlflow-journal/ instead of importing MLflow (about 2 s a stage); every journal is logged here, in one process,
+   mlflow-journal/ instead of importing MLflow (docs/mlflow.md, Cost); every journal is logged here, in one process,
    with its own times (lm/journal.py), and removed. A journal that fails to log is kept for the next `make track`.
 2. Skipped runs: every train and evaluate stage of dvc.lock whose outputs no run of the study's experiment holds
    yet is run again with --log-only, which logs its committed outputs and computes nothing.
