@@ -125,7 +125,6 @@ def tracker(
     configure_mlflow()
     env, cwd = os.environ, Path.cwd()
     root = project_root(env)
-    deferred = tracking_mode(env) == "deferred"
     uri = tracking_uri(root, env)
     # Git state and code are those of the workspace that runs (a temp copy under dvc exp --temp).
     git = git_state(cwd, SOURCES)
@@ -152,7 +151,7 @@ def tracker(
             warn=warn,
             relog=relog_command(stage) if relog else None,
             description=description,
-            journal=root / JOURNAL_DIR if deferred else None,
+            journal=root / JOURNAL_DIR if tracking_mode(env) == "deferred" else None,
             experiment_description=(
                 f"{cfg.report.title}: one run per DVC stage, named for what differs first ('names-mlp (train)', "
                 f"'names-mlp (evaluate)'); the parent runs are `dvc repro` invocations. The report with every "

@@ -302,9 +302,12 @@ def test_a_replayed_journal_is_the_live_run(tmp_path: Path):
         assert x["history"].keys() == y["history"].keys() == {"train_loss", "tokens_seen"}
         for key, points in x["history"].items():
             assert [p[:2] for p in points] == [p[:2] for p in y["history"][key]]
-            # The replayed times are the stage's own (the 50 ms sleep between two evaluations shows in both).
-            assert [p[2] for p in points] == pytest.approx([p[2] for p in y["history"][key]], abs=30)
-        assert y["ms"] >= 50 and y["ms"] == pytest.approx(x["ms"], abs=60)
+            # The replayed times are the stage's own: the 50 ms between two evaluations shows in both (the offsets
+            # from the start differ by the live run's own store calls before its first metric).
+            gap = lambda pts: pts[1][2] - pts[0][2]  # noqa: E731
+            assert gap(y["history"][key]) >= 50 and gap(y["history"][key]) == pytest.approx(gap(points), abs=30)
+        # The run's duration is the stage's, not the replay's (which takes a few ms); the live one adds its logging.
+        assert 50 <= y["ms"] <= x["ms"] + 30, (x["ms"], y["ms"])
     assert replay_all(tmp_path / "journal") == ([], [])  # nothing twice
 
 
