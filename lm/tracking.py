@@ -637,14 +637,17 @@ SHARED_VIEW = "mlflow.sharedViewState."
 
 def share_view(uri: str, experiment: str, key: str, state: Mapping[str, Any]) -> None:
     """Store `state` (the UI's view state: searchFilter, orderByKey, selectedColumns, chartsSearchFilter, ...) as the
-    experiment's shared view `key`, replacing one of that key."""
+    experiment's shared view `key`, replacing one of that key; raises TrackingError if the store refuses it."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} in {uri}: run `make repro` first")
-    client.set_experiment_tag(exp.experiment_id, f"{SHARED_VIEW}{key}", json.dumps(state, sort_keys=True))
+    try:
+        client.set_experiment_tag(exp.experiment_id, f"{SHARED_VIEW}{key}", json.dumps(state, sort_keys=True))
+    except Exception as e:  # noqa: BLE001 (a read-only store, a server that refuses writes, ...)
+        raise TrackingError(f"{uri} did not keep the shared view {key}: {' '.join(str(e).split())[:300]}") from None
 
 
 def experiment_id(uri: str, experiment: str) -> str | None:

@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from lm.tracking import experiment_id, find_runs, share_view
+from lm.tracking import TrackingError, experiment_id, find_runs, share_view
 
 WINDOW = (1600, 1000)
 CLOSE_ASSISTANT = """(() => {
@@ -74,8 +74,6 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
                       "orderByKey": "metrics.`val_bpc_est`", "orderByAsc": True, "chartsSearchFilter": CURVE_CHARTS,
                       "globalLineChartConfig": {"xAxisKey": "metric", "selectedXAxisMetricKey": "tokens_seen",
                                                 "lineSmoothness": 0}}  # fmt: skip
-    share_view(store, experiment, "lm-best", best)
-    share_view(store, experiment, f"lm-curves-{corpus}", curves)
     urls = {
         # The first visit only stores the ML workflow in the browser: switching to it reloads the page without
         # the other URL parameters, so the views come after it.
@@ -85,6 +83,12 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
         "best.png": f"{runs}&viewStateShareKey=lm-best",
         "curves.png": f"{runs}&viewStateShareKey={q(f'lm-curves-{corpus}')}&compareRunsMode=CHART",
     }
+    try:
+        share_view(store, experiment, "lm-best", best)
+        share_view(store, experiment, f"lm-curves-{corpus}", curves)
+    except TrackingError:  # a store that takes no writes: filter, sort and view in the URL; columns by hand
+        urls["best.png"] = _plain(runs, best)
+        urls["curves.png"] = _plain(runs, curves) + "&compareRunsMode=CHART"
     if pair is not None:
         finished = {name: rid for rid, name in find_runs(store, experiment, "attributes.status = 'FINISHED'")}
         ids = [finished.get(f"{run} (train)") for run in pair]
@@ -93,6 +97,13 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
         urls["diff.png"] = (f"{ui}/#/compare-runs?runs={q(json.dumps(ids))}&experiments={q(json.dumps([exp]))}"
                             "&workflowType=machine_learning")  # fmt: skip
     return urls
+
+
+def _plain(runs: str, state: dict) -> str:
+    """The runs table's URL with a view state's filter and sort as URL parameters (no shared view needed)."""
+    q = urllib.parse.quote
+    facets = {"searchFilter": state["searchFilter"], "orderByKey": state["orderByKey"], "orderByAsc": "true"}
+    return runs + "".join(f"&{k}={q(v)}" for k, v in facets.items())
 
 
 @dataclasses.dataclass

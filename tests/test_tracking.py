@@ -374,6 +374,35 @@ def test_every_run_of_a_corpus_has_its_own_colour_in_the_ui(repo_root: Path):
     assert run_color(cfg, "") is None and run_color(cfg, "names") is None
 
 
+def test_the_ui_links_fall_back_to_plain_urls_on_a_store_that_takes_no_writes(tmp_path: Path, monkeypatch):
+    """lm ui writes its shared views to the experiment; a store that refuses (read-only, a server without write
+    access) still gets links: the filter, sort and chart view in the URL (the columns are then picked by hand)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lm.tracking import SHARED_VIEW
+    from lm.ui import views
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = MlflowClient(uri).create_experiment("shared")
+    urls = views(uri, "shared", "http://ui", "oz", None)
+    assert urls["best.png"].endswith("viewStateShareKey=lm-best")
+    tags = MlflowClient(uri).get_experiment(exp).tags
+    assert json.loads(tags[f"{SHARED_VIEW}lm-curves-oz"])["chartsSearchFilter"] == "bpc_est"
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("attempt to write a readonly database")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", refuse)
+    urls = views(uri, "shared", "http://ui", "oz", None)
+    assert not any("viewStateShareKey" in u for u in urls.values())
+    assert (
+        "searchFilter=tags.corpus%20%3D%20%27oz%27" in urls["curves.png"]
+        and "compareRunsMode=CHART" in urls["curves.png"]
+    )
+    assert "orderByKey=metrics.%60val/bpc%60&orderByAsc=true" in urls["best.png"]
+
+
 def test_lm_tracking_must_be_a_known_mode(monkeypatch, capsys):
     from stages.mlflow_run import tracking_mode
 
