@@ -33,9 +33,11 @@ $(STAMP): requirements.lock pyproject.toml
 # The stages write their MLflow runs to mlflow-journal/ (LM_TRACKING=deferred: no MLflow import in 80 stage processes,
 # docs/mlflow.md, Cost) and stages.track logs them all in one process, also after a failed stage; LM_TRACKING=live logs
 # each run as it happens. Make exits with dvc's status if it failed, else with stages.track's.
+TRACKED_REPRO = LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro $(1); s=$$?; $(BIN)/python -m stages.track; \
+	t=$$?; exit $$(( s ? s : t ))
 repro: install
 	$(BIN)/lm check-params params.yaml
-	LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro; s=$$?; $(BIN)/python -m stages.track; t=$$?; exit $$(( s ? s : t ))
+	$(call TRACKED_REPRO)
 
 # MLflow gets the train and evaluate runs it lacks, from their outputs (a lost or new store; see stages/track.py).
 track: install
@@ -45,8 +47,7 @@ track: install
 # on the machine class that made the commit (reports/machine.json), within each run's tolerance on another CPU.
 verify: install
 	$(BIN)/lm check-params params.yaml
-	LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro --force; s=$$?; $(BIN)/python -m stages.track; t=$$?; \
-	  test $$s -eq 0 -a $$t -eq 0
+	$(call TRACKED_REPRO,--force)
 	$(BIN)/lm verify
 
 test: install

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
+
 from lm.tracking import DatasetRef, NullTracker, TrackingError, _alive, exit_status, replay
 
 JOURNAL_DIR = "mlflow-journal"
@@ -129,7 +131,7 @@ def pending(journal: Path) -> Iterator[Path]:
         return
     for folder in sorted(Path(journal).iterdir()):
         base, _, claimer = folder.name.partition(CLAIMED)
-        if claimer and _pid_alive(claimer):
+        if claimer and psutil.pid_exists(int(claimer)):
             continue
         try:
             record, events = read(folder)
@@ -141,16 +143,6 @@ def pending(journal: Path) -> Iterator[Path]:
         if not ended and _alive(process.get("lm.pid", ""), process.get("lm.pid_start", "")):
             continue
         yield folder
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def replay_all(journal: Path) -> tuple[list[str], list[str]]:

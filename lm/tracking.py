@@ -19,6 +19,7 @@ it does any work, with a message naming the URI (``tracking.required: false``: w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -51,6 +52,11 @@ SERVER_FIX = (
 )
 STUDY_ROLE, STAGE_ROLE = "study", "stage"
 """Values of the ``lm.role`` tag: the parent run of one pipeline invocation, or one stage instance."""
+
+
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line, cut at `limit` characters (store errors can be pages long)."""
+    return " ".join(str(e).split())[:limit]
 
 
 class TrackingError(RuntimeError):
@@ -205,7 +211,7 @@ class Tracker(NullTracker):
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (MlflowException, OSError, database errors, ...)
-            message = f"MLflow tracking at {self.uri} failed to {what}: {' '.join(str(e).split())[:500]}"
+            message = f"MLflow tracking at {self.uri} failed to {what}: {_one_line(e)}"
             if fatal:
                 raise TrackingError(f"{message}; fix the store or set tracking.required: false to run untracked") from e
             self.failed = message
@@ -219,8 +225,9 @@ class Tracker(NullTracker):
                     self._monitor.finish()
                 self._monitor = None
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, timestamp: int | None = None) -> None:
+        """Buffer `metrics` at `step`, stamped `timestamp` (ms since the epoch; None: now, a replayed run's own)."""
+        now = int(time.time() * 1000) if timestamp is None else timestamp
         self._buffer.extend(self._metric(k, float(v), now, step) for k, v in metrics.items())
         if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
@@ -231,6 +238,12 @@ class Tracker(NullTracker):
             batch, self._buffer = self._buffer, []
             self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
         self._last_flush = time.monotonic()
+
+    def log_params(self, params: Mapping[str, str], fatal: bool = False) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, v) for k, v in params.items()]
+        self._call("log params", self.client.log_batch, self.run_id, params=batch, fatal=fatal)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call("set tags", self.client.log_batch, self.run_id, tags=[self._tag(k, str(v)) for k, v in tags.items()])
@@ -278,7 +291,7 @@ class Tracker(NullTracker):
             monitor.start()
             self._monitor = monitor
         except Exception as e:  # noqa: BLE001 (an optional view: never a reason to stop the stage)
-            self.warn(f"MLflow system metrics are off for this run: {' '.join(str(e).split())[:200]}")
+            self.warn(f"MLflow system metrics are off for this run: {_one_line(e, 200)}")
             monitor = None
         try:
             yield
@@ -510,19 +523,15 @@ def open_run(
     except TrackingError as e:
         error: Exception = e
     except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
-        said = " ".join(str(e).split())[:500]
         error = TrackingError(
-            f"MLflow tracking at {uri} failed ({said}): check that the store is reachable and writable"
+            f"MLflow tracking at {uri} failed ({_one_line(e)}): check that the store is reachable and writable"
         )
     else:
         # A store error reaches the stage as an exception, which it reports in one line: MLflow's logging of the
         # same error (a ~90-line SQLAlchemy traceback each time) would bury that line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-        from mlflow.entities import Param
-
         tracker = Tracker(client, run_id, parent_id, uri, cfg.required, warn, relog, experiment_id)
-        params_batch = [Param(k, v) for k, v in params.items()]
-        tracker._call("log params", client.log_batch, run_id, params=params_batch, fatal=cfg.required)
+        tracker.log_params(params, fatal=cfg.required)
         web = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         echo(f"mlflow: {name} → {web if probe_able(uri) else f'run {run_id} in {uri}'}")
         return tracker
@@ -557,8 +566,8 @@ def _deferred(journal: Path, record: dict[str, Any], echo: Callable[[str], None]
 
     group, root = record["group"], record["artifact_root"]
     record |= {
-        "group": None if group is None else {"key": group.key, "name": group.name, "tags": dict(group.tags)},
-        "artifact_root": None if root is None else str(root),
+        "group": group and dataclasses.asdict(group),
+        "artifact_root": root and str(root),
         "process": process_tags(),
     }
     try:
@@ -647,7 +656,7 @@ def share_view(uri: str, experiment: str, key: str, state: Mapping[str, Any]) ->
     try:
         client.set_experiment_tag(exp.experiment_id, f"{SHARED_VIEW}{key}", json.dumps(state, sort_keys=True))
     except Exception as e:  # noqa: BLE001 (a read-only store, a server that refuses writes, ...)
-        raise TrackingError(f"{uri} did not keep the shared view {key}: {' '.join(str(e).split())[:300]}") from None
+        raise TrackingError(f"{uri} did not keep the shared view {key}: {_one_line(e, 300)}") from None
 
 
 def experiment_id(uri: str, experiment: str) -> str | None:
@@ -676,17 +685,15 @@ def replay(record: Mapping[str, Any], events: Sequence[Mapping[str, Any]], files
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 (MlflowException, OSError, sqlalchemy errors, ...)
-        raise TrackingError(f"MLflow tracking at {uri} failed ({' '.join(str(e).split())[:500]})") from None
+        raise TrackingError(f"MLflow tracking at {uri} failed ({_one_line(e)})") from None
     # Silent: a failure is raised below, with the first failed call's message (t.failed).
-    from mlflow.entities import Param
-
     t = Tracker(client, run_id, parent_id, uri, True, lambda _: None, None, experiment_id)
-    t._call("log params", client.log_batch, run_id, params=[Param(k, v) for k, v in record["params"].items()])
+    t.log_params(record["params"])
     status, t.end_time = "KILLED", start
     for e in events:
         t.end_time = int(e["time"])
         if e["kind"] == "metrics":
-            t._buffer.extend(t._metric(k, float(v), t.end_time, int(e["step"])) for k, v in e["values"].items())
+            t.log_metrics(e["values"], int(e["step"]), timestamp=t.end_time)
         elif e["kind"] == "tags":
             t.set_tags(e["tags"])
         elif e["kind"] == "artifact":

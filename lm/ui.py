@@ -66,7 +66,7 @@ def views(store: str, experiment: str, ui: str, corpus: str, pair: tuple[str, st
     page = f"{ui}/#/experiments/{exp}?workflowType=machine_learning"
     runs = f"{ui}/#/experiments/{exp}/runs?workflowType=machine_learning"
     q = urllib.parse.quote
-    every = {"runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True}  # not only the first 10 runs (the UI's default)
+    every = {"runsHiddenMode": "SHOW_ALL"}  # not only the first 10 runs (the UI's default)
     best = every | {"searchFilter": "attributes.run_name LIKE '%(evaluate)'", "orderByKey": "metrics.`val/bpc`",
                     "orderByAsc": True, "selectedColumns": BEST_COLUMNS}  # fmt: skip
     # Sorted by a metric only train runs have: the runs list flat, not folded under their collapsed parent.
