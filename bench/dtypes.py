@@ -51,8 +51,9 @@ def table(results: list[dict], runs: list[str], committed: dict[str, dict], thre
                  f"{f['bpc']:.4f}", f"{done['val/loss']:.4f}" if "val/loss" in done else "",
                  done.get("train/dtype", "")]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    minutes = sum(r["seconds"] for r in results) / 60
-    lines += ["", f"{len(results)} trainings, {minutes:.1f} minutes of training and scoring in all."]
+    measured = [r for r in results if not r.get("kept")]
+    minutes = sum(r["seconds"] for r in measured) / 60
+    lines += ["", f"{len(measured)} trainings, {minutes:.1f} minutes of training and scoring in all."]
     return "\n".join(lines) + "\n"
 
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizers", type=Path, default=Path("tokenizers"), help="built tokenizers (dvc repro)")
     ap.add_argument("--metrics", type=Path, default=Path("metrics"), help="the committed metrics (for the table)")
     ap.add_argument("--out", type=Path, help="also write the table to this .md file and its numbers beside it (.json)")
+    ap.add_argument(
+        "--merge", action="store_true", help="with --out and RUNs: keep the other runs' rows of the existing FILE.json"
+    )
     args = ap.parse_args(argv)
 
     from lm.config import ParamsError, load_params
@@ -98,12 +102,33 @@ def main(argv: list[str] | None = None) -> None:
     ]  # fmt: skip
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(train_and_score, *zip(*jobs, strict=True)))
+    kept = _kept(args.out, runs) if args.merge and args.out else {}
+    results, runs = with_kept(results, runs, kept, list(study.runs))
     committed = {n: json.loads(p.read_text()) for n in runs if (p := args.metrics / f"{n}.json").is_file()}
     text = table(results, runs, committed, args.threads)
+    if kept:
+        text += (f"\n{', '.join(kept)}: carried over from the previous table (`--merge`); the trainings and "
+                 "minutes above count only the runs measured now.\n")  # fmt: skip
     print(text)
     if args.out:
         atomic_write_text(args.out.with_suffix(".md"), text)
         write_json(args.out.with_suffix(".json"), as_json(results, runs))
+
+
+def with_kept(results: list[dict], runs: list[str], kept: dict[str, dict], order: list[str]):
+    """`results` and `runs` with the `kept` rows (as_json's form) added, the runs in `order` (the params')."""
+    results = results + [
+        {"run": n, "dtype": d, "val": {k: v[d][f"val/{k}"] for k in ("loss", "bpc")}, "kept": True}
+        for n, v in kept.items()
+        for d in DTYPES
+    ]
+    return results, [n for n in order if n in set(runs) | set(kept)]
+
+
+def _kept(out: Path, measured: list[str]) -> dict[str, dict]:
+    """The rows of `out`'s JSON twin for the runs not measured now (``--merge``)."""
+    path = out.with_suffix(".json")
+    return {n: v for n, v in json.loads(path.read_text()).items() if n not in measured} if path.is_file() else {}
 
 
 if __name__ == "__main__":

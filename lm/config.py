@@ -139,10 +139,15 @@ class TrainConfig(Strict):
     """Examples per step. Text: windows of block_size tokens. Names: for fixed-context families (bigram, MLP,
     WaveNet), (context, target) examples drawn uniformly from every position of every name (makemore's batches);
     for attention families, whole names."""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """AdamW (Loshchilov & Hutter 2019) or plain SGD (as the makemore lectures)."""
+    optimizer: Literal["adamw", "sgd", "muon"] = "adamw"
+    """AdamW (Loshchilov & Hutter 2019), plain SGD (as the makemore lectures), or 'muon': Muon (Jordan et al. 2024)
+    on the hidden matrices (the attention and feed-forward weights the family declares) and AdamW on the rest
+    (embeddings, head, norms, biases), lm/muon.py."""
     lr: float = Field(default=1e-3, gt=0, le=100)
-    """Peak learning rate."""
+    """Peak learning rate (with 'muon': AdamW's, for the parameters Muon does not train)."""
+    muon_lr: float | None = Field(default=None, gt=0, le=10)
+    """optimizer 'muon' only: peak learning rate of the hidden matrices (default 0.02, the Muon post's); it follows
+    the same warmup and decay as lr, scaled by muon_lr / lr."""
     min_lr: float = Field(default=0.0, ge=0)
     """Learning rate at the end of the cosine decay."""
     schedule: Literal["cosine", "step", "constant"] = "cosine"
@@ -205,6 +210,8 @@ class TrainConfig(Strict):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if any(not 0 < f < 1 for f in self.step_at):
             raise ValueError(f"step_at fractions must lie in (0, 1), got {self.step_at}")
+        if self.muon_lr is not None and self.optimizer != "muon":
+            raise ValueError(f"muon_lr is the learning rate of optimizer 'muon'; this run's is {self.optimizer!r}")
         return self
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lm import checkpoint, distributed
+from lm import checkpoint, distributed, muon
 from lm.batches import Batches
 from lm.config import TrainConfig
 from lm.distributed import pick_device
@@ -108,15 +108,27 @@ def use_device(cfg: TrainConfig, device: torch.device | str) -> None:
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str = "cpu"
 ) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (nanoGPT: not on biases and norm gains), or SGD."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW with weight decay on matrices only (nanoGPT: not on biases and norm gains), SGD, or Muon on the hidden
+    matrices with AdamW on the rest (lm/muon.py)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = muon.hidden_matrices(model) if cfg.optimizer == "muon" else set()
+    if cfg.optimizer == "muon" and not hidden:
+        raise ValueError(
+            f"train.optimizer 'muon' trains attention and feed-forward matrices, and {type(model).__name__} has "
+            "none: use 'adamw'"
+        )
+    decay = [p for n, p in named if p.dim() >= 2 and n not in hidden]
+    no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     kernels = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
     impl = kernels[adamw_impl(cfg, device)]
+    if cfg.optimizer == "muon":
+        scale = (cfg.muon_lr or muon.MUON_LR) / cfg.lr
+        matrices = {"params": [p for n, p in named if n in hidden], "weight_decay": cfg.weight_decay}
+        groups = [matrices | {"muon": True, "lr_scale": scale}, *groups]
+        return muon.MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=impl.get("foreach"))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
 
 

@@ -497,3 +497,22 @@ def test_bench_stage_cost_times_every_part_of_a_stage_s_fixed_cost(tmp_path, cap
     with pytest.raises(SystemExit):
         stage_cost.main(["--repeats", "0"])
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_dtypes_merge_re_measures_the_named_runs_and_keeps_the_others(tmp_path):
+    import json
+
+    from bench.dtypes import _kept, as_json, table, with_kept
+
+    row = lambda run, dtype, loss: {"run": run, "dtype": dtype, "val": {"loss": loss, "bpc": loss * 1.44}}  # noqa: E731
+    old = [row("a", "bfloat16", 1.5), row("a", "float32", 1.6), row("b", "bfloat16", 2.0), row("b", "float32", 2.1)]
+    (tmp_path / "d.json").write_text(json.dumps(as_json(old, ["a", "b"])))
+    new = [row("b", "bfloat16", 1.0) | {"seconds": 60.0}, row("b", "float32", 1.2) | {"seconds": 60.0}]
+    kept = _kept(tmp_path / "d.md", ["b"])
+    assert list(kept) == ["a"]
+    results, runs = with_kept(new, ["b"], kept, ["a", "b", "c"])
+    assert runs == ["a", "b"] and as_json(results, runs)["a"] == as_json(old, ["a"])["a"]
+    assert as_json(results, runs)["b"]["float32"]["val/loss"] == 1.2
+    text = table(results, runs, {}, threads=2)
+    assert "| a | 1.5000 | 1.6000 | +0.1000 |" in text and "| b | 1.0000 | 1.2000 | +0.2000 |" in text
+    assert "2 trainings, 2.0 minutes" in text  # the kept rows are not counted as trained now
