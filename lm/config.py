@@ -86,13 +86,30 @@ class CorpusConfig(Strict):
     """Expected sha256 (64 lowercase hex digits) of the downloaded bytes, before cleaning."""
     filename: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     """File name of the raw download, also the name looked up in the mirror folder."""
-    format: Literal["lines", "text"]
+    format: Literal["lines", "text", "labelled"]
     """'lines': one example per line (split by line, shuffled with the seed); 'text': continuous text, split
-    contiguously."""
+    contiguously; 'labelled': one example per line, ``label<TAB>text`` (the text may hold more tabs), for
+    classification, split stratified by label (lm/data.py)."""
     split: SplitConfig
     """Split fractions."""
     clean: CleanConfig = CleanConfig()
     """Cleaning options."""
+    labels: list[str] | None = Field(default=None, min_length=2)
+    """'labelled' only: the labels a line may carry, in class-index order (the first is class 0)."""
+    balance: bool = False
+    """'labelled' only: down-sample every label to the rarest one's count (with the study seed) before splitting,
+    as the SMS spam chapter of Raschka's book does."""
+
+    @model_validator(mode="after")
+    def _labelled_fields(self) -> CorpusConfig:
+        if self.format == "labelled":
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise ValueError("format 'labelled' needs labels: a list of two or more distinct labels")
+            if bad := [x for x in self.labels if not x or "\t" in x or x != x.strip()]:
+                raise ValueError(f"labels must be non-empty, without tabs or surrounding spaces; got {bad}")
+        elif self.labels is not None or self.balance:
+            raise ValueError(f"labels and balance belong to format 'labelled'; this corpus is {self.format!r}")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +369,30 @@ class TrackingConfig(Strict):
     """Families whose model.safetensors the train stage logs as an artifact ([]: none; config.json is always logged)."""
 
 
+class BaselineConfig(Strict):
+    """A classical classifier of a labelled corpus (lm/classification.py): TF-IDF over n-grams and a logistic
+    regression, its C picked on the val split. What a practitioner tries first, beside the fine-tuned runs."""
+
+    corpus: str
+    """The labelled corpus (a key of `corpora` with format 'labelled')."""
+    analyzer: Literal["char_wb", "char", "word"] = "char_wb"
+    """scikit-learn TfidfVectorizer's analyzer: character n-grams inside word boundaries, across them, or words."""
+    ngram_min: int = Field(default=1, ge=1, le=10)
+    """Shortest n-gram."""
+    ngram_max: int = Field(default=5, ge=1, le=10)
+    """Longest n-gram."""
+    C: list[float] = Field(default=[1.0, 10.0, 100.0], min_length=1)
+    """Inverse regularisation strengths to try; the best on val accuracy is kept (ties: the smallest)."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> BaselineConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if any(c <= 0 for c in self.C):
+            raise ValueError(f"C values must be > 0, got {self.C}")
+        return self
+
+
 class StudyConfig(Strict):
     """The whole of params.yaml."""
 
@@ -363,6 +404,8 @@ class StudyConfig(Strict):
     """Tokenizers by name."""
     runs: dict[str, RunConfig] = {}
     """Experiments by name: one train and one evaluate stage each."""
+    baselines: dict[str, BaselineConfig] = {}
+    """Classical classifiers of labelled corpora by name: one baseline stage each."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluate-stage settings."""
     report: ReportConfig = ReportConfig()
@@ -370,7 +413,7 @@ class StudyConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking settings (every stage)."""
 
-    @field_validator("corpora", "tokenizers", "runs")
+    @field_validator("corpora", "tokenizers", "runs", "baselines")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         bad = [k for k in v if not NAME_RE.match(k)]
@@ -387,6 +430,15 @@ class StudyConfig(Strict):
         for name, tok in self.tokenizers.items():
             if tok.corpus not in self.corpora:
                 problems.append(f"tokenizers.{name}.corpus: got {tok.corpus!r}; must be one of {sorted(self.corpora)}")
+            elif self.corpora[tok.corpus].format == "labelled":
+                problems.append(
+                    f"tokenizers.{name}.corpus: {tok.corpus!r} is a labelled corpus (for fine-tuning); a tokenizer "
+                    "is trained on a 'lines' or 'text' corpus"
+                )
+        for name, base in self.baselines.items():
+            if (corpus := self.corpora.get(base.corpus)) is None or corpus.format != "labelled":
+                labelled = sorted(k for k, c in self.corpora.items() if c.format == "labelled")
+                problems.append(f"baselines.{name}.corpus: got {base.corpus!r}; must be a labelled corpus: {labelled}")
         for name, run in self.runs.items():
             if run.tokenizer not in self.tokenizers:
                 problems.append(

@@ -31,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -392,9 +393,14 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def write_dataset(
-    splits: Mapping[str, list[str]], out_dir: Path, *, meta: Mapping[str, Any] | None = None
+    splits: Mapping[str, list[str]],
+    out_dir: Path,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    labels: Mapping[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/dataset`` (a DatasetDict, column "text") and ``out_dir/stats.json``; return the stats.
+    """Write ``out_dir/dataset`` (a DatasetDict, column "text", and "label" where `labels` gives each split's) and
+    ``out_dir/stats.json``; return the stats.
 
     ``meta`` (source, cleaning, ...) goes into stats.json before the per-split counts. Everything is
     written to a temp folder beside ``out_dir`` and renamed into place at the end, so readers see the
@@ -406,9 +412,15 @@ def write_dataset(
 
     out_dir = Path(out_dir)
     stats: dict[str, Any] = {**(meta or {}), "splits": {k: split_stats(v) for k, v in splits.items()}}
+    if labels is not None:
+        for k, v in labels.items():
+            stats["splits"][k]["labels"] = dict(sorted(Counter(v).items()))
+    columns = {k: {"text": list(v)} for k, v in splits.items()}
+    for k, v in (labels or {}).items():
+        columns[k]["label"] = list(v)
     with atomic_dir(out_dir) as tmp:
         # from_dict + save_to_disk touches no cache (HF_HOME stays empty); load_dataset would.
-        dd = DatasetDict({k: Dataset.from_dict({"text": list(v)}) for k, v in splits.items()})
+        dd = DatasetDict({k: Dataset.from_dict(c) for k, c in columns.items()})
         with _quiet_datasets():
             dd.save_to_disk(str(tmp / "dataset"))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -434,6 +446,18 @@ def load_splits(data_dir: Path) -> dict[str, list[str]]:
             raise DataError(f"dataset {path} split {name!r} has no 'text' column; rerun the fetch stage")
         out[name] = dd[name].data.column("text").to_pylist()  # straight from Arrow: fast, plain list[str]
     return out
+
+
+def load_labelled(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """Read a labelled corpus (format 'labelled', written by write_dataset with labels) back as
+    ``{split: [(label, text), ...]}`` in split order."""
+    from datasets import load_from_disk
+
+    texts = load_splits(data_dir)
+    dd = load_from_disk(str(Path(data_dir) / "dataset"))
+    if any("label" not in dd[name].column_names for name in texts):
+        raise DataError(f"{data_dir} holds no labels: it is not a labelled corpus (corpora.<name>.format 'labelled')")
+    return {name: list(zip(dd[name].data.column("label").to_pylist(), t, strict=True)) for name, t in texts.items()}
 
 
 def load_stats(data_dir: Path) -> dict[str, Any]:
@@ -491,6 +515,8 @@ def prepare_corpus(
             progress=progress,
         )
         raw = raw_path.read_bytes()
+    if cfg.format == "labelled":
+        return _prepare_labelled(name, cfg, seed, out_dir, raw, source)
     try:
         text, cleaning = _clean(raw, cfg.clean, where)
         splits = split_corpus(text, cfg.format, cfg.split, seed, where=where)
@@ -506,3 +532,26 @@ def prepare_corpus(
         "cleaning": {**cleaning, "characters": len(text), "distinct_characters": len(set(text))},
     }
     return write_dataset(splits, out_dir, meta=meta)
+
+
+def _prepare_labelled(name: str, cfg: CorpusConfig, seed: int, out_dir: Path, raw: bytes, source) -> dict[str, Any]:
+    """prepare_corpus's clean → split → write for format 'labelled' (lm/labelled.py)."""
+    from lm.labelled import parse_labelled, split_labelled
+
+    try:
+        examples = parse_labelled(raw, cfg, f"corpora.{name}")
+        splits = split_labelled(examples, cfg, seed)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+    meta = {
+        "corpus": name,
+        "source": {"url": cfg.url, "filename": cfg.filename, "sha256": cfg.sha256, "bytes": len(raw)},
+        "format": cfg.format,
+        "seed": seed,
+        "split": cfg.split.model_dump(),
+        "labels": cfg.labels,
+        "balance": cfg.balance,
+        "examples": {"all": len(examples), "by_label": dict(sorted(Counter(x for x, _ in examples).items()))},
+    }
+    texts = {k: [t for _, t in v] for k, v in splits.items()}
+    return write_dataset(texts, out_dir, meta=meta, labels={k: [x for x, _ in v] for k, v in splits.items()})

@@ -193,6 +193,20 @@ def compare_run(name: str, then: dict, now: dict, curves: tuple[str | None, str 
     return checks
 
 
+def compare_classifier(name: str, then: dict, now: dict) -> list[Check]:
+    """A classifier's accuracy and F1 per split, committed against here, within one example of the split (a
+    solver's last bits can move one message across the decision boundary on another CPU)."""
+    checks = []
+    for split, a in then["splits"].items():
+        b = now["splits"].get(split, {})
+        allowed = 1 / a["examples"]
+        for key in ("accuracy", "f1"):
+            if key in a:
+                ok = key in b and abs(b[key] - a[key]) <= allowed + 1e-12
+                checks.append(Check(name, f"{split}/{key}", a[key], b.get(key), allowed, ok, "one example"))
+    return checks
+
+
 def _neural(study: StudyConfig, name: str) -> bool:
     return study.runs[name].model.family != "ngram"
 
@@ -306,8 +320,9 @@ def verify(study: StudyConfig, root: Path, rev: str = "HEAD") -> Verdict:
         then_all[name], now_all[name] = a, b
     listed = subprocess.run(["git", "ls-tree", "--name-only", rev, "metrics/"], cwd=root, capture_output=True,
                             text=True).stdout.split()  # fmt: skip
-    problems += [f"{Path(p).stem}: committed, but not a run of the params" for p in listed
-                 if p.endswith(".json") and Path(p).stem not in study.runs]  # fmt: skip
+    known = set(study.runs) | {f"baseline-{n}" for n in study.baselines}
+    problems += [f"{Path(p).stem}: committed, but not a run or baseline of the params" for p in listed
+                 if p.endswith(".json") and Path(p).stem not in known]  # fmt: skip
     dtypes = json.loads(src.then(str(DTYPES)) or "{}")
     sds = _sds(root, src, then_all)
     tols, checks = {}, []
@@ -320,6 +335,14 @@ def verify(study: StudyConfig, root: Path, rev: str = "HEAD") -> Verdict:
                                sds.get(name), gap)  # fmt: skip
         curves = (src.then(f"curves/{name}.csv"), src.now(f"curves/{name}.csv"))
         checks += compare_run(name, a, b, curves, tols[name])
+    for name in study.baselines:
+        a, b = src.json(f"metrics/baseline-{name}.json")
+        if a is None or b is None:
+            problems.append(
+                f"baseline {name}: metrics/baseline-{name}.json is {'not committed' if a is None else 'missing here'}"
+            )
+        else:
+            checks += compare_classifier(f"baseline {name}", a, b)
     then_claims = conclusions(study, then_all, tols)
     now_claims = conclusions(study, now_all, tols, noise=False)
     claims = [(k, v, now_claims.get(k, "(none)")) for k, v in then_claims.items()]

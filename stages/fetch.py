@@ -43,17 +43,21 @@ def main(argv: list[str] | None = None) -> None:
         except (DataError, OutputError) as e:  # the message names the file and the fix
             fail(f"{args.corpus}: {e}")
         tracked.log_metrics(
-            {**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats["cleaning"], "cleaning")}
+            {**numeric_leaves(stats["splits"], "splits"), **numeric_leaves(stats.get("cleaning", {}), "cleaning")}
         )
         tracked.log_artifact(args.out / "stats.json")
         outputs(tracked, data=args.out)
     sizes = " / ".join(
-        f"{k} {v['examples'] if cfg.format == 'lines' else v['characters']:,}" for k, v in stats["splits"].items()
+        f"{k} {v['characters'] if cfg.format == 'text' else v['examples']:,}" for k, v in stats["splits"].items()
     )
-    unit = "examples" if cfg.format == "lines" else "chars"
+    unit = "chars" if cfg.format == "text" else "examples"
+    if cfg.format == "labelled":
+        kinds = ", ".join(f"{n:,} {x}" for x, n in stats["examples"]["by_label"].items())
+        detail = f"of {stats['examples']['all']:,} lines ({kinds}){', balanced' if cfg.balance else ''}, stratified"
+    else:
+        detail = f"{stats['splits']['train']['distinct_characters']} distinct chars in train"
     print(
-        f"{args.corpus}: {cfg.filename} ({origin}, sha256 {cfg.sha256[:12]}…) → {sizes} {unit}, "
-        f"{stats['splits']['train']['distinct_characters']} distinct chars in train → {args.out}"
+        f"{args.corpus}: {cfg.filename} ({origin}, sha256 {cfg.sha256[:12]}…) → {sizes} {unit}, {detail} → {args.out}"
     )
 
 

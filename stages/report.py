@@ -25,8 +25,14 @@ def main(argv: list[str] | None = None) -> None:
                [(args.metrics, ".json"), (args.inside, ".safetensors")])]  # fmt: skip
     if missing:
         fail(f"report: no metrics or figure arrays for runs {missing}: run `dvc repro` (their evaluate stages) first")
+    if missing := [n for n in cfg.baselines if not (args.metrics / f"baseline-{n}.json").exists()]:
+        fail(f"report: no metrics for baselines {missing}: run `dvc repro` (their baseline stages) first")
 
-    params = {"report": cfg.report.model_dump(mode="json"), "runs": ",".join(cfg.runs)}
+    params = {
+        "report": cfg.report.model_dump(mode="json"),
+        "runs": ",".join(cfg.runs),
+        "baselines": ",".join(cfg.baselines),
+    }
     deps = {"metrics": args.metrics, "curves": args.curves, "inside": args.inside, "models": args.models,
             "samples": args.samples}  # fmt: skip
     description = f"the report of {len(cfg.runs)} runs: README.md (tables), runs.csv, figures/"

@@ -113,7 +113,7 @@ def test_fetch_stage_reports_a_bad_corpus_in_one_line(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["corpora"] = {"toy": corpus_cfg(raw).model_dump(mode="json")}
     params["tokenizers"], params["tracking"] = {}, {"enabled": False}
-    params["report"]["per_token"] = []  # (it names corpora)
+    params["report"]["per_token"], params["baselines"] = [], {}  # (they name corpora)
     with_runs(params, {})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "toy"

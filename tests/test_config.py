@@ -71,9 +71,8 @@ def test_cross_references(good):
     d["tokenizers"]["x"] = {"corpus": "wiki", "kind": "char"}
     d["runs"] = {"r": {"tokenizer": "nope", "model": {"family": "bigram_nn"}}}
     got = problems(d)
-    assert any(
-        p.startswith("tokenizers.x.corpus: got 'wiki'; must be one of ['names', 'oz', 'shakespeare']") for p in got
-    )
+    want = "tokenizers.x.corpus: got 'wiki'; must be one of ['names', 'oz', 'shakespeare', 'sms']"
+    assert any(p.startswith(want) for p in got)
     d["tokenizers"].pop("x")
     assert problems(d)[0].startswith("runs.r.tokenizer: got 'nope'; must be one of")
 
@@ -140,7 +139,7 @@ def test_cli_fails_fast_naming_the_key(tmp_path, good):
     f.write_text(yaml.safe_dump(d))
     r = subprocess.run([sys.executable, "-m", "lm.cli", "check-params", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
-    assert "corpora.shakespeare.format: got 'prose'; input should be 'lines' or 'text'" in r.stderr
+    assert "corpora.shakespeare.format: got 'prose'; input should be 'lines', 'text' or 'labelled'" in r.stderr
     ok = subprocess.run(
         [sys.executable, "-m", "lm.cli", "check-params", str(ROOT / "params.yaml")], capture_output=True, text=True
     )

@@ -70,6 +70,11 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
         health = project / "models" / run / "health.json"
         assert health.exists() == ("health_every" in cfg.get("train", {})), run
     assert "its clearest previous-token head is" in report and "## Generation quality beyond perplexity" in report
+    for name, b in params["baselines"].items():  # the labelled corpus's classifier, scored and in the report
+        m = json.loads((project / "metrics" / f"baseline-{name}.json").read_text())
+        n = sum(map(sum, m["splits"]["test"]["confusion"]))
+        assert n == m["splits"]["test"]["examples"] > 0 and 0.5 < m["splits"]["test"]["accuracy"] <= 1
+        assert f"| {name}: TF-IDF {b['analyzer']}" in report and "## Classifying SMS spam" in report
     assert "figures/health-names-mlp.png" in report and "figures/embedding_pca.png" in report
     for fig in ["loss_curves", "bpc_vs_params", "param_shares", "bigram_heatmaps", "embedding_similarity"]:
         assert (project / "reports" / "figures" / f"{fig}.png").stat().st_size > 1000

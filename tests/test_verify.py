@@ -150,7 +150,7 @@ def test_a_missing_or_extra_run_is_named(repo):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], cwd=repo, check=True)
     v = judge(repo)
     assert "names-mlp: metrics/names-mlp.json is not committed" in v.problems
-    assert "names-extra: committed, but not a run of the params" in v.problems and not v.ok
+    assert "names-extra: committed, but not a run or baseline of the params" in v.problems and not v.ok
 
 
 def test_the_machine_record_round_trips_and_tells_classes_apart(tmp_path):
@@ -175,3 +175,16 @@ def test_lm_verify_exits_1_and_names_what_failed(repo):
     write(repo, LOSSES | {"names-mlp": LOSSES["names-mlp"] + 1.0}, OTHER)
     r = subprocess.run([sys.executable, "-m", "lm.cli", "verify"], cwd=repo, capture_output=True, text=True)
     assert r.returncode == 1 and "BEYOND TOLERANCE: names-mlp val/loss" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_classifier_may_move_one_example_per_split_and_no_more():
+    from lm.verify import compare_classifier
+
+    then = {"splits": {"test": {"examples": 300, "accuracy": 296 / 300, "f1": 0.9866}}}
+    one = {"splits": {"test": {"examples": 300, "accuracy": 295 / 300, "f1": 0.9866}}}
+    two = {"splits": {"test": {"examples": 300, "accuracy": 294 / 300, "f1": 0.9866}}}
+    assert all(c.ok for c in compare_classifier("baseline b", then, one))
+    checks = {c.number: c for c in compare_classifier("baseline b", then, two)}
+    assert not checks["test/accuracy"].ok and checks["test/f1"].ok
+    assert checks["test/accuracy"].tolerance == pytest.approx(1 / 300)
+    assert not any(c.ok for c in compare_classifier("baseline b", then, {"splits": {}}))

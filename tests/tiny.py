@@ -38,6 +38,7 @@ SOURCE_SHA256 = {
     "tinyshakespeare.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     "wonderful_wizard_of_oz.txt": "74a6f88582b1695274607c0a65d3cf89439757a947dd5ce9b44ae6f737b118ab",
     "dorothy_and_the_wizard_in_oz.txt": "5101b2fb76257a5f9035f0b9b5ff93a1dd86c4c1c326da20b7ea5e7a8b583651",
+    "SMSSpamCollection": "55341228082b25b832a5868a5ab4b038142a57f70c676c123280af6ff457fe46",
 }
 """The full corpora the excerpts are cut from (../shared/corpora/SOURCES.md)."""
 FIXTURE_CORPORA = ROOT / ".cache" / "test-corpora"
@@ -51,7 +52,8 @@ def _excerpts(source: Path) -> dict[str, bytes]:
     """File name → excerpt: the first 2,000 names (no newline after the last, as the original); the first 1,500
     lines of Tiny Shakespeare; the first 900 lines of The Wonderful Wizard of Oz (its last tenth then has no
     character the rest lacks, as a char tokenizer needs); Dorothy and the Wizard in Oz's Gutenberg header and
-    150 lines after it, then its last 10 lines (the footer)."""
+    150 lines after it, then its last 10 lines (the footer); the first 1,200 messages of the SMS Spam Collection
+    (CRLF, 181 spam)."""
     raw = {}
     for name, expected in SOURCE_SHA256.items():
         path = source / name
@@ -70,6 +72,7 @@ def _excerpts(source: Path) -> dict[str, bytes]:
         "tinyshakespeare.txt": _lines(raw["tinyshakespeare.txt"], 1500),
         "wonderful_wizard_of_oz.txt": _lines(raw["wonderful_wizard_of_oz.txt"], 900),
         "dorothy_and_the_wizard_in_oz.txt": b"\r\n".join(dorothy[: start + 151] + dorothy[-10:]),
+        "SMSSpamCollection": _lines(raw["SMSSpamCollection"], 1200, b"\r\n"),
     }
 
 
@@ -109,11 +112,12 @@ def with_runs(params: dict, runs: dict) -> dict:
 
 def tiny_params(runs: dict | None = None, *, tokenizers: list[str] | None = None, tracking: bool = True) -> dict:
     """presets/tiny.yaml on the fixture corpora; with `runs` instead of its own, with only the `tokenizers` named
-    (and their corpora), and with tracking off unless `tracking`."""
+    (and their corpora, and the baselines of those), and with tracking off unless `tracking`."""
     params = on_fixtures(yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
     if tokenizers is not None:
         params["tokenizers"] = {t: params["tokenizers"][t] for t in tokenizers}
         params["corpora"] = {c: params["corpora"][c] for c in {t["corpus"] for t in params["tokenizers"].values()}}
+        params["baselines"] = {k: b for k, b in params.get("baselines", {}).items() if b["corpus"] in params["corpora"]}
     if not tracking:
         params["tracking"] = {"enabled": False}
     return params if runs is None else with_runs(params, runs)

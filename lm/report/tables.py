@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from lm.config import StudyConfig
+from lm.references import published
 
 
 def read_metrics(metrics_dir: Path, run: str) -> dict:
@@ -169,6 +170,27 @@ def anchor_table(study: StudyConfig, metrics_dir: Path) -> str:
             f"| {ref.metric} | {source}{note} | {a.run} | {shown} | {ref.value:g} | {ours:.4f} "
             f"| {ours - ref.value:+.4f} | {verdict} |"
         )
+    return "\n".join(lines)
+
+
+def classifier_table(study: StudyConfig, metrics_dir: Path) -> str:
+    """Markdown: each classifier of a labelled corpus (``baselines``) with its accuracy per split, test F1 and
+    test confusion matrix, beside the book's published accuracies on its own split and model."""
+    if not study.baselines:
+        return ""
+    lines = ["| classifier | corpus | train acc. | val acc. | test acc. | test F1 | test confusion (rows: true) |",
+             "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, cfg in study.baselines.items():
+        s = json.loads((metrics_dir / f"baseline-{name}.json").read_text(encoding="utf-8"))["splits"]
+        labels = study.corpora[cfg.corpus].labels or []
+        confusion = "; ".join(f"{x}: {' / '.join(map(str, row))}" for x, row in zip(labels, s["test"]["confusion"]))
+        accs = " | ".join(f"{100 * s[k]['accuracy']:.2f} %" for k in ("train", "val", "test"))
+        f1 = s["test"].get("f1", s["test"]["macro_f1"])
+        lines.append(f"| {name}: TF-IDF {cfg.analyzer} {cfg.ngram_min}–{cfg.ngram_max}-grams + logistic regression "
+                     f"| {cfg.corpus} | {accs} | {f1:.4f} | {confusion} (of {' / '.join(labels)}) |")  # fmt: skip
+    book = [published(f"raschka-spam-{k}-accuracy") for k in ("train", "val", "test")]
+    lines.append(f"| published: {book[0].source}, GPT-2 124M fine-tuned, its own split | SMS | "
+                 + " | ".join(f"{100 * b.value:.2f} %" for b in book) + " | | |")  # fmt: skip
     return "\n".join(lines)
 
 
