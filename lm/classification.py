@@ -44,7 +44,7 @@ def scores(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) 
     return out
 
 
-def fit_baseline(splits: dict[str, list[Example]], cfg: BaselineConfig, labels: Sequence[str], seed: int):
+def fit_baseline(splits: dict[str, list[Example]], cfg: BaselineConfig, seed: int):
     """TF-IDF + logistic regression trained on ``splits['train']``, C chosen by val accuracy (ties: the smaller C,
     the simpler model). Returns the fitted pipeline and the val accuracy of each C."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -54,19 +54,15 @@ def fit_baseline(splits: dict[str, list[Example]], cfg: BaselineConfig, labels: 
     xs, ys = (list(t) for t in zip(*[(text, label) for label, text in splits["train"]], strict=True))
     val_x = [text for _, text in splits["val"]]
     val_y = [label for label, _ in splits["val"]]
-    tried: dict[float, float] = {}
-    best = None
+    tried, models = {}, {}
     for c in sorted(cfg.C):
-        model = make_pipeline(
+        models[c] = make_pipeline(
             TfidfVectorizer(analyzer=cfg.analyzer, ngram_range=(cfg.ngram_min, cfg.ngram_max), sublinear_tf=True),
             LogisticRegression(C=c, max_iter=2000, random_state=seed),
-        )
-        model.fit(xs, ys)
-        tried[c] = float(np.mean(model.predict(val_x) == np.asarray(val_y)))
-        if best is None or tried[c] > tried[best[0]]:
-            best = (c, model)
-    assert best is not None and set(best[1].classes_) <= set(labels)
-    return best[1], tried
+        ).fit(xs, ys)
+        tried[c] = float(np.mean(models[c].predict(val_x) == np.asarray(val_y)))
+    best = max(tried, key=lambda c: (tried[c], -c))  # ties: the smaller C
+    return models[best], tried
 
 
 def score_splits(predict, splits: dict[str, list[Example]], labels: Sequence[str]) -> dict[str, dict[str, Any]]:

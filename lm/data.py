@@ -522,16 +522,22 @@ def prepare_corpus(
         splits = split_corpus(text, cfg.format, cfg.split, seed, where=where)
     except DataError as e:
         raise DataError(f"{source}: {e}") from None
-    meta = {
+    meta = _source_meta(name, cfg, seed, raw) | {
+        "clean": cfg.clean.model_dump(),
+        "cleaning": {**cleaning, "characters": len(text), "distinct_characters": len(set(text))},
+    }
+    return write_dataset(splits, out_dir, meta=meta)
+
+
+def _source_meta(name: str, cfg: CorpusConfig, seed: int, raw: bytes) -> dict[str, Any]:
+    """What stats.json says of every corpus first: its name, source, format, seed and split."""
+    return {
         "corpus": name,
         "source": {"url": cfg.url, "filename": cfg.filename, "sha256": cfg.sha256, "bytes": len(raw)},
         "format": cfg.format,
         "seed": seed,
         "split": cfg.split.model_dump(),
-        "clean": cfg.clean.model_dump(),
-        "cleaning": {**cleaning, "characters": len(text), "distinct_characters": len(set(text))},
     }
-    return write_dataset(splits, out_dir, meta=meta)
 
 
 def _prepare_labelled(name: str, cfg: CorpusConfig, seed: int, out_dir: Path, raw: bytes, source) -> dict[str, Any]:
@@ -543,12 +549,7 @@ def _prepare_labelled(name: str, cfg: CorpusConfig, seed: int, out_dir: Path, ra
         splits = split_labelled(examples, cfg, seed)
     except DataError as e:
         raise DataError(f"{source}: {e}") from None
-    meta = {
-        "corpus": name,
-        "source": {"url": cfg.url, "filename": cfg.filename, "sha256": cfg.sha256, "bytes": len(raw)},
-        "format": cfg.format,
-        "seed": seed,
-        "split": cfg.split.model_dump(),
+    meta = _source_meta(name, cfg, seed, raw) | {
         "labels": cfg.labels,
         "balance": cfg.balance,
         "examples": {"all": len(examples), "by_label": dict(sorted(Counter(x for x, _ in examples).items()))},

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             splits = load_labelled(args.data)
         except DataError as e:
             fail(f"{args.name}: {e}")
-        model, tried = fit_baseline(splits, cfg, labels, params.seed)
+        model, tried = fit_baseline(splits, cfg, params.seed)
         chosen = model[-1].C
         result = {
             "baseline": args.name,

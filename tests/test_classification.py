@@ -53,11 +53,11 @@ def sms(tmp_path_factory, mirror):
 def test_the_baseline_separates_spam_on_the_excerpt_and_is_deterministic(sms):
     _, splits, labels = sms
     cfg = BaselineConfig(corpus="sms")
-    model, tried = fit_baseline(splits, cfg, labels, 1337)
+    model, tried = fit_baseline(splits, cfg, 1337)
     assert set(tried) == {1.0, 10.0, 100.0} and model[-1].C == max(tried, key=lambda c: (tried[c], -c))
     result = score_splits(model.predict, splits, labels)
     assert result["test"]["accuracy"] > 0.9 and result["train"]["accuracy"] >= result["test"]["accuracy"]
-    again, _ = fit_baseline(splits, cfg, labels, 1337)
+    again, _ = fit_baseline(splits, cfg, 1337)
     assert (again.predict([t for _, t in splits["test"]]) == model.predict([t for _, t in splits["test"]])).all()
 
 
