@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         "--merge", action="store_true", help="with --out and RUNs: keep the other runs' rows of the existing FILE.json"
     )
     args = ap.parse_args(argv)
+    if args.merge and not (args.out and args.runs):
+        ap.error("--merge re-measures the RUNs named and keeps the other rows of --out: name both")
 
     from lm.config import ParamsError, load_params
     from lm.precision import cpu_native_bf16

@@ -22,6 +22,11 @@ from lm.config import BaselineConfig
 Example = tuple[str, str]
 
 
+def metrics_stem(baseline: str) -> str:
+    """The name of a baseline's metrics file in metrics/ (beside the runs' <run>.json): baseline-<name>."""
+    return f"baseline-{baseline}"
+
+
 def scores(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, precision/recall/F1 per label, macro and (two labels) of the positive class, the confusion matrix
     (rows: true, columns: predicted, `labels` order) and the number of examples."""
@@ -51,9 +56,8 @@ def fit_baseline(splits: dict[str, list[Example]], cfg: BaselineConfig, seed: in
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    xs, ys = (list(t) for t in zip(*[(text, label) for label, text in splits["train"]], strict=True))
-    val_x = [text for _, text in splits["val"]]
-    val_y = [label for label, _ in splits["val"]]
+    xs, ys = [text for _, text in splits["train"]], [label for label, _ in splits["train"]]
+    val_x, val_y = [text for _, text in splits["val"]], [label for label, _ in splits["val"]]
     tried, models = {}, {}
     for c in sorted(cfg.C):
         models[c] = make_pipeline(

@@ -427,8 +427,8 @@ def write_dataset(
     return stats
 
 
-def load_splits(data_dir: Path) -> dict[str, list[str]]:
-    """Read ``data_dir/dataset`` (written by write_dataset) back as ``{split: [text, ...]}`` in split order."""
+def _load_dataset(data_dir: Path):
+    """``data_dir/dataset`` (written by write_dataset) as a DatasetDict, or a DataError naming the fix."""
     from datasets import load_from_disk
 
     path = Path(data_dir) / "dataset"
@@ -437,27 +437,33 @@ def load_splits(data_dir: Path) -> dict[str, list[str]]:
             f"no dataset at {path}; run the fetch stage first (python -m stages.fetch CORPUS --out {data_dir})"
         )
     try:
-        dd = load_from_disk(str(path))
+        return load_from_disk(str(path))
     except Exception as e:  # datasets raises assorted types for damaged folders
         raise DataError(f"cannot read dataset {path}: {e}; delete {data_dir} and rerun the fetch stage") from e
+
+
+def _columns(data_dir: Path, *columns: str) -> dict[str, list[list[str]]]:
+    """`columns` of every split, ``{split: [[value, ...] per column]}`` in split order, from one read."""
+    dd = _load_dataset(data_dir)
     out = {}
     for name in sorted(dd, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
-        if "text" not in dd[name].column_names:
-            raise DataError(f"dataset {path} split {name!r} has no 'text' column; rerun the fetch stage")
-        out[name] = dd[name].data.column("text").to_pylist()  # straight from Arrow: fast, plain list[str]
+        if missing := [c for c in columns if c not in dd[name].column_names]:
+            fix = "it is not a labelled corpus" if missing == ["label"] else "rerun the fetch stage"
+            raise DataError(f"dataset {Path(data_dir) / 'dataset'} split {name!r} has no {missing[0]!r} column; {fix}")
+        # straight from Arrow: fast, plain list[str]
+        out[name] = [dd[name].data.column(c).to_pylist() for c in columns]
     return out
+
+
+def load_splits(data_dir: Path) -> dict[str, list[str]]:
+    """Read ``data_dir/dataset`` (written by write_dataset) back as ``{split: [text, ...]}`` in split order."""
+    return {name: text for name, (text,) in _columns(data_dir, "text").items()}
 
 
 def load_labelled(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
     """Read a labelled corpus (format 'labelled', written by write_dataset with labels) back as
     ``{split: [(label, text), ...]}`` in split order."""
-    from datasets import load_from_disk
-
-    texts = load_splits(data_dir)
-    dd = load_from_disk(str(Path(data_dir) / "dataset"))
-    if any("label" not in dd[name].column_names for name in texts):
-        raise DataError(f"{data_dir} holds no labels: it is not a labelled corpus (corpora.<name>.format 'labelled')")
-    return {name: list(zip(dd[name].data.column("label").to_pylist(), t, strict=True)) for name, t in texts.items()}
+    return {name: list(zip(*cols, strict=True)) for name, cols in _columns(data_dir, "label", "text").items()}
 
 
 def load_stats(data_dir: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm.classification import metrics_stem
 from lm.config import StudyConfig
 from lm.machine import differences, same_class
 
@@ -320,7 +321,7 @@ def verify(study: StudyConfig, root: Path, rev: str = "HEAD") -> Verdict:
         then_all[name], now_all[name] = a, b
     listed = subprocess.run(["git", "ls-tree", "--name-only", rev, "metrics/"], cwd=root, capture_output=True,
                             text=True).stdout.split()  # fmt: skip
-    known = set(study.runs) | {f"baseline-{n}" for n in study.baselines}
+    known = set(study.runs) | {metrics_stem(n) for n in study.baselines}
     problems += [f"{Path(p).stem}: committed, but not a run or baseline of the params" for p in listed
                  if p.endswith(".json") and Path(p).stem not in known]  # fmt: skip
     dtypes = json.loads(src.then(str(DTYPES)) or "{}")
@@ -336,11 +337,9 @@ def verify(study: StudyConfig, root: Path, rev: str = "HEAD") -> Verdict:
         curves = (src.then(f"curves/{name}.csv"), src.now(f"curves/{name}.csv"))
         checks += compare_run(name, a, b, curves, tols[name])
     for name in study.baselines:
-        a, b = src.json(f"metrics/baseline-{name}.json")
+        a, b = src.json(path := f"metrics/{metrics_stem(name)}.json")
         if a is None or b is None:
-            problems.append(
-                f"baseline {name}: metrics/baseline-{name}.json is {'not committed' if a is None else 'missing here'}"
-            )
+            problems.append(f"baseline {name}: {path} is {'not committed' if a is None else 'missing here'}")
         else:
             checks += compare_classifier(f"baseline {name}", a, b)
     then_claims = conclusions(study, then_all, tols)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lm.classification import metrics_stem
 from stages.common import fail, parser, study
 from stages.mlflow_run import outputs, tracker
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
                [(args.metrics, ".json"), (args.inside, ".safetensors")])]  # fmt: skip
     if missing:
         fail(f"report: no metrics or figure arrays for runs {missing}: run `dvc repro` (their evaluate stages) first")
-    if missing := [n for n in cfg.baselines if not (args.metrics / f"baseline-{n}.json").exists()]:
+    if missing := [n for n in cfg.baselines if not (args.metrics / f"{metrics_stem(n)}.json").exists()]:
         fail(f"report: no metrics for baselines {missing}: run `dvc repro` (their baseline stages) first")
 
     params = {

@@ -516,3 +516,12 @@ def test_bench_dtypes_merge_re_measures_the_named_runs_and_keeps_the_others(tmp_
     text = table(results, runs, {}, threads=2)
     assert "| a | 1.5000 | 1.6000 | +0.1000 |" in text and "| b | 1.0000 | 1.2000 | +0.2000 |" in text
     assert "2 trainings, 2.0 minutes" in text  # the kept rows are not counted as trained now
+
+
+def test_bench_dtypes_merge_needs_the_runs_and_the_table(capsys):
+    from bench import dtypes
+
+    for argv in (["--merge"], ["--merge", "--out", "d.md"], ["--merge", "shakespeare-gpt"]):
+        with pytest.raises(SystemExit):
+            dtypes.main(argv)
+        assert "--merge re-measures the RUNs named and keeps the other rows of --out" in capsys.readouterr().err

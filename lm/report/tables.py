@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from lm.classification import metrics_stem
 from lm.config import StudyConfig
 from lm.references import published
 
 
 def read_metrics(metrics_dir: Path, run: str) -> dict:
-    """metrics/<run>.json, as the evaluate stage wrote it."""
+    """metrics/<run>.json, as the evaluate stage wrote it (or a baseline stage: ``run`` its metrics_stem)."""
     return json.loads((metrics_dir / f"{run}.json").read_text())
 
 
@@ -181,7 +182,7 @@ def classifier_table(study: StudyConfig, metrics_dir: Path) -> str:
     lines = ["| classifier | corpus | train acc. | val acc. | test acc. | test F1 | test confusion (rows: true) |",
              "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, cfg in study.baselines.items():
-        s = json.loads((metrics_dir / f"baseline-{name}.json").read_text(encoding="utf-8"))["splits"]
+        s = read_metrics(metrics_dir, metrics_stem(name))["splits"]
         labels = study.corpora[cfg.corpus].labels or []
         confusion = "; ".join(f"{x}: {' / '.join(map(str, row))}" for x, row in zip(labels, s["test"]["confusion"]))
         accs = " | ".join(f"{100 * s[k]['accuracy']:.2f} %" for k in ("train", "val", "test"))
