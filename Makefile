@@ -18,7 +18,7 @@ export HF_HOME := $(CURDIR)/.cache/huggingface
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/huggingface/datasets
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install repro track verify test lint format ui screenshots check-params gpu-wheels clean-venv
+.PHONY: install repro finetune track verify test lint format ui screenshots check-params gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -37,7 +37,13 @@ TRACKED_REPRO = LM_TRACKING=$${LM_TRACKING:-deferred} $(BIN)/dvc repro $(1); s=$
 	t=$$?; exit $$(( s ? s : t ))
 repro: install
 	$(BIN)/lm check-params params.yaml
-	$(call TRACKED_REPRO)
+	$(call TRACKED_REPRO,report)
+
+# The fine-tuning study (docs/finetune.md): every `finetune` and `probe` entry and reports/finetune/, after the ladder's
+# runs they start from (`make repro` leaves it out: its 5-seed spreads cost more than the ladder's time budget).
+finetune: install
+	$(BIN)/lm check-params params.yaml
+	$(call TRACKED_REPRO,finetune-report)
 
 # MLflow gets the train and evaluate runs it lacks, from their outputs (a lost or new store; see stages/track.py).
 track: install
@@ -47,7 +53,7 @@ track: install
 # on the machine class that made the commit (reports/machine.json), within each run's tolerance on another CPU.
 verify: install
 	$(BIN)/lm check-params params.yaml
-	$(call TRACKED_REPRO,--force)
+	$(call TRACKED_REPRO,--force report)
 	$(BIN)/lm verify
 
 test: install

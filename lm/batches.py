@@ -134,6 +134,11 @@ class Batches:
         starts = rng.integers(0, len(self.ids) - self.seq_len, size=batch_size)
         return self._windows(starts)
 
+    def eval_subset(self, rng: np.random.Generator, batch_size: int, n_batches: int) -> list:
+        """The training loop's fixed val subset: `n_batches` random batches drawn once from `rng` (a quick estimate
+        of the val loss; the evaluate stage scores the whole split)."""
+        return [self.sample(rng, batch_size) for _ in range(n_batches)]
+
     def iterate(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The whole split in a fixed order, each target scored exactly once."""
         if self.fmt == "lines":

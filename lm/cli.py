@@ -1,4 +1,4 @@
-"""The `lm` command: check params, count parameters, sample from a trained run, export it.
+"""The `lm` command: check params, count parameters, sample from a trained run, export it, classify with a fine-tune.
 
 Heavy libraries (torch, mlflow, datasets) are imported inside the commands, never at module level,
 so `lm --help` and `lm check-params` answer at once (tests/test_params.py checks that importing
@@ -577,6 +577,57 @@ def _add_export(sub) -> None:
     c.set_defaults(func=_export)
 
 
+def _classify(args: argparse.Namespace) -> int:
+    """Label each message with a fine-tuned classifier: one line each, label, probability, message."""
+    texts = list(args.text or [])
+    if any(not t.strip() for t in texts):
+        return _error("--text is empty: give the message to classify, e.g. --text \"WINNER! Claim your prize\"", 2)
+    if args.file is not None:
+        try:
+            texts += [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            return _error(f"cannot read --file {args.file}: {e}; pass a UTF-8 text file, one message a line", 2)
+    if not texts:
+        return _error("no message to classify: pass --text \"...\" or --file FILE (one message a line)", 2)
+    folder = args.model_dir or args.finetune_dir / args.name
+    if not folder.is_dir():
+        if (Path("models") / args.name).is_dir():
+            return _error(f"{args.name!r} is a language model of the ladder, not a fine-tuned classifier: add a "
+                          "`finetune` entry for it in params.yaml, run `make finetune`, and pass that entry's name", 2)  # fmt: skip
+        return _error(f"no fine-tuned classifier at {folder}: run `make finetune` (or `dvc repro finetune@{args.name}`)"
+                      " or pass --model-dir DIR", 2)  # fmt: skip
+
+    from lm.finetune import FinetuneError, load_classifier, predict
+
+    try:
+        model, enc, labels = load_classifier(folder)
+        probs = predict(model, enc.batch(texts))
+    except (FinetuneError, OSError, ValueError) as e:
+        return _error(str(e))
+    for text, p in zip(texts, probs.tolist(), strict=True):
+        best = max(range(len(labels)), key=p.__getitem__)
+        print(f"{labels[best]}\t{p[best]:.4f}\t{text}")
+    return 0
+
+
+def _add_classify(sub) -> None:
+    c = sub.add_parser(
+        "classify",
+        help="label messages with a fine-tuned classifier (a `finetune` entry, after `make finetune`)",
+        description="Print one line per message: the label, its probability and the message (tab-separated). The "
+        "classifier is finetune/models/NAME (or --model-dir); messages come from --text (repeatable) and --file (one "
+        "message a line, empty lines skipped). Longer messages are cut as the classifier was trained (max_length, "
+        "truncation_side); characters its tokenizer lacks become its unknown id.",
+    )
+    c.add_argument("name", help="a fine-tune's name (a key of `finetune` in params.yaml), e.g. sms-oz-bpe-all")
+    c.add_argument("--text", action="append", help="a message to classify (repeat for more)")
+    c.add_argument("--file", type=Path, default=None, help="a UTF-8 text file, one message a line")
+    c.add_argument("--finetune-dir", type=Path, default=Path("finetune/models"),
+                   help="where the fine-tuned classifiers are (default: finetune/models)")  # fmt: skip
+    c.add_argument("--model-dir", type=Path, default=None, help="the classifier's folder itself (overrides NAME)")
+    c.set_defaults(func=_classify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lm",
@@ -588,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_sample(sub)
     _add_export(sub)
+    _add_classify(sub)
     c = sub.add_parser(
         "verify",
         help="did the study reproduce here? every committed number against this checkout's, within tolerance",

@@ -393,6 +393,60 @@ class BaselineConfig(Strict):
         return self
 
 
+class FinetuneConfig(Strict):
+    """A classifier of a labelled corpus made from a run of the ladder (lm/finetune.py): the run's transformer with a
+    linear head on the hidden state of each message's last token in place of its LM head, trained with AdamW."""
+
+    run: str
+    """The pretrained run (a key of `runs`; a transformer family: gpt, llama, block). Its tokenizer encodes the
+    messages."""
+    corpus: str
+    """The labelled corpus (a key of `corpora` with format 'labelled')."""
+    trainable: Literal["head", "last_block", "all"] = "last_block"
+    """What is trained: the new head only; the last transformer block, the final norm and the head (Raschka's book);
+    or every parameter."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """Start from the run's trained weights, or from the same architecture's random init (train.seed): what
+    pretraining buys is the difference."""
+    max_length: int | None = Field(default=None, ge=1)
+    """Tokens per message: longer ones are cut (truncation_side), shorter ones padded after their last token (which
+    never attends to the padding). Default and upper bound: the run's block_size."""
+    truncation_side: Literal["left", "right"] = "left"
+    """Which end of a longer message is cut (Hugging Face's term): 'left' keeps its last max_length tokens, 'right'
+    its first (Raschka's book). The state read is the last kept token's, which sees every kept token; the end of a
+    message is the better half here (docs/finetune.md measures both)."""
+    spread_seeds: list[int] = []
+    """More values of train.seed to fine-tune with (head init, batch order; the split stays the study's): their test
+    accuracies give the row's spread. Only train.seed's model is kept."""
+    train: TrainConfig = TrainConfig(max_steps=200, lr=1e-3, eval_interval=20, weight_decay=0.1)
+    """Optimisation: AdamW (optimizer 'adamw' only), keep 'best' ranks evaluations by val accuracy on the whole
+    val split."""
+
+    @model_validator(mode="after")
+    def _adamw(self) -> FinetuneConfig:
+        if self.train.optimizer != "adamw":
+            raise ValueError(f"train.optimizer: fine-tuning uses 'adamw', got {self.train.optimizer!r}")
+        if self.train.seed in self.spread_seeds:
+            raise ValueError(f"spread_seeds: {self.train.seed} is train.seed already; list the other seeds")
+        return self
+
+
+class ProbeConfig(Strict):
+    """A linear probe per layer (lm/probe.py): logistic regression on the frozen hidden state of each message's last
+    token after each layer of a run, and of the same architecture at random init, on a labelled corpus."""
+
+    run: str
+    """The pretrained run (a key of `runs`; a transformer family)."""
+    corpus: str
+    """The labelled corpus (a key of `corpora` with format 'labelled')."""
+    max_length: int | None = Field(default=None, ge=1)
+    """Tokens per message (as FinetuneConfig.max_length)."""
+    truncation_side: Literal["left", "right"] = "left"
+    """Which end of a longer message is cut (as FinetuneConfig.truncation_side)."""
+    C: list[float] = Field(default=[0.01, 0.1, 1.0, 10.0], min_length=1)
+    """Inverse regularisation strengths to try per layer; the best on val accuracy is kept (ties: the smallest)."""
+
+
 class StudyConfig(Strict):
     """The whole of params.yaml."""
 
@@ -406,6 +460,10 @@ class StudyConfig(Strict):
     """Experiments by name: one train and one evaluate stage each."""
     baselines: dict[str, BaselineConfig] = {}
     """Classical classifiers of labelled corpora by name: one baseline stage each."""
+    finetune: dict[str, FinetuneConfig] = {}
+    """Classifiers fine-tuned from runs of the ladder, by name: one finetune stage each."""
+    probes: dict[str, ProbeConfig] = {}
+    """Per-layer linear probes of runs, by name: one probe stage each."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluate-stage settings."""
     report: ReportConfig = ReportConfig()
@@ -413,7 +471,7 @@ class StudyConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking settings (every stage)."""
 
-    @field_validator("corpora", "tokenizers", "runs", "baselines")
+    @field_validator("corpora", "tokenizers", "runs", "baselines", "finetune", "probes")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         bad = [k for k in v if not NAME_RE.match(k)]
@@ -439,6 +497,9 @@ class StudyConfig(Strict):
             if (corpus := self.corpora.get(base.corpus)) is None or corpus.format != "labelled":
                 labelled = sorted(k for k, c in self.corpora.items() if c.format == "labelled")
                 problems.append(f"baselines.{name}.corpus: got {base.corpus!r}; must be a labelled corpus: {labelled}")
+        for section, entries in (("finetune", self.finetune), ("probes", self.probes)):
+            for name, ft in entries.items():
+                problems += self._classifier_problems(f"{section}.{name}", ft)
         for name, run in self.runs.items():
             if run.tokenizer not in self.tokenizers:
                 problems.append(
@@ -458,6 +519,21 @@ class StudyConfig(Strict):
         if problems:
             raise ParamsError("params", problems)
         return self
+
+    def _classifier_problems(self, where: str, cfg: FinetuneConfig | ProbeConfig) -> list[str]:
+        """A finetune or probe entry's references: a run of `runs`, a labelled corpus, max_length <= block_size."""
+        problems = []
+        if (corpus := self.corpora.get(cfg.corpus)) is None or corpus.format != "labelled":
+            labelled = sorted(k for k, c in self.corpora.items() if c.format == "labelled")
+            problems.append(f"{where}.corpus: got {cfg.corpus!r}; must be a labelled corpus: {labelled}")
+        if (run := self.runs.get(cfg.run)) is None:
+            problems.append(f"{where}.run: got {cfg.run!r}; must be a run of `runs`")
+        elif cfg.max_length is not None and cfg.max_length > run.model.block_size:
+            problems.append(
+                f"{where}.max_length: got {cfg.max_length}; run {cfg.run!r} reads at most block_size "
+                f"{run.model.block_size} tokens"
+            )
+        return problems
 
     def corpus_of(self, run: str) -> CorpusConfig:
         return self.corpora[self.tokenizers[self.runs[run].tokenizer].corpus]

@@ -56,6 +56,29 @@ def score(
     return total, count
 
 
+@torch.no_grad()
+def accuracy(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+) -> tuple[int, int]:
+    """Targets whose argmax prediction is the target, and targets scored, over ``batches``, in eval mode (restored
+    afterwards): a classifier's accuracy (lm/finetune.py), or a language model's next-token accuracy."""
+    was_training = model.training
+    model.eval()
+    correct, count = 0, 0
+    for x, y in batches:
+        with autocast(device, dtype):
+            logits, _ = model(x.to(device))
+        y = y.to(device)
+        hit = (logits.argmax(-1) == y) & (y != IGNORE_INDEX)
+        correct += int(hit.sum())
+        count += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return correct, count
+
+
 def metrics(total_nats: float, tokens: int, characters: int) -> dict[str, float]:
     """The metrics dict of one split (see the module docstring)."""
     loss = total_nats / tokens

@@ -128,13 +128,13 @@ def _check_no_boundary(lines: list[str], where: str) -> None:
         )
 
 
-def _is_char(tok: Tokenizer) -> bool:
+def is_char(tok: Tokenizer) -> bool:
     return isinstance(tok.model, models.WordLevel)
 
 
 def unk_id(tok: Tokenizer) -> int | None:
     """Id of [UNK] in a char tokenizer that has one, else None (a BPE could learn "[UNK]" as a merge)."""
-    return tok.token_to_id(UNK) if _is_char(tok) else None
+    return tok.token_to_id(UNK) if is_char(tok) else None
 
 
 def _char_oov(vocab: set[str], texts: list[str]) -> Counter[str]:
@@ -147,7 +147,7 @@ def _char_oov(vocab: set[str], texts: list[str]) -> Counter[str]:
 
 def oov_chars(tok: Tokenizer, texts: list[str]) -> Counter[str]:
     """Characters of `texts` the tokenizer has no token of their own for (byte-level BPE: none)."""
-    return _char_oov(set(tok.get_vocab()), texts) if _is_char(tok) else Counter()
+    return _char_oov(set(tok.get_vocab()), texts) if is_char(tok) else Counter()
 
 
 def _format_oov(counts: Counter[str]) -> str:

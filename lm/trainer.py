@@ -35,8 +35,12 @@ from lm.batches import Batches
 from lm.config import TrainConfig
 from lm.distributed import pick_device
 from lm.health import HealthRecorder
-from lm.metrics import autocast, score
+from lm.metrics import accuracy, autocast, score
 from lm.models import IGNORE_INDEX
+
+
+SELECT = ("val_loss", "val_accuracy")
+"""What train.keep 'best' can rank evaluations by (`fit`'s `select`)."""
 
 
 class Logger(Protocol):
@@ -144,6 +148,7 @@ def fit(
     on_eval: Callable[[dict[str, float]], None] | None = None,
     state_dir: Path | None = None,
     fingerprint: dict | None = None,
+    select: str = "val_loss",
 ) -> FitResult:
     """Train `model` in place and return its curve. Seeds its own batch sampler from `cfg.seed` (the caller
     seeds torch before building the model, so init and batches are both reproducible).
@@ -153,16 +158,23 @@ def fit(
     params, tokens and code, see lm.train_run.fingerprint) is resumed: the result is bit-identical to an
     uninterrupted run on the same device. The caller removes the state once the final outputs are written.
 
+    `select` is what train.keep 'best' ranks evaluations by: 'val_loss' (lowest), or 'val_accuracy' (highest, the
+    argmax prediction against the target; ties go to the lower val loss), which adds val_accuracy to every curve row.
+    The val subset is `val.eval_subset` (a language model's: eval_batches random batches drawn once; a classifier's
+    examples: the whole split).
+
     Under torch.distributed (torchrun) every rank trains on its share of each batch (see `_Replica`) and
     returns the same curve; rank 0 alone saves states and logs.
     """
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
     device = device or pick_device(cfg.device)
     use_device(cfg, device)
     model.to(device)
     if model.cfg.fitting == "counting":
         return _fit_by_counting(model, train, val, cfg, device, logger)
 
-    loop = _Loop.start(model, val, cfg, device, logger, state_dir, fingerprint)
+    loop = _Loop.start(model, val, cfg, device, logger, state_dir, fingerprint, select)
     with _StopFlag() as stop, _progress_bar(loop.prog.step, cfg, enabled=progress and loop.replica.rank == 0) as bar:
         for step in range(loop.prog.step, cfg.max_steps):
             lr, stop_asked = loop.step(step, train, stop.set)
@@ -198,16 +210,16 @@ class _Loop:
     step_seconds: list[float] = field(default_factory=list)
 
     @classmethod
-    def start(cls, model, val: Batches, cfg: TrainConfig, device, logger, state_dir, fingerprint) -> _Loop:
+    def start(cls, model, val: Batches, cfg: TrainConfig, device, logger, state_dir, fingerprint, select) -> _Loop:
         """Everything seeded from `cfg.seed`, in a fixed order; resumed from `state_dir` where a state matches."""
         replica = _Replica.join(model, device, cfg)
         # A fixed validation subset, drawn once from its own stream so it never depends on training.
         val_rng = np.random.default_rng([cfg.seed, 1])
-        val_batches = [val.sample(val_rng, cfg.batch_size) for _ in range(cfg.eval_batches)]
+        val_batches = val.eval_subset(val_rng, cfg.batch_size, cfg.eval_batches)
         rng = np.random.default_rng([cfg.seed, 0])
         optimizer = make_optimizer(model, cfg, device)
         random.seed(cfg.seed)
-        saver = _Saver(state_dir, fingerprint, cfg, replica)
+        saver = _Saver(state_dir, fingerprint, cfg, replica, select)
         prog = saver.resume(model, optimizer, rng)
         replica.wrap(cfg, compiles(cfg, device))
         health = HealthRecorder(records=prog.health) if cfg.health_every else None
@@ -297,6 +309,7 @@ class _Progress:
     tokens: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
     keep: str = "last"
+    select: str = "val_loss"
     health: list[dict] = field(default_factory=list)
     best_step: int | None = None
     best: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -322,17 +335,26 @@ class _Progress:
             "val_loss": total / max(count, 1),
             "lr": lr,
         }
+        if self.select == "val_accuracy":
+            correct, n = accuracy(model, val_batches, device, dtype)
+            row["val_accuracy"] = correct / max(n, 1)
         self.running, self.running_n = 0.0, 0
-        self.curve.append(row)
-        if self.keep == "best" and (self.best_step is None or row["val_loss"] < self.best_val):
-            # A copy on the model's device (fast); strictly lower, so a tie keeps the earlier step.
+        if self.keep == "best" and (self.best_step is None or self._rank(row) < self._rank(self.best_row)):
+            # A copy on the model's device (fast); strictly better, so a tie keeps the earlier step.
             self.best_step = self.step
             self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.curve.append(row)
         return row
 
+    def _rank(self, row: dict[str, float]) -> tuple[float, ...]:
+        """Lower is better: val loss, or (select 'val_accuracy') minus accuracy, then val loss."""
+        if self.select == "val_accuracy":
+            return (-row["val_accuracy"], row["val_loss"])
+        return (row["val_loss"],)
+
     @property
-    def best_val(self) -> float:
-        return next(r["val_loss"] for r in self.curve if r["step"] == self.best_step)
+    def best_row(self) -> dict[str, float]:
+        return next(r for r in self.curve if r["step"] == self.best_step)
 
     @property
     def selected_step(self) -> int:
@@ -422,8 +444,11 @@ class _Replica:
 class _Saver:
     """Resuming from and saving to the training state directory (rank 0 writes; every rank waits)."""
 
-    def __init__(self, state_dir: Path | None, fingerprint: dict | None, cfg: TrainConfig, replica: _Replica):
+    def __init__(
+        self, state_dir: Path | None, fingerprint: dict | None, cfg: TrainConfig, replica: _Replica, select: str
+    ):
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.select = select
         self.fingerprint = fingerprint or {"config": "", "tokens": "", "code": {}}
         self.cfg, self.replica = cfg, replica
         self.last_saved: int | None = None
@@ -432,16 +457,16 @@ class _Saver:
         """The saved progress if a resumable state exists (model, optimizer, RNGs restored); otherwise a fresh
         start, with one line saying why a state that exists is not resumed (it is removed)."""
         if self.state_dir is None or not self.state_dir.exists():
-            return _Progress(keep=self.cfg.keep)
+            return _Progress(keep=self.cfg.keep, select=self.select)
         try:
             saved, best = checkpoint.load_training_state(self.state_dir, self.fingerprint, model, optimizer, rng)
         except checkpoint.StaleState as why:
             if self.replica.rank == 0:
                 print(f"note: not resuming from {self.state_dir}: {why}; training from scratch", file=sys.stderr)
                 shutil.rmtree(self.state_dir, ignore_errors=True)
-            return _Progress(keep=self.cfg.keep)
+            return _Progress(keep=self.cfg.keep, select=self.select)
         best = {k: v.to(self.replica.device) for k, v in best.items()} or None
-        prog = _Progress(**(saved | {"keep": self.cfg.keep}), best=best)
+        prog = _Progress(**(saved | {"keep": self.cfg.keep, "select": self.select}), best=best)
         self.last_saved = prog.step
         if self.replica.rank == 0:
             print(f"resuming from {self.state_dir} at step {prog.step}/{self.cfg.max_steps}", file=sys.stderr)

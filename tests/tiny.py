@@ -104,6 +104,8 @@ def on_fixtures(params: dict) -> dict:
 def with_runs(params: dict, runs: dict) -> dict:
     """`params` with `runs` as its runs, and the report's lists that name runs (ablation, anchors) kept to those."""
     params["runs"] = runs
+    for section in ("finetune", "probes"):  # the classifiers of runs that are gone go too
+        params[section] = {k: f for k, f in params.get(section, {}).items() if f["run"] in runs}
     report = params.setdefault("report", {})
     report["ablation"] = [r for r in report.get("ablation", []) if r in runs]
     report["anchors"] = [a for a in report.get("anchors", []) if a["run"] in runs]
@@ -112,12 +114,14 @@ def with_runs(params: dict, runs: dict) -> dict:
 
 def tiny_params(runs: dict | None = None, *, tokenizers: list[str] | None = None, tracking: bool = True) -> dict:
     """presets/tiny.yaml on the fixture corpora; with `runs` instead of its own, with only the `tokenizers` named
-    (and their corpora, and the baselines of those), and with tracking off unless `tracking`."""
+    (and their corpora, and the baselines, fine-tunes and probes of those), and with tracking off unless
+    `tracking`."""
     params = on_fixtures(yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
     if tokenizers is not None:
         params["tokenizers"] = {t: params["tokenizers"][t] for t in tokenizers}
         params["corpora"] = {c: params["corpora"][c] for c in {t["corpus"] for t in params["tokenizers"].values()}}
-        params["baselines"] = {k: b for k, b in params.get("baselines", {}).items() if b["corpus"] in params["corpora"]}
+        for section in ("baselines", "finetune", "probes"):
+            params[section] = {k: b for k, b in params.get(section, {}).items() if b["corpus"] in params["corpora"]}
     if not tracking:
         params["tracking"] = {"enabled": False}
     return params if runs is None else with_runs(params, runs)
