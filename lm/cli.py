@@ -581,21 +581,27 @@ def _classify(args: argparse.Namespace) -> int:
     """Label each message with a fine-tuned classifier: one line each, label, probability, message."""
     texts = list(args.text or [])
     if any(not t.strip() for t in texts):
-        return _error("--text is empty: give the message to classify, e.g. --text \"WINNER! Claim your prize\"", 2)
+        return _error('--text is empty: give the message to classify, e.g. --text "WINNER! Claim your prize"', 2)
     if args.file is not None:
         try:
             texts += [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             return _error(f"cannot read --file {args.file}: {e}; pass a UTF-8 text file, one message a line", 2)
     if not texts:
-        return _error("no message to classify: pass --text \"...\" or --file FILE (one message a line)", 2)
+        return _error('no message to classify: pass --text "..." or --file FILE (one message a line)', 2)
     folder = args.model_dir or args.finetune_dir / args.name
     if not folder.is_dir():
         if (Path("models") / args.name).is_dir():
-            return _error(f"{args.name!r} is a language model of the ladder, not a fine-tuned classifier: add a "
-                          "`finetune` entry for it in params.yaml, run `make finetune`, and pass that entry's name", 2)  # fmt: skip
-        return _error(f"no fine-tuned classifier at {folder}: run `make finetune` (or `dvc repro finetune@{args.name}`)"
-                      " or pass --model-dir DIR", 2)  # fmt: skip
+            return _error(
+                f"{args.name!r} is a language model of the ladder, not a fine-tuned classifier: add a `finetune` "
+                "entry for it in params.yaml, run `make finetune`, and pass that entry's name",
+                2,
+            )
+        return _error(
+            f"no fine-tuned classifier at {folder}: run `make finetune` (or `dvc repro finetune@{args.name}`) or "
+            "pass --model-dir DIR",
+            2,
+        )
 
     from lm.finetune import FinetuneError, load_classifier, predict
 

@@ -38,7 +38,6 @@ from lm.health import HealthRecorder
 from lm.metrics import accuracy, autocast, score
 from lm.models import IGNORE_INDEX
 
-
 SELECT = ("val_loss", "val_accuracy")
 """What train.keep 'best' can rank evaluations by (`fit`'s `select`)."""
 

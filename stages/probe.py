@@ -1,7 +1,7 @@
 """probe@<name>: per-layer linear probes of a trained run and of its random-init twin on a labelled corpus.
 
-    python -m stages.probe NAME --model models/RUN --tokenizers tokenizers --data data/CORPUS
-        --out finetune/probes/NAME.json
+python -m stages.probe NAME --model models/RUN --tokenizers tokenizers --data data/CORPUS
+    --out finetune/probes/NAME.json
 """
 
 from __future__ import annotations

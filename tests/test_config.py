@@ -74,7 +74,7 @@ def test_cross_references(good):
     want = "tokenizers.x.corpus: got 'wiki'; must be one of ['names', 'oz', 'shakespeare', 'sms']"
     assert any(p.startswith(want) for p in got)
     d["tokenizers"].pop("x")
-    assert problems(d)[0].startswith("runs.r.tokenizer: got 'nope'; must be one of")
+    assert any(p.startswith("runs.r.tokenizer: got 'nope'; must be one of") for p in problems(d))
 
 
 @pytest.mark.parametrize(

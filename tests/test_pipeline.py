@@ -81,6 +81,24 @@ def test_every_output_exists_and_every_metric_is_finite(project: Path):
         assert f"figures/{fig}.png" in report
 
 
+def test_fine_tuning_writes_its_table_confusion_matrices_and_probe_figure(project: Path):
+    """The finetune, probe and finetune-report stages of the tiny preset ran in the same `dvc repro`."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    report = (project / "reports" / "finetune" / "README.md").read_text()
+    for name, ft in params["finetune"].items():
+        m = json.loads((project / "finetune" / "metrics" / f"{name}.json").read_text())
+        assert (project / "finetune" / "models" / name / "model.safetensors").is_file()
+        assert 0 <= m["splits"]["test"]["accuracy"] <= 1 and len(m["seeds"]["seeds"]) == 1 + len(
+            ft.get("spread_seeds", [])
+        )
+        assert f"| {name} | " in report
+    for name in params["probes"]:
+        assert json.loads((project / "finetune" / "probes" / f"{name}.json").read_text())["models"]["random"]
+    assert "| sms-tfidf | none: TF-IDF" in report and "Raschka" in report
+    for fig in ("confusion", "probes"):
+        assert (project / "reports" / "finetune" / "figures" / f"{fig}.png").stat().st_size > 1000
+
+
 def test_a_second_clean_repro_is_bit_identical(project: Path, repo_root: Path, tmp_path: Path):
     """Another fresh copy, another `dvc repro` (tracking off there: logging must not change results):
     every output byte-identical (metrics, checkpoints, samples, curves, the report and its figures), so
@@ -146,7 +164,7 @@ def test_results_travel_with_dvc_push_and_pull(project: Path):
     assert sh(clone, "git", "status", "--porcelain").stdout == ""
 
 
-def test_changing_one_runs_lr_reruns_only_that_run_and_the_report(project: Path):
+def test_changing_one_runs_lr_reruns_only_that_run_and_the_reports(project: Path):
     params_path = project / "params.yaml"
     original = params_path.read_text()
     try:
@@ -155,8 +173,9 @@ def test_changing_one_runs_lr_reruns_only_that_run_and_the_report(project: Path)
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         out = sh(project, "dvc", "repro").stdout
         ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-        # The check stage re-runs on any params.yaml edit; its params.ok is unchanged, so it re-runs nothing.
-        assert ran == ["check", "evaluate@names-mlp", "report", "train@names-mlp"], out
+        # The check stage re-runs on any params.yaml edit; its params.ok is unchanged, so it re-runs nothing. The
+        # fine-tuning report reads the baselines' metrics from metrics/, so it re-renders too (seconds, same bytes).
+        assert ran == ["check", "evaluate@names-mlp", "finetune-report", "report", "train@names-mlp"], out
     finally:
         params_path.write_text(original)
 

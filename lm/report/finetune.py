@@ -105,7 +105,7 @@ def plot_confusions(rows: dict[str, dict], labels: list[str], out: Path) -> None
 def plot_probes(probes: dict[str, dict], out: Path) -> None:
     """Probe test accuracy by layer (0: embeddings): solid pretrained, dashed random init, one colour per probe."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for color, (name, p) in zip(COLORS, probes.items(), strict=False):
+    for color, p in zip(COLORS, probes.values(), strict=False):
         for init, style in (("pretrained", "-"), ("random", "--")):
             ax.plot(p["layers"], [100 * r["test"] for r in p["models"][init]], style, color=color, marker="o",
                     label=f"{p['run']} ({init})")  # fmt: skip
