@@ -85,7 +85,8 @@ def plot_confusions(rows: dict[str, dict], labels: list[str], out: Path) -> None
     """One small test confusion matrix per fine-tune (rows: true label, columns: predicted)."""
     n = len(rows)
     cols = min(4, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(n / cols)), squeeze=False)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3.3 * rows_n), squeeze=False, layout="constrained")
     for ax, (name, m) in zip(axes.flat, rows.items(), strict=False):
         cm = m["splits"]["test"]["confusion"]
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(map(max, cm)))
@@ -109,6 +110,7 @@ def plot_probes(probes: dict[str, dict], out: Path) -> None:
         for init, style in (("pretrained", "-"), ("random", "--")):
             ax.plot(p["layers"], [100 * r["test"] for r in p["models"][init]], style, color=color, marker="o",
                     label=f"{p['run']} ({init})")  # fmt: skip
+    ax.set_xticks(next(iter(probes.values()))["layers"])
     ax.set_xlabel("layer (0: token + position embeddings; i: after block i)")
     ax.set_ylabel("test accuracy of a linear probe (%)")
     ax.set_title("Where the features live: a logistic regression on each layer's last-token state")

@@ -117,7 +117,8 @@ def _classifiers(i: Inputs) -> list[str]:
         "What a practitioner tries first on the labelled corpus: TF-IDF over character n-grams and a logistic "
         "regression, its C picked on the val split (`baselines`, stages/baseline.py), on the study's balanced, "
         "stratified split. The book's accuracies are its own numbers, on its own split and model, not ours; "
-        "the confusion matrix counts the test messages.",
+        "the confusion matrix counts the test messages. The ladder's own models fine-tuned as classifiers, beside "
+        "the same architectures from random init: `make finetune`, [finetune/README.md](finetune/README.md).",
         "",
         table,
         "",
