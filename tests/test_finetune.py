@@ -186,8 +186,9 @@ def work(tmp_path_factory):
 
 
 def finetune_args(out: str) -> list[str]:
-    return ["stages.finetune", "ft", "--model", "models/gpt", "--tokenizers", "tokenizers", "--data", "data/sms",
-            "--out", f"ft/{out}", "--curve", f"ft/{out}.csv", "--metrics", f"ft/{out}.json", "--no-progress"]  # fmt: skip
+    inputs = ["--model", "models/gpt", "--tokenizers", "tokenizers", "--data", "data/sms"]
+    outputs = ["--out", f"ft/{out}", "--curve", f"ft/{out}.csv", "--metrics", f"ft/{out}.json"]
+    return ["stages.finetune", "ft", *inputs, *outputs, "--no-progress"]
 
 
 @pytest.mark.slow
