@@ -30,6 +30,19 @@ def autocast(device: torch.device | str, dtype: str):
     return nullcontext()
 
 
+def _outputs(model: torch.nn.Module, batches: Iterable, device, dtype: str):
+    """(logits, targets on `device`) of each batch in order, the model in eval mode meanwhile (its mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            with autocast(device, dtype):
+                logits, _ = model(x.to(device))
+            yield logits, y.to(device)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def score(
     model: torch.nn.Module,
@@ -42,17 +55,11 @@ def score(
     The model's train/eval mode is restored afterwards. Sums run in float64 so the total does not depend on
     how a split is batched.
     """
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        with autocast(device, dtype):
-            logits, _ = model(x.to(device))
-        y = y.to(device)
+    for logits, y in _outputs(model, batches, device, dtype):
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         total += float(nll.double().sum())
         count += int((y != IGNORE_INDEX).sum())
-    model.train(was_training)
     return total, count
 
 
@@ -65,17 +72,10 @@ def accuracy(
 ) -> tuple[int, int]:
     """Targets whose argmax prediction is the target, and targets scored, over ``batches``, in eval mode (restored
     afterwards): a classifier's accuracy (lm/finetune.py), or a language model's next-token accuracy."""
-    was_training = model.training
-    model.eval()
     correct, count = 0, 0
-    for x, y in batches:
-        with autocast(device, dtype):
-            logits, _ = model(x.to(device))
-        y = y.to(device)
-        hit = (logits.argmax(-1) == y) & (y != IGNORE_INDEX)
-        correct += int(hit.sum())
+    for logits, y in _outputs(model, batches, device, dtype):
+        correct += int(((logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum())
         count += int((y != IGNORE_INDEX).sum())
-    model.train(was_training)
     return correct, count
 
 

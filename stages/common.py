@@ -10,6 +10,7 @@ import gc
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lm.config import ParamsError, StudyConfig, load_params
@@ -20,6 +21,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file to validate and read (default: params.yaml)")
     return p
+
+
+def pretrained_inputs(p: argparse.ArgumentParser) -> None:
+    """The inputs of the stages that classify with a trained run (finetune, probe): its checkpoint, the tokenizers
+    folder (the run's is the one params names) and the labelled corpus."""
+    p.add_argument("--model", required=True, type=Path, help="the trained run's checkpoint, e.g. models/RUN")
+    p.add_argument("--tokenizers", required=True, type=Path, help="the tokenizers folder (tokenize stage outputs)")
+    p.add_argument("--data", required=True, type=Path, help="the labelled corpus folder, e.g. data/sms")
 
 
 def study(path: str) -> StudyConfig:

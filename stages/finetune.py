@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import deterministic, entry, fail, parser, study
-from stages.mlflow_run import outputs, tracker
+from stages.common import deterministic, entry, fail, parser, pretrained_inputs, study
+from stages.mlflow_run import outputs, pretrained_tracker
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("name", help="fine-tune name (a key of `finetune` in params)")
-    p.add_argument("--model", required=True, type=Path, help="the pretrained run's checkpoint, e.g. models/RUN")
-    p.add_argument("--tokenizers", required=True, type=Path, help="the tokenizers folder (tokenize stage outputs)")
-    p.add_argument("--data", required=True, type=Path, help="the labelled corpus folder, e.g. data/sms")
+    pretrained_inputs(p)
     p.add_argument("--out", required=True, type=Path, help="output folder of the classifier")
     p.add_argument("--curve", required=True, type=Path, help="training curve CSV to write")
     p.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
@@ -31,14 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     run, stage = params.runs[cfg.run], f"finetune@{args.name}"
     tok_dir = args.tokenizers / run.tokenizer
     labels = params.corpora[cfg.corpus].labels or []
-    tracked = tracker(
-        params,
-        stage,
-        {"finetune": args.name, **cfg.model_dump(mode="json"), "model": run.model.model_dump(mode="json")},
-        tags={"lm.run": cfg.run, "corpus": cfg.corpus, "tokenizer": run.tokenizer, "family": run.model.family},
-        deps={"model": args.model, "tokenizer": tok_dir, "data": args.data},
-        description=f"{cfg.run} fine-tuned to classify {cfg.corpus} ({cfg.trainable} trained, {cfg.init} init)",
-    )
+    logged = {"finetune": args.name, **cfg.model_dump(mode="json"), "model": run.model.model_dump(mode="json")}
+    what = f"{cfg.run} fine-tuned to classify {cfg.corpus} ({cfg.trainable} trained, {cfg.init} init)"
+    tracked = pretrained_tracker(params, stage, logged, cfg, args, what)
 
     from lm.atomic import Busy, OutputError
     from lm.checkpoint import CheckpointError

@@ -168,6 +168,17 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 """Run colours: twenty of the most distinct hues on a white page (Sasha Trubetskoy's 22 without white and beige)."""
 
 
+def pretrained_tracker(
+    cfg: StudyConfig, stage: str, params: Mapping[str, Any], entry, args, description: str
+) -> NullTracker:
+    """`tracker` for a stage that classifies with a trained run (finetune, probe; `entry` its FinetuneConfig or
+    ProbeConfig): tagged with the run, corpus, tokenizer and family, its checkpoint, tokenizer and data as deps."""
+    run = cfg.runs[entry.run]
+    tags = {"lm.run": entry.run, "corpus": entry.corpus, "tokenizer": run.tokenizer, "family": run.model.family}
+    deps = {"model": args.model, "tokenizer": args.tokenizers / run.tokenizer, "data": args.data}
+    return tracker(cfg, stage, params, tags=tags, deps=deps, description=description)
+
+
 def run_color(cfg: StudyConfig, run: str) -> str | None:
     """The colour MLflow's UI draws `run` in (tag mlflow.runColor; its default gives near-identical blues): the
     run's place among its corpus's runs in params.yaml, so the runs of one corpus, charted together, all differ,

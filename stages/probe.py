@@ -8,30 +8,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import deterministic, entry, fail, parser, study
-from stages.mlflow_run import outputs, tracker
+from stages.common import deterministic, entry, fail, parser, pretrained_inputs, study
+from stages.mlflow_run import outputs, pretrained_tracker
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("name", help="probe name (a key of `probes` in params)")
-    p.add_argument("--model", required=True, type=Path, help="the run's checkpoint, e.g. models/RUN")
-    p.add_argument("--tokenizers", required=True, type=Path, help="the tokenizers folder (tokenize stage outputs)")
-    p.add_argument("--data", required=True, type=Path, help="the labelled corpus folder, e.g. data/sms")
+    pretrained_inputs(p)
     p.add_argument("--out", required=True, type=Path, help="output JSON, e.g. finetune/probes/NAME.json")
     args = p.parse_args(argv)
     params = study(args.params)
     cfg = entry(params.probes, args.name, "probe", args.params)
     run, stage = params.runs[cfg.run], f"probe@{args.name}"
     tok_dir = args.tokenizers / run.tokenizer
-    tracked = tracker(
-        params,
-        stage,
-        {"probe": args.name, **cfg.model_dump(mode="json")},
-        tags={"lm.run": cfg.run, "corpus": cfg.corpus, "tokenizer": run.tokenizer, "family": run.model.family},
-        deps={"model": args.model, "tokenizer": tok_dir, "data": args.data},
-        description=f"linear probes of every layer of {cfg.run} (and its random init) on {cfg.corpus}",
-    )
+    tracked = pretrained_tracker(
+        params, stage, {"probe": args.name, **cfg.model_dump(mode="json")}, cfg, args,
+        f"linear probes of every layer of {cfg.run} (and its random init) on {cfg.corpus}",
+    )  # fmt: skip
 
     from lm.atomic import OutputError, write_json
     from lm.checkpoint import CheckpointError
