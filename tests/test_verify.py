@@ -188,3 +188,32 @@ def test_a_classifier_may_move_one_example_per_split_and_no_more():
     assert not checks["test/accuracy"].ok and checks["test/f1"].ok
     assert checks["test/accuracy"].tolerance == pytest.approx(1 / 300)
     assert not any(c.ok for c in compare_classifier("baseline b", then, {"splits": {}}))
+
+
+def test_a_fine_tune_may_move_twice_its_seed_spread():
+    from lm.verify import compare_classifier
+
+    then = {"splits": {"test": {"examples": 300, "accuracy": 0.96, "f1": 0.96}}, "seeds": {"sd": 0.01}}
+    within = {"splits": {"test": {"examples": 300, "accuracy": 0.941, "f1": 0.96}}}
+    beyond = {"splits": {"test": {"examples": 300, "accuracy": 0.939, "f1": 0.96}}}
+    assert all(c.ok for c in compare_classifier("finetune f", then, within, spread=0.01))
+    checks = {c.number: c for c in compare_classifier("finetune f", then, beyond, spread=0.01)}
+    assert not checks["test/accuracy"].ok and checks["test/accuracy"].tolerance == pytest.approx(0.02)
+    assert checks["test/accuracy"].note == "2 seed sd"
+
+
+def test_lm_verify_judges_the_committed_fine_tunes(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["corpora"]["sms"] = tiny_params()["corpora"]["sms"]
+    params["finetune"] = {"f": {"run": "names-gpt", "corpus": "sms"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "finetune" / "metrics").mkdir(parents=True)
+    m = {"splits": {"test": {"examples": 300, "accuracy": 0.96, "f1": 0.96}}, "seeds": {"sd": 0.005}}
+    (repo / "finetune" / "metrics" / "f.json").write_text(json.dumps(m))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "f"], cwd=repo, check=True)
+    assert judge(repo).ok
+    m["splits"]["test"]["accuracy"] = 0.94  # 6 messages: beyond 2 seed sd (3 messages)
+    (repo / "finetune" / "metrics" / "f.json").write_text(json.dumps(m))
+    v = judge(repo)
+    assert [(c.run, c.number) for c in v.failed] == [("finetune f", "test/accuracy")]
