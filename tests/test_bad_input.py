@@ -689,8 +689,11 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
     assert "fetch@names" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
 
+@pytest.mark.parametrize("make_target, dvc_target", [("repro", "report"), ("finetune", "finetune-report")])
 @pytest.mark.parametrize("dvc_status", [0, 3])
-def test_make_repro_defers_tracking_and_logs_the_runs_even_after_a_failed_stage(tmp_path, dvc_status):
+def test_make_repro_defers_tracking_and_logs_the_runs_even_after_a_failed_stage(
+    tmp_path, dvc_status, make_target, dvc_target
+):
     """`make repro` runs the stages with LM_TRACKING=deferred (a user's LM_TRACKING wins), then stages.track, also
     when `dvc repro` failed (the finished stages' runs are logged); make fails with dvc's status. The venv's tools
     are stand-ins that record how they were called."""
@@ -705,10 +708,10 @@ def test_make_repro_defers_tracking_and_logs_the_runs_even_after_a_failed_stage(
     for user, expected in ((None, "deferred"), ("live", "live")):
         calls = tmp_path / f"calls-{user}"
         env = {**os.environ, "CALLS": str(calls), "LM_TRACKING": user or ""}
-        r = subprocess.run(["make", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        r = subprocess.run(["make", make_target], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert r.returncode == (2 if dvc_status else 0), r.stderr  # make's own status for a failed recipe
         assert calls.read_text().splitlines() == [
             "lm check-params params.yaml LM_TRACKING=" + (user or ""),
-            f"dvc repro LM_TRACKING={expected}",
+            f"dvc repro {dvc_target} LM_TRACKING={expected}",
             "python -m stages.track LM_TRACKING=" + (user or ""),
         ]
