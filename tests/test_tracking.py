@@ -754,6 +754,7 @@ def test_exp_run_in_a_temp_dir_logs_exactly_the_changed_param(project: Path, ser
                 f"names-bigram_nn [{exp_name}] (train)",
                 f"names-bigram_nn [{exp_name}] (evaluate)",
                 f"report [{exp_name}]",
+                f"finetune-report [{exp_name}]",
                 f"exp {exp_name} (from {sh(project, 'git', 'rev-parse', 'HEAD').stdout[:7]})",
             ]
         )
