@@ -1,13 +1,15 @@
 """The finetune stage as a library call: turn a trained run into a classifier of a labelled corpus, fit it with the
 one training loop, score it on every split and write its outputs atomically.
 
-finetunes/<name>/           model.safetensors, classifier.json (what `load_classifier` rebuilds it from),
-                            tokenizer.json (the run's), finetune.json (summary)
-curves/finetune-<name>.csv  step, examples, train_loss, val_loss, val_accuracy, lr (one row per evaluation)
-metrics/finetune-<name>.json  accuracy, precision, recall, F1 and the confusion matrix of train/val/test, the
-                            unknown-character counts, and the test accuracy of every seed (the spread)
+finetune/models/<name>/       model.safetensors, classifier.json (what `load_classifier` rebuilds it from),
+                              tokenizer.json (the run's), finetune.json (summary)
+finetune/curves/<name>.csv    step, examples, train_loss, val_loss, val_accuracy, lr (one row per evaluation)
+finetune/metrics/<name>.json  accuracy, precision, recall, F1 and the confusion matrix of train/val/test, the
+                              unknown-character and truncation counts, and the test accuracy of every seed (the spread)
 
-Messages are encoded with the run's tokenizer, truncated to their first ``max_length`` tokens and right-padded
+(dvc.yaml names these paths; the stage passes them in.)
+
+Messages are encoded with the run's tokenizer, cut to ``max_length`` tokens on ``truncation_side`` and right-padded
 (:data:`lm.models.classifier.PAD`). A byte-level BPE encodes any text. A char tokenizer knows only its corpus's
 characters (Tiny Shakespeare has one digit and no '£'): every other character becomes one unknown id, the
 tokenizer's own [UNK] where it has one (oov 'unk'), else a row added to the embedding (the mean of the pretrained
@@ -17,6 +19,7 @@ such characters, per split.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -25,7 +28,7 @@ import shutil
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,7 @@ from lm.config import FinetuneConfig, RunConfig
 from lm.metrics import autocast
 from lm.models import build_model
 from lm.models.classifier import PAD, Classifier
-from lm.tokenizer import is_char, load_tokenizer, unk_id
+from lm.tokenizer import is_char, load_stats, load_tokenizer, unk_id
 from lm.trainer import fit
 
 CURVE_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_accuracy", "lr"]
@@ -64,6 +67,11 @@ class Encoder:
     max_length: int
     unk: int | None
     side: str = "left"
+    vocab: dict[str, int] | None = field(init=False, repr=False)
+    """A char tokenizer's character → id (read once: every message is mapped through it); None for a BPE."""
+
+    def __post_init__(self) -> None:
+        self.vocab = self.tok.get_vocab() if self.unk is not None else None
 
     @classmethod
     def for_run(cls, tok: Tokenizer, vocab_size: int, max_length: int, side: str) -> tuple[Encoder, bool]:
@@ -74,19 +82,14 @@ class Encoder:
             return cls(tok, max_length, vocab_size if own is None else own, side), own is None
         return cls(tok, max_length, None, side), False
 
-    @property
-    def chars(self) -> dict[str, int] | None:
-        return self.tok.get_vocab() if self.unk is not None else None
-
     def unknown(self, text: str) -> Counter[str]:
         """The characters of `text` the vocabulary lacks, with their counts (empty for a BPE)."""
-        vocab = self.chars
-        return Counter(c for c in text if c not in vocab) if vocab is not None else Counter()
+        return Counter(c for c in text if c not in self.vocab) if self.vocab is not None else Counter()
 
     def encode(self, text: str) -> list[int]:
         """All of `text`'s ids (not truncated)."""
-        if (vocab := self.chars) is not None:
-            return [vocab.get(c, self.unk) for c in text]
+        if self.vocab is not None:
+            return [self.vocab.get(c, self.unk) for c in text]
         return self.tok.encode(text).ids
 
     def cut(self, ids: list[int]) -> list[int]:
@@ -94,8 +97,12 @@ class Encoder:
         return ids[-self.max_length :] if self.side == "left" else ids[: self.max_length]
 
     def batch(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, T) ids, each row its kept ids then PAD; T is the longest row's length."""
-        rows = [self.cut(self.encode(t)) for t in texts]
+        """(N, T) ids of `texts`, each row its kept ids then PAD; T is the longest row's length."""
+        return self.pad([self.encode(t) for t in texts])
+
+    def pad(self, encoded: Sequence[list[int]]) -> torch.Tensor:
+        """`batch` of messages already encoded (whole)."""
+        rows = [self.cut(ids) for ids in encoded]
         if not all(rows):
             raise FinetuneError("a message encodes to no tokens; remove empty messages from the input")
         x = np.full((len(rows), max(map(len, rows))), PAD, dtype=np.int64)
@@ -133,13 +140,14 @@ def encode_splits(
     out, stats = {}, {}
     for name, examples in splits.items():
         texts = [text for _, text in examples]
-        out[name] = Examples(enc.batch(texts), torch.tensor([index[label] for label, _ in examples]))
+        encoded = [enc.encode(t) for t in texts]
+        out[name] = Examples(enc.pad(encoded), torch.tensor([index[label] for label, _ in examples]))
         unknown = [enc.unknown(t) for t in texts]
         stats[name] = {
             "messages": len(texts),
             "with_unknown": sum(bool(u) for u in unknown),
             "unknown_chars": dict(sum(unknown, Counter()).most_common()),
-            "truncated": sum(len(enc.encode(t)) > enc.max_length for t in texts),
+            "truncated": sum(len(ids) > enc.max_length for ids in encoded),
         }
     return out, stats
 
@@ -149,16 +157,13 @@ def encode_splits(
 
 
 def build_classifier(
-    run: RunConfig, ckpt_dir: Path | None, vocab_size: int, n_labels: int, cfg: FinetuneConfig, seed: int,
-    *, extra_unk: bool,
+    run: RunConfig, pretrained: torch.nn.Module | None, vocab_size: int, n_labels: int, cfg: FinetuneConfig,
+    seed: int, *, extra_unk: bool,
 ) -> Classifier:  # fmt: skip
-    """The run's model (its trained weights from `ckpt_dir`, or, init 'random', a fresh init drawn with `seed`)
-    wrapped as a classifier whose head is drawn with `seed`, with `cfg.trainable` unfrozen."""
+    """A copy of the run's trained model (`pretrained`, loaded once for every seed), or, init 'random', a fresh init
+    drawn with `seed`, wrapped as a classifier whose head is drawn with `seed`, with `cfg.trainable` unfrozen."""
     torch.manual_seed(seed)
-    if cfg.init == "pretrained":
-        lm, _, _ = checkpoint.load(ckpt_dir)
-    else:
-        lm = build_model(run.model, vocab_size)
+    lm = copy.deepcopy(pretrained) if cfg.init == "pretrained" else build_model(run.model, vocab_size)
     torch.manual_seed(seed)  # the head's init does not depend on how many draws the body took
     try:
         model = Classifier(lm, n_labels, extra_unk=extra_unk)
@@ -222,7 +227,8 @@ def finetune_run(
     """Fine-tune `cfg.run` on `splits` with train.seed (kept: `out`, `curve`) and every spread seed (scored only),
     resumable per seed beside `out`; write the outputs atomically and return the metrics."""
     meta = json.loads((Path(ckpt_dir) / checkpoint.CONFIG).read_text()) if cfg.init == "pretrained" else {}
-    vocab_size = int(json.loads((Path(tok_dir) / "stats.json").read_text())["vocab_size"])
+    pretrained = checkpoint.load(ckpt_dir)[0] if cfg.init == "pretrained" else None
+    vocab_size = int(load_stats(tok_dir)["vocab_size"])
     max_length = cfg.max_length or run.model.block_size
     enc, extra_unk = Encoder.for_run(load_tokenizer(tok_dir), vocab_size, max_length, cfg.truncation_side)
     data, token_stats = encode_splits(enc, splits, labels)
@@ -236,7 +242,7 @@ def finetune_run(
             if seed != cfg.train.seed and done.is_file():
                 spread[seed] = json.loads(done.read_text())["test_accuracy"]
                 continue
-            model = build_classifier(run, ckpt_dir, vocab_size, len(labels), cfg, seed, extra_unk=extra_unk)
+            model = build_classifier(run, pretrained, vocab_size, len(labels), cfg, seed, extra_unk=extra_unk)
             fp = fingerprint(cfg, seed, meta.get("sha256", "random"), data, code)
             tc = train_cfg.model_copy(update={"seed": seed})
             result = fit(model, data["train"], data["val"], tc, device=torch.device("cpu"), progress=progress,
@@ -250,14 +256,14 @@ def finetune_run(
             else:
                 write_json(done, {"seed": seed, "test_accuracy": test["accuracy"]})
         model, result, result_scores = kept
-        summary = _summary(name, cfg, model, result, max_length, enc, extra_unk, token_stats, result_scores, spread)
+        summary = _summary(name, cfg, model, result, enc, extra_unk, token_stats, result_scores, spread)
         summary["dtype"] = dtype
         _write_outputs(model, run, vocab_size, labels, summary, result.curve, enc, tok_dir, out, curve, metrics)
         shutil.rmtree(state_root, ignore_errors=True)
     return summary
 
 
-def _summary(name, cfg, model, result, max_length, enc, extra_unk, token_stats, result_scores, spread) -> dict:
+def _summary(name, cfg, model, result, enc, extra_unk, token_stats, result_scores, spread) -> dict:
     """metrics/finetune-<name>.json: numbers a rerun reproduces bit for bit."""
     accs = [spread[s] for s in sorted(spread)]
     return {
@@ -266,8 +272,8 @@ def _summary(name, cfg, model, result, max_length, enc, extra_unk, token_stats, 
         "corpus": cfg.corpus,
         "trainable": cfg.trainable,
         "init": cfg.init,
-        "max_length": max_length,
-        "truncation_side": cfg.truncation_side,
+        "max_length": enc.max_length,
+        "truncation_side": enc.side,
         "params": sum(p.numel() for p in model.parameters()),
         "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": cfg.train.max_steps,

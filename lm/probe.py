@@ -68,14 +68,13 @@ def probe_run(
     torch.manual_seed(seed)
     twins = {"pretrained": checkpoint.load(ckpt_dir)[0], "random": build_model(run.model, vocab_size)}
     out = {"probe": name, "run": cfg.run, "corpus": cfg.corpus, "max_length": enc.max_length,
-           "truncation_side": enc.side, "labels": list(labels), "layers": None, "models": {}}  # fmt: skip
+           "truncation_side": enc.side, "labels": list(labels), "models": {}}  # fmt: skip
     for init, lm in twins.items():
         model = Classifier(lm, len(labels), extra_unk=extra_unk)
         feats = {split: layer_features(model, ex.x) for split, ex in data.items()}
-        n_layers = len(feats["train"])
-        out["layers"] = list(range(n_layers))
         out["models"][init] = [
-            fit_layer({s: f[layer] for s, f in feats.items()}, ys, cfg.C, seed) for layer in range(n_layers)
+            fit_layer({s: f[layer] for s, f in feats.items()}, ys, cfg.C, seed) for layer in range(len(feats["train"]))
         ]
+    out["layers"] = list(range(len(out["models"]["pretrained"])))
     out["tokens"] = token_stats
     return out

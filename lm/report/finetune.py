@@ -9,7 +9,6 @@ figures/confusion.png: every fine-tune's test confusion matrix; figures/probes.p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,12 +23,9 @@ from lm.classification import metrics_stem  # noqa: E402
 from lm.config import StudyConfig  # noqa: E402
 from lm.references import published  # noqa: E402
 from lm.report.figures import COLORS, save_figure  # noqa: E402
+from lm.report.tables import read_metrics  # noqa: E402
 
 TRAINABLE = {"head": "head only", "last_block": "last block + final norm + head", "all": "everything"}
-
-
-def _read(folder: Path, name: str) -> dict:
-    return json.loads((Path(folder) / f"{name}.json").read_text())
 
 
 def beyond(a: dict, b: dict) -> bool:
@@ -133,9 +129,9 @@ def write_finetune_report(
     study: StudyConfig, finetune_dir: Path, probes_dir: Path, metrics_dir: Path, out: Path
 ) -> dict[str, dict]:
     """Write reports/finetune (README.md, figures/) atomically; returns the fine-tunes' metrics by name."""
-    rows = {name: _read(finetune_dir, name) for name in study.finetune}
-    probes = {name: _read(probes_dir, name) for name in study.probes}
-    baselines = {name: _read(metrics_dir, metrics_stem(name)) for name in study.baselines}
+    rows = {name: read_metrics(finetune_dir, name) for name in study.finetune}
+    probes = {name: read_metrics(probes_dir, name) for name in study.probes}
+    baselines = {name: read_metrics(metrics_dir, metrics_stem(name)) for name in study.baselines}
     labels = next(iter(rows.values()))["splits"]["test"]["per_label"] if rows else {}
     md = ["# Fine-tuning the ladder's models to classify", "",
           "Each fine-tune puts a linear head on the last kept token's final hidden state of a trained run and trains "
