@@ -18,7 +18,7 @@ export HF_HOME := $(CURDIR)/.cache/huggingface
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/huggingface/datasets
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install repro finetune track verify test lint format ui screenshots check-params gpu-wheels clean-venv
+.PHONY: install repro finetune gguf track verify test lint format ui screenshots check-params gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ finetune: install
 	$(BIN)/lm check-params params.yaml
 	$(call TRACKED_REPRO,finetune-report)
 
+# llama.cpp's checks of the GGUF exports (docs/gguf.md): every `gguf` entry and reports/gguf/, after the ladder's runs;
+# the first run builds llama.cpp from the llama-cpp-python sdist into .cache/llama.cpp (minutes, once).
+gguf: install
+	$(BIN)/lm check-params params.yaml
+	$(call TRACKED_REPRO,gguf-report)
+
 # MLflow gets the train and evaluate runs it lacks, from their outputs (a lost or new store; see stages/track.py).
 track: install
 	$(BIN)/python -m stages.track
@@ -56,7 +62,11 @@ verify: install
 	$(call TRACKED_REPRO,--force report)
 	$(BIN)/lm verify
 
+# The llama.cpp tests (tests/test_gguf.py, the tiny preset's gguf stage) need llama.cpp's tools: a first build
+# (minutes, once; .cache/llama.cpp) starts at low priority beside the earlier tests, which run on one core each,
+# and the tests that need it wait for it (lm/llamacpp.py locks the build).
 test: install
+	@mkdir -p .cache; (nice -n 15 $(BIN)/lm llama-cpp > .cache/llama-cpp-build.log 2>&1 &)
 	$(BIN)/python -m pytest -q
 
 # ruff, configured in pyproject.toml: lint (pyflakes, isort, pycodestyle at 120 columns, bugbear) and format check.

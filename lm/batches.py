@@ -156,6 +156,23 @@ class Batches:
         if len(full) < len(starts):  # the tail: one shorter window
             yield self._windows(starts[len(full) :][:1], length=n - 1 - int(starts[len(full)]))
 
+    def chunks(self, n_ctx: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """llama.cpp's perplexity protocol (its llama-perplexity tool), for comparing with it: the split cut into
+        non-overlapping windows of ``n_ctx`` tokens (a partial last one dropped), each scored on its second half only,
+        the targets of positions n_ctx // 2 .. n_ctx - 2 (the window's own tokens; none from the next window)."""
+        if self.fmt != "text":
+            raise BatchError("llama.cpp's perplexity protocol reads one token stream: a 'text' split")
+        n = len(self.ids) // n_ctx
+        if n < 2:
+            raise BatchError(f"{self.name or describe(self.ids)} has {_tokens(len(self.ids))}: llama.cpp's "
+                             f"protocol needs at least 2 windows of {n_ctx}")  # fmt: skip
+        ids = np.asarray(self.ids[: n * n_ctx], dtype=np.int64).reshape(n, n_ctx)  # (chunks, n_ctx)
+        y = np.full_like(ids, IGNORE_INDEX)
+        first = n_ctx // 2
+        y[:, first : n_ctx - 1] = ids[:, first + 1 :]  # position j predicts token j + 1 of the same window
+        for i in range(0, n, batch_size):
+            yield torch.from_numpy(ids[i : i + batch_size]), torch.from_numpy(y[i : i + batch_size])
+
     def _windows(self, starts: np.ndarray, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         T = length or self.seq_len
         chunks = np.stack([np.asarray(self.ids[s : s + T + 1], dtype=np.int64) for s in starts])

@@ -363,9 +363,13 @@ def _stale_note(args: argparse.Namespace, trained) -> str | None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.type is not None and args.format != "gguf":
+        return _error("--type applies to --format gguf only (a Hugging Face export is float32)", 2)
     model_dir = _find_checkpoint(args)
     if model_dir is None:
         return 2
+    if args.format == "gguf":
+        return _export_gguf(args, model_dir)
     from lm.checkpoint import CheckpointError, load
     from lm.export import ExportError, check_target, export_hf, gpt2_problems
 
@@ -394,6 +398,37 @@ def _export(args: argparse.Namespace) -> int:
         f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, "
         f"tokenizer_config.json); load it with transformers.{hf_class}.from_pretrained({str(out)!r}) "
         "and AutoTokenizer.from_pretrained(...)"
+    )
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace, model_dir: Path) -> int:
+    from lm.checkpoint import CheckpointError, load
+    from lm.gguf_export import GGUFError, check_gguf_target, export_gguf
+
+    try:
+        check_gguf_target(args.out, args.force, [model_dir])  # before any work: nothing of the user's is replaced
+        _, run, _ = load(model_dir)
+    except GGUFError as e:
+        return _error(str(e), 2)
+    except CheckpointError as e:
+        return _error(str(e))
+    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
+    if not (tok_dir / "tokenizer.json").is_file():
+        return _error(
+            f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
+        )
+    try:
+        done = export_gguf(model_dir, tok_dir, args.out, args.type or "f32")
+    except GGUFError as e:
+        return _error(str(e), 2)
+    except (CheckpointError, OSError) as e:
+        return _error(str(e))
+    fallback = f"; {len(done.f16_fallback)} tensors in f16 (rows not whole blocks of 32)" if done.f16_fallback else ""
+    print(
+        f"wrote {done.path} ({done.architecture}, {done.qtype}{fallback}, {done.size_bytes / 2**20:.2f} MiB; "
+        f"end-of-text token {done.eos_id}); run it with llama.cpp, e.g. llama-completion -m {done.path} "
+        f"-p TEXT -n 40 -c {run.model.block_size} --top-k 1 (docs/gguf.md)"
     )
     return 0
 
@@ -555,21 +590,36 @@ def _sampling_options(c: argparse.ArgumentParser) -> None:
 def _add_export(sub) -> None:
     c = sub.add_parser(
         "export",
-        help="export a gpt run as a Hugging Face GPT-2 directory, a llama run as a Hugging Face Llama one",
+        help="export a gpt or llama run as a Hugging Face directory or a GGUF file for llama.cpp",
         description="Write a directory that transformers.GPT2LMHeadModel.from_pretrained(DIR) (llama runs: "
         "LlamaForCausalLM) and AutoTokenizer.from_pretrained(DIR) load offline: config.json, model.safetensors "
         "(GPT-2 names, Conv1D weights transposed, zero biases where the run has none; or Llama's names, q/k/v "
         "split), generation_config.json, tokenizer.json, tokenizer_config.json. Only gpt runs with GPT-2's shape "
         "(pre-norm LayerNorm blocks, learned positions, a 4x GELU feed-forward, no LM head bias) export as GPT-2; "
-        "others are refused with the reason. transformers is not needed to export.",
+        "others are refused with the reason. transformers is not needed to export. --format gguf writes one GGUF file "
+        "(llama.cpp's gpt2 graph for gpt runs, its llama graph for llama runs, the tokenizer inside) that llama.cpp's "
+        "tools run (docs/gguf.md).",
     )
     _checkpoint_options(c)
-    c.add_argument("--format", choices=["hf"], default="hf", help="output format: 'hf' (Hugging Face; the only one)")
+    c.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="'hf' (a Hugging Face directory, the default) or 'gguf' (one file for llama.cpp; docs/gguf.md)",
+    )
+    c.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        default=None,
+        help="gguf only: the matrices' type (default f32; norms and biases stay f32; q8_0/q4_0 rows that are not "
+        "whole blocks of 32 fall back to f16)",
+    )
     c.add_argument(
         "--out",
         type=Path,
         required=True,
-        help="directory to write; an earlier export there is replaced atomically, anything else is refused",
+        help="hf: directory to write; gguf: the .gguf file. An earlier export there is replaced atomically, "
+        "anything else is refused",
     )
     c.add_argument(
         "--force", action="store_true", help="replace --out even if it is a file or a folder that is not an lm export"
@@ -616,6 +666,30 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llama_cpp(args: argparse.Namespace) -> int:
+    from lm import llamacpp
+
+    try:
+        lc = llamacpp.build(jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
+    except (llamacpp.LlamaCppError, OSError) as e:
+        return _error(str(e))
+    print(lc.bin)
+    return 0
+
+
+def _add_llama_cpp(sub) -> None:
+    c = sub.add_parser(
+        "llama-cpp",
+        help="build llama.cpp's tools once (from the pinned llama-cpp-python sdist) and print their folder",
+        description="Download the pinned llama-cpp-python sdist with pip (its sha256 checked), build llama.cpp's "
+        "llama-tokenize, llama-perplexity and llama-completion and libllama with CMake into .cache/llama.cpp/ "
+        "(LM_LLAMA_CPP_DIR overrides; LM_LLAMA_CPP_SDIST names a local sdist), and print the folder of the tools. "
+        "A finished build is reused: the second call prints at once. docs/gguf.md shows the tools on an export.",
+    )
+    c.add_argument("--jobs", type=_positive_int, default=None, help="parallel compile jobs (default: every core)")
+    c.set_defaults(func=_llama_cpp)
+
+
 def _add_classify(sub) -> None:
     c = sub.add_parser(
         "classify",
@@ -646,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_export(sub)
     _add_classify(sub)
+    _add_llama_cpp(sub)
     c = sub.add_parser(
         "verify",
         help="did the study reproduce here? every committed number against this checkout's, within tolerance",

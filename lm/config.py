@@ -447,6 +447,29 @@ class ProbeConfig(Strict):
     """Inverse regularisation strengths to try per layer; the best on val accuracy is kept (ties: the smallest)."""
 
 
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+class GGUFConfig(Strict):
+    """A run exported as GGUF in several types and checked by llama.cpp (lm/gguf_eval.py; one gguf stage per run,
+    keyed by the run's name): a gpt or llama run of a 'text' corpus."""
+
+    types: list[Literal["f32", "f16", "q8_0", "q4_0"]] = list(GGUF_TYPES)
+    """The types to export and measure (1-D tensors stay f32 in each); 'f32' is required: the checks run on it."""
+    greedy_tokens: int = Field(default=100, ge=1)
+    """Greedy tokens compared with llama.cpp's (its KV cache, the window refilled past block_size)."""
+    prompt_chars: int = Field(default=16, ge=1)
+    """The greedy prompt: the val text's first this many characters."""
+    speed_repeats: int = Field(default=7, ge=1)
+    """Generation speed is the median of this many runs on each side."""
+
+    @model_validator(mode="after")
+    def _types(self) -> GGUFConfig:
+        if "f32" not in self.types or len(set(self.types)) != len(self.types):
+            raise ValueError(f"types {self.types}: list each type once, 'f32' among them (the checks run on it)")
+        return self
+
+
 class StudyConfig(Strict):
     """The whole of params.yaml."""
 
@@ -464,6 +487,8 @@ class StudyConfig(Strict):
     """Classifiers fine-tuned from runs of the ladder, by name: one finetune stage each."""
     probes: dict[str, ProbeConfig] = {}
     """Per-layer linear probes of runs, by name: one probe stage each."""
+    gguf: dict[str, GGUFConfig] = {}
+    """Runs exported as GGUF and checked by llama.cpp, by run name: one gguf stage each."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluate-stage settings."""
     report: ReportConfig = ReportConfig()
@@ -471,7 +496,7 @@ class StudyConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking settings (every stage)."""
 
-    @field_validator("corpora", "tokenizers", "runs", "baselines", "finetune", "probes")
+    @field_validator("corpora", "tokenizers", "runs", "baselines", "finetune", "probes", "gguf")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         bad = [k for k in v if not NAME_RE.match(k)]
@@ -500,6 +525,8 @@ class StudyConfig(Strict):
         for section, entries in (("finetune", self.finetune), ("probes", self.probes)):
             for name, ft in entries.items():
                 problems += self._classifier_problems(f"{section}.{name}", ft)
+        for name in self.gguf:
+            problems += self._gguf_problems(name)
         for name, run in self.runs.items():
             if run.tokenizer not in self.tokenizers:
                 problems.append(
@@ -534,6 +561,19 @@ class StudyConfig(Strict):
                 f"{run.model.block_size} tokens"
             )
         return problems
+
+    def _gguf_problems(self, name: str) -> list[str]:
+        """A gguf entry names a gpt or llama run of a 'text' corpus (llama.cpp's tools read one text)."""
+        if (run := self.runs.get(name)) is None:
+            return [f"gguf.{name}: not a run of `runs`; gguf entries are keyed by the run to export"]
+        if run.model.family not in ("gpt", "llama"):
+            return [f"gguf.{name}: family {run.model.family!r}; llama.cpp runs 'gpt' and 'llama' runs only"]
+        tok = self.tokenizers.get(run.tokenizer)
+        if tok is not None and tok.corpus in self.corpora and self.corpora[tok.corpus].format != "text":
+            return [f"gguf.{name}: corpus {tok.corpus!r} is not a 'text' corpus; llama.cpp's checks read one val text"]
+        if self.gguf[name].prompt_chars >= run.model.block_size:
+            return [f"gguf.{name}.prompt_chars: must be below the run's block_size {run.model.block_size}"]
+        return []
 
     def corpus_of(self, run: str) -> CorpusConfig:
         return self.corpora[self.tokenizers[self.runs[run].tokenizer].corpus]

@@ -31,6 +31,9 @@ os.environ["LM_DATA_MIRROR"] = str(FIXTURE_CORPORA)
 # cores with pytest and dvc, and bit-stable on CPUs where two threads are not (a 2-core Intel Xeon, 2026-12-05:
 # one fresh evaluation of names-wavenet in 8 differed in the 8th decimal with two threads, none of 30 with one).
 os.environ["OMP_NUM_THREADS"] = "1"
+# One llama.cpp build for every test, also for the stages run in temp copies of the project (whose own lm/ would
+# otherwise look for it in the copy's .cache): the checkout's git-ignored cache, built once (lm/llamacpp.py).
+os.environ.setdefault("LM_LLAMA_CPP_DIR", str(ROOT / ".cache" / "llama.cpp"))
 
 
 @pytest.fixture(scope="session")

@@ -689,7 +689,9 @@ def test_two_repros_at_once_the_second_fails_on_the_lock(tmp_path, repo_root, mi
     assert "fetch@names" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
 
-@pytest.mark.parametrize("make_target, dvc_target", [("repro", "report"), ("finetune", "finetune-report")])
+@pytest.mark.parametrize(
+    "make_target, dvc_target", [("repro", "report"), ("finetune", "finetune-report"), ("gguf", "gguf-report")]
+)
 @pytest.mark.parametrize("dvc_status", [0, 3])
 def test_make_repro_defers_tracking_and_logs_the_runs_even_after_a_failed_stage(
     tmp_path, dvc_status, make_target, dvc_target

@@ -54,3 +54,28 @@ def test_text_sampling_is_seeded():
 def test_text_too_short():
     with pytest.raises(BatchError, match="fewer than one window"):
         Batches(np.arange(5), "text", seq_len=8)
+
+
+@pytest.mark.parametrize("n_ctx", [4, 5, 8])
+def test_chunks_score_llama_cpps_protocol(n_ctx):
+    """llama-perplexity's windows: non-overlapping n_ctx tokens, a partial last one dropped; position j of a
+    window predicts its token j + 1, scored only for j from n_ctx // 2 to n_ctx - 2."""
+    ids = np.arange(37)  # distinct ids: a target names its own position
+    b = Batches(ids, "text", seq_len=n_ctx)
+    got = [(x.numpy(), y.numpy()) for x, y in b.chunks(n_ctx, 2)]
+    x = np.concatenate([g[0] for g in got])
+    y = np.concatenate([g[1] for g in got])
+    n = 37 // n_ctx
+    assert x.shape == y.shape == (n, n_ctx) and x.flatten().tolist() == list(range(n * n_ctx))
+    first = n_ctx // 2
+    for row_x, row_y in zip(x, y):
+        assert (row_y[:first] == -1).all() and row_y[-1] == -1  # the first half, and nothing from the next window
+        assert row_y[first:-1].tolist() == row_x[first + 1 :].tolist()
+    assert int((y != -1).sum()) == n * (n_ctx - 1 - first)
+
+
+def test_chunks_need_two_windows_of_text():
+    with pytest.raises(BatchError, match="at least 2 windows of 8"):
+        list(Batches(np.arange(12), "text", seq_len=8).chunks(8, 1))
+    with pytest.raises(BatchError, match="one token stream"):
+        list(Batches(NAMES, "lines", seq_len=0, boundary_id=0).chunks(4, 1))

@@ -99,19 +99,51 @@ def test_fine_tuning_writes_its_table_confusion_matrices_and_probe_figure(projec
         assert (project / "reports" / "finetune" / "figures" / f"{fig}.png").stat().st_size > 1000
 
 
+def test_gguf_stage_checks_its_exports_with_llama_cpp(project: Path):
+    """The tiny preset's gguf stage exported its run in each type and llama.cpp agreed with us on it; the report
+    has the checks, the quantization table and the speed page."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    report = (project / "reports" / "gguf" / "README.md").read_text()
+    for run, cfg in params["gguf"].items():
+        m = json.loads((project / "gguf" / "metrics" / f"{run}.json").read_text())
+        speed = json.loads((project / "gguf" / "speed" / f"{run}.json").read_text())
+        c = m["checks"]
+        assert c["tokenization_equal"] and c["greedy_equal"] and c["completion_equal"], c
+        assert c["logits_max_abs_diff"] < 1e-3 and abs(c["perplexity"]["llama_cpp"] - c["perplexity"]["ours"]) < 6e-5
+        assert list(m["types"]) == cfg["types"] and set(speed["llama_cpp_tokens_per_s"]) == set(cfg["types"])
+        for qtype in cfg["types"]:
+            assert (project / "gguf" / "models" / run / f"{run}-{qtype}.gguf").read_bytes()[:4] == b"GGUF"
+            assert f"| {run} | {qtype}" in report
+        assert m["types"]["q8_0"]["f16_fallback"]  # n_embd 16: no whole block of 32, so f16
+        assert f"| {run} | yes ({c['val_tokens']:,})" in report
+    assert "| llama.cpp f32 |" in (project / "reports" / "gguf" / "speed.md").read_text()
+    assert (project / "reports" / "gguf" / "figures" / "quantization.png").stat().st_size > 1000
+
+
+MEASURED = ("gguf/speed/", "reports/gguf/speed.md")
+"""Outputs that hold measured generation speeds: they differ between any two runs, by design."""
+
+
 def test_a_second_clean_repro_is_bit_identical(project: Path, repo_root: Path, tmp_path: Path):
     """Another fresh copy, another `dvc repro` (tracking off there: logging must not change results):
     every output byte-identical (metrics, checkpoints, samples, curves, the report and its figures), so
-    dvc.lock records the same md5s. This is what `make verify` checks on the real ladder."""
+    dvc.lock records the same md5s (the measured generation speeds of MEASURED aside). This is what `make verify`
+    checks on the real ladder."""
     params = tiny_params()
     params["tracking"] = {"enabled": False}
     other = copy_project(repo_root, tmp_path, yaml.safe_dump(params, sort_keys=False))
     sh(other, "dvc", "repro")
     compared = 0
-    patterns = ("metrics/*.json", "models/*/*", "samples/*.txt", "tokenizers/*/*", "curves/*.csv", "reports/**/*.*")
+    patterns = ("metrics/*.json", "models/*/*", "samples/*.txt", "tokenizers/*/*", "curves/*.csv", "reports/**/*.*",
+                "gguf/metrics/*.json", "gguf/models/*/*")  # fmt: skip
+
+    def computed(root: Path, pattern: str) -> list[Path]:
+        found = (p.relative_to(root) for p in root.glob(pattern))
+        return sorted(p for p in found if not str(p).startswith(MEASURED))
+
     for pattern in patterns:
-        mine = sorted(p.relative_to(project) for p in project.glob(pattern))
-        assert mine == sorted(p.relative_to(other) for p in other.glob(pattern)), pattern
+        mine = computed(project, pattern)
+        assert mine == computed(other, pattern), pattern
         for rel in mine:
             assert (project / rel).read_bytes() == (other / rel).read_bytes(), rel
             compared += 1
@@ -119,7 +151,7 @@ def test_a_second_clean_repro_is_bit_identical(project: Path, repo_root: Path, t
 
     def outs(root: Path) -> dict[str, str]:
         stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()
-        return {o["path"]: o["md5"] for s in stages for o in s.get("outs", [])}
+        return {o["path"]: o["md5"] for s in stages for o in s.get("outs", []) if not o["path"].startswith(MEASURED)}
 
     assert outs(project) == outs(other)
 

@@ -540,6 +540,7 @@ def test_every_stage_is_a_finished_run_under_one_parent(project: Path, server: R
             "oz-gpt-bpe512 (evaluate)",
             "report",
             "finetune-report",  # no fine-tunes in the trimmed preset: an empty report, still a stage
+            "gguf-report",  # nor GGUF exports: the same
         ]
     )
     assert len(parents) == 1 and parents[0]["name"].startswith("repro ") and parents[0]["status"] == "FINISHED"

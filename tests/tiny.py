@@ -106,6 +106,7 @@ def with_runs(params: dict, runs: dict) -> dict:
     params["runs"] = runs
     for section in ("finetune", "probes"):  # the classifiers of runs that are gone go too
         params[section] = {k: f for k, f in params.get(section, {}).items() if f["run"] in runs}
+    params["gguf"] = {k: g for k, g in params.get("gguf", {}).items() if k in runs}  # keyed by the run
     report = params.setdefault("report", {})
     report["ablation"] = [r for r in report.get("ablation", []) if r in runs]
     report["anchors"] = [a for a in report.get("anchors", []) if a["run"] in runs]
