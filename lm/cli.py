@@ -385,11 +385,8 @@ def _export(args: argparse.Namespace) -> int:
         return _error(
             f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2
         )
-    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
-    if not (tok_dir / "tokenizer.json").is_file():
-        return _error(
-            f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
-        )
+    if (tok_dir := _tokenizer_dir(args, run)) is None:
+        return 1
     try:
         out = export_hf(model_dir, tok_dir, args.out, force=args.force)
     except (ExportError, CheckpointError, OSError) as e:
@@ -400,6 +397,16 @@ def _export(args: argparse.Namespace) -> int:
         "and AutoTokenizer.from_pretrained(...)"
     )
     return 0
+
+
+def _tokenizer_dir(args: argparse.Namespace, run) -> Path | None:
+    """The run's tokenizer folder (--tokenizer-dir, else TOKENIZERS_DIR/<its tokenizer>), or None after saying how
+    to build it."""
+    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
+    if (tok_dir / "tokenizer.json").is_file():
+        return tok_dir
+    _error(f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
+    return None
 
 
 def _export_gguf(args: argparse.Namespace, model_dir: Path) -> int:
@@ -413,11 +420,8 @@ def _export_gguf(args: argparse.Namespace, model_dir: Path) -> int:
         return _error(str(e), 2)
     except CheckpointError as e:
         return _error(str(e))
-    tok_dir = args.tokenizer_dir or args.tokenizers_dir / run.tokenizer
-    if not (tok_dir / "tokenizer.json").is_file():
-        return _error(
-            f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR"
-        )
+    if (tok_dir := _tokenizer_dir(args, run)) is None:
+        return 1
     try:
         done = export_gguf(model_dir, tok_dir, args.out, args.type or "f32")
     except GGUFError as e:

@@ -260,6 +260,20 @@ def check_target(out: Path, force: bool = False, sources: Sequence[Path] = ()) -
         )
 
 
+def tokenizer_stats(tokenizer_dir: Path, vocab_size: int, error: type[Exception] = ExportError) -> dict:
+    """The stats of the tokenizer in ``tokenizer_dir``; ``error`` if its vocabulary is not the model's
+    ``vocab_size`` (another run's tokenizer)."""
+    from lm.tokenizer import load_stats
+
+    stats = load_stats(tokenizer_dir)
+    if int(stats["vocab_size"]) != vocab_size:
+        raise error(
+            f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
+            "pass the tokenizer the run was trained with (--tokenizer-dir)"
+        )
+    return stats
+
+
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = False) -> Path:
     """Write the Hugging Face GPT-2 (gpt runs) or Llama (llama runs) directory of the checkpoint in ``model_dir``
     to ``out`` (replaced atomically: only an earlier export, an empty folder or, with ``force``, anything but the
@@ -268,7 +282,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = 
     Raises ExportError (a target it must not replace; a run that cannot be a GPT-2, with the reasons) or
     CheckpointError.
     """
-    from lm.tokenizer import load_stats, load_tokenizer
+    from lm.tokenizer import load_tokenizer
 
     check_target(out, force, (model_dir, tokenizer_dir))
 
@@ -278,12 +292,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, *, force: bool = 
     if problems:
         raise ExportError("cannot export as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems))
     tokenizer_dir = Path(tokenizer_dir)
-    stats = load_stats(tokenizer_dir)
-    if int(stats["vocab_size"]) != vocab_size:
-        raise ExportError(
-            f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
-            "pass the tokenizer the run was trained with (--tokenizer-dir)"
-        )
+    stats = tokenizer_stats(tokenizer_dir, vocab_size)
     boundary_id = stats.get("boundary_id")
     boundary = load_tokenizer(tokenizer_dir).id_to_token(boundary_id) if boundary_id is not None else None
     if llama:

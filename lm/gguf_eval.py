@@ -67,6 +67,12 @@ class GGMLGelu(torch.nn.Module):
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y.half().float()))
 
 
+def _gelu(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s feed-forward is an nn.GELU (a gpt run: llama.cpp computes it with :class:`GGMLGelu`)."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    return blocks is not None and isinstance(getattr(blocks[0].mlp, "gelu", None), torch.nn.GELU)
+
+
 def _with_ggml_gelu(model: torch.nn.Module) -> torch.nn.Module:
     twin = copy.deepcopy(model)
     for block in twin.transformer.h:
@@ -78,9 +84,7 @@ def _with_ggml_gelu(model: torch.nn.Module) -> torch.nn.Module:
 def _logit_diffs(model, theirs: np.ndarray, window: list[int]) -> dict[str, float]:
     """Largest |llama.cpp's logit - ours| on ``window``: with our model as it is ('ours') and, for a GELU model, with
     llama.cpp's GELU put in it ('ggml_gelu')."""
-    models = {"ours": model}
-    if hasattr(model, "transformer") and isinstance(getattr(model.transformer.h[0].mlp, "gelu", None), torch.nn.GELU):
-        models["ggml_gelu"] = _with_ggml_gelu(model)
+    models = {"ours": model} | ({"ggml_gelu": _with_ggml_gelu(model)} if _gelu(model) else {})
     return {k: float(np.abs(theirs - m(torch.tensor([window]))[0][0].numpy()).max()) for k, m in models.items()}
 
 
@@ -107,6 +111,7 @@ class _Ours:
     count: int
     characters: int
     protocol_ppl: float
+    protocol_ppl_ggml_gelu: float | None
     protocol_targets: int
     prompt_text: str
     prompt: list[int]
@@ -125,11 +130,14 @@ def _ours(model, run, tokenizer, stats: dict, val_ids, cfg: GGUFConfig) -> _Ours
     prompt = tokenizer.encode(prompt_text).ids
     with torch.no_grad():
         nats, count = score(model, batches.iterate(64))
-        p_nats, p_count = score(model, B.Batches(ppl_ids, "text", seq_len=bs).chunks(bs, 64))
+        chunks = B.Batches(ppl_ids, "text", seq_len=bs)
+        p_nats, p_count = score(model, chunks.chunks(bs, 64))
+        gelu = score(_with_ggml_gelu(model), chunks.chunks(bs, 64)) if _gelu(model) else None
         greedy = generate(model, torch.tensor([prompt]), cfg.greedy_tokens, top_k=1, overflow="refill")
         window = generate(model, torch.tensor([prompt]), bs - len(prompt), top_k=1)  # llama-completion's room
     return _Ours(
-        val_text, batches, nats, count, characters, math.exp(p_nats / p_count), p_count, prompt_text, prompt,
+        val_text, batches, nats, count, characters, math.exp(p_nats / p_count),
+        gelu and math.exp(gelu[0] / gelu[1]), p_count, prompt_text, prompt,
         greedy[0, len(prompt) :].tolist(), tokenizer.decode(window[0, len(prompt) :].tolist()),
     )  # fmt: skip
 
@@ -230,6 +238,7 @@ def _checks(theirs_ids: list[int], ours: _Ours, logits_diff: dict, llama_greedy:
             "llama_cpp": ppl.ppl,
             "llama_cpp_sd": ppl.ppl_sd,
             "ours": ours.protocol_ppl,
+            "ours_ggml_gelu": ours.protocol_ppl_ggml_gelu,
             "targets": ours.protocol_targets,
         },
     }

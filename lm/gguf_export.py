@@ -370,7 +370,8 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, qtype: str = "f
 
     Raises GGUFError (a run llama.cpp cannot run, a bad type, a tokenizer that does not fit) before writing
     anything, or CheckpointError."""
-    from lm.tokenizer import load_ids, load_stats, load_tokenizer
+    from lm.export import tokenizer_stats
+    from lm.tokenizer import load_ids, load_tokenizer
 
     if qtype not in TYPES:
         raise GGUFError(f"--type {qtype!r}: choose one of {', '.join(TYPES)}")
@@ -381,12 +382,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, qtype: str = "f
     if problems := gguf_problems(run):
         raise GGUFError(f"{model_dir} cannot be exported as GGUF:\n" + "\n".join(f"  {p}" for p in problems))
     tokenizer_dir = Path(tokenizer_dir)
-    stats = load_stats(tokenizer_dir)
-    if int(stats["vocab_size"]) != vocab_size:
-        raise GGUFError(
-            f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
-            "pass the tokenizer the run was trained with (--tokenizer-dir)"
-        )
+    stats = tokenizer_stats(tokenizer_dir, vocab_size, GGUFError)
     train_ids = load_ids(tokenizer_dir, "train") if (tokenizer_dir / "train.bin").is_file() else None
     vocab = gguf_vocab(load_tokenizer(tokenizer_dir), eos_token(stats, train_ids, vocab_size))
     return write_gguf(out, model, run, vocab, qtype, name=Path(model_dir).name)

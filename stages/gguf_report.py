@@ -1,4 +1,4 @@
-"""gguf-report: the llama.cpp checks, quantization and speed tables → reports/gguf/ (README.md, speed.md, figures/)."""
+"""gguf-report: the llama.cpp checks and quantization table → reports/gguf/; the measured speeds → gguf/speed.md."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics", required=True, type=Path, help="folder of the gguf stages' metrics JSON")
     p.add_argument("--speed", required=True, type=Path, help="folder of the gguf stages' speed JSON")
     p.add_argument("--out", required=True, type=Path, help="report folder (README.md, figures/)")
+    p.add_argument("--speed-out", required=True, type=Path, help="the speed page, e.g. gguf/speed.md")
     args = p.parse_args(argv)
     cfg = study(args.params)
     if missing := [n for n in cfg.gguf if not (args.metrics / f"{n}.json").exists()]:
@@ -24,11 +25,12 @@ def main(argv: list[str] | None = None) -> None:
 
     with tracked:
         try:
-            rows = write_gguf_report(cfg, args.metrics, args.speed, args.out)
+            rows = write_gguf_report(cfg, args.metrics, args.speed, args.out, args.speed_out)
         except OSError as e:
             fail(f"gguf-report: {e}")
         tracked.log_artifact(args.out / "README.md")
-        outputs(tracked, report=args.out)
+        tracked.log_artifact(args.speed_out)
+        outputs(tracked, report=args.out, speed=args.speed_out)
     print(f"gguf-report: {len(rows)} runs → {args.out / 'README.md'}")
 
 

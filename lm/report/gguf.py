@@ -2,8 +2,9 @@
 
 README.md: the checks (tokenization of the whole val text, logits, greedy generation, llama-perplexity against our
 scorer under its protocol) and the quantization table (file size, whole-val bits per character through llama.cpp
-and the difference to our float32 number, llama-perplexity, generation tokens/s beside ours).
-figures/quantization.png: each run's bpc increase against its file size, one point per type.
+and the difference to our float32 number, llama-perplexity). figures/quantization.png: each run's bpc increase
+against its file size, one point per type. The generation speeds (llama.cpp beside ours) are measured, so they go
+to their own page outside git (gguf/speed.md, a DVC-cached output).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lm.atomic import atomic_dir  # noqa: E402
+from lm.atomic import atomic_dir, atomic_write_text  # noqa: E402
 from lm.config import StudyConfig  # noqa: E402
 from lm.report.figures import COLORS, save_figure  # noqa: E402
 from lm.report.tables import read_metrics  # noqa: E402
@@ -26,8 +27,8 @@ def check_lines(rows: dict[str, dict]) -> list[str]:
     """One row per run: the f32 export's agreement with our implementation."""
     lines = ["| run | llama.cpp graph | val tokens: llama-tokenize = ours | logits max abs. diff (first val window) "
              "| the same, llama.cpp's GELU in ours | greedy tokens equal (KV cache, refill) | llama-completion = ours "
-             "(one window) | llama-perplexity | ours, same protocol |",
-             "|---|---|---|---:|---:|---|---|---:|---:|"]  # fmt: skip
+             "(one window) | llama-perplexity | ours, same protocol | the same, llama.cpp's GELU in ours |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|"]  # fmt: skip
     for name, m in rows.items():
         c, p = m["checks"], m["checks"]["perplexity"]
         tok = "yes" if c["tokenization_equal"] else f"no, from token {c['tokenization_first_difference']:,}"
@@ -36,7 +37,7 @@ def check_lines(rows: dict[str, dict]) -> list[str]:
             f"{'' if (g := c.get('logits_max_abs_diff_ggml_gelu')) is None else f'{g:.1e}'} | "
             f"{'yes' if c['greedy_equal'] else 'no'} ({c['greedy_tokens']}) | "
             f"{'yes' if c['completion_equal'] else 'no'} | {p['llama_cpp']:.4f} ± {p['llama_cpp_sd']:.4f} | "
-            f"{p['ours']:.4f} |"
+            f"{p['ours']:.4f} | {'' if (q := p.get('ours_ggml_gelu')) is None else f'{q:.4f}'} |"
         )
     return lines
 
@@ -109,14 +110,15 @@ COSTS = [
     "",
     "val bpc: llama.cpp's logits on exactly the windows our evaluate stage scores (every val token), against our "
     "float32 number on the same windows. 1-D tensors stay f32 in every type; rows that are not whole blocks of 32 "
-    "fall back to f16. Generation speed is measured, so it has its own page: [speed.md](speed.md).",
+    "fall back to f16. Generation speed is measured, not computed, so like every wall-clock number it stays out of "
+    "git: `make gguf` writes it to gguf/speed.md (DVC's cache); docs/gguf.md has the numbers of its last run.",
     "",
 ]
 
 
-def write_gguf_report(study: StudyConfig, metrics_dir: Path, speed_dir: Path, out: Path) -> dict[str, dict]:
-    """Write reports/gguf (README.md, speed.md, figures/) atomically; returns the gguf stages' metrics by run.
-    README.md holds computed numbers only (the same on every run); speed.md the measured generation speeds."""
+def write_gguf_report(study: StudyConfig, metrics_dir: Path, speed_dir: Path, out: Path, speed_out: Path) -> dict:
+    """Write reports/gguf (README.md, figures/: computed numbers only, the same on every run) and ``speed_out`` (the
+    measured generation speeds), each atomically; returns the gguf stages' metrics by run."""
     rows = {name: read_metrics(metrics_dir, name) for name in study.gguf}
     speeds = {name: read_metrics(speed_dir, name) for name in study.gguf}
     md = list(INTRO)
@@ -129,16 +131,16 @@ def write_gguf_report(study: StudyConfig, metrics_dir: Path, speed_dir: Path, ou
         speed_md += [
             f"Tokens per second generating one window after the val text's first characters, {s['threads']} "
             f"threads, the median of {s['repeats']} runs each: llama-completion's eval timer (llama.cpp of "
-            f"llama-cpp-python {next(iter(rows.values()))['llama_cpp']['version']}) and our KV-cache generation "
-            "counted the same way (the tokens after the first, the prompt excluded). Measured on the machine that "
-            "ran `make gguf` (reports/machine.json), so they vary between runs and machines.",
+            f"llama-cpp-python {next(iter(rows.values()))['llama_cpp']['version']}, flash attention off) and our "
+            "KV-cache generation counted the same way (the tokens after the first, the prompt excluded). Measured "
+            "on the machine that ran `make gguf`, so they vary between runs and machines.",
             "",
             *speed_lines(speeds),
             "",
         ]
     with atomic_dir(out) as tmp:
         (tmp / "README.md").write_text("\n".join(md))
-        (tmp / "speed.md").write_text("\n".join(speed_md))
         if rows:
             plot_quantization(rows, tmp / "figures" / "quantization.png")
+    atomic_write_text(speed_out, "\n".join(speed_md))
     return rows
