@@ -37,6 +37,12 @@ from lm.gguf_export import GGUFError, eos_token, gguf_problems, gguf_vocab, writ
 from lm.metrics import score
 from lm.tokenizer import load_ids, load_stats, load_tokenizer
 
+THREADS = 1
+"""Threads for llama.cpp and for our side of the speed comparison. llama.cpp's tools print through a logging thread
+that the process does not wait for at exit (llama.cpp issue #22142); with two OpenMP threads spinning on two cores
+that thread does not run before a tiny model is done, and the whole output is lost. One thread each leaves it a core
+(and runs these models about as fast)."""
+
 
 class GGUFEvalError(ValueError):
     """A run whose exports the stage cannot check (a names run, a val split too short)."""
@@ -91,13 +97,17 @@ def _logit_diffs(model, theirs: np.ndarray, window: list[int]) -> dict[str, floa
 def _our_speed(model, prompt: list[int], n: int, repeats: int) -> float:
     """Tokens/s of our KV-cache generation (lm sample's path) counted as llama.cpp's eval timer counts: the tokens
     after the first, from the first one's arrival (the prompt's prefill excluded)."""
-    rates = []
-    for _ in range(repeats):
-        it = stream(model, torch.tensor([prompt]), n, top_k=1)
-        next(it)
-        t0 = time.perf_counter()
-        k = sum(1 for _ in it)
-        rates.append(k / (time.perf_counter() - t0))
+    rates, threads = [], torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for _ in range(repeats):
+            it = stream(model, torch.tensor([prompt]), n, top_k=1)
+            next(it)
+            t0 = time.perf_counter()
+            k = sum(1 for _ in it)
+            rates.append(k / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(rates)
 
 
@@ -155,7 +165,7 @@ def evaluate_gguf(
     stats, tokenizer = load_stats(tok_dir), load_tokenizer(tok_dir)
     if stats["format"] != "text":
         raise GGUFEvalError(f"{name}: a 'lines' corpus (names) has no one val text for llama.cpp's tools to read")
-    bs, threads = run.model.block_size, torch.get_num_threads()
+    bs, threads = run.model.block_size, THREADS
     ours = _ours(model, run, tokenizer, stats, load_ids(tok_dir, "val"), cfg)
     vocab = gguf_vocab(tokenizer, eos_token(stats, load_ids(tok_dir, "train"), vocab_size))
     bpc = ours.nats / (math.log(2) * ours.characters)
