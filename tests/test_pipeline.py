@@ -115,7 +115,7 @@ def test_gguf_stage_checks_its_exports_with_llama_cpp(project: Path):
             assert (project / "gguf" / "models" / run / f"{run}-{qtype}.gguf").read_bytes()[:4] == b"GGUF"
             assert f"| {run} | {qtype}" in report
         assert m["types"]["q8_0"]["f16_fallback"]  # n_embd 16: no whole block of 32, so f16
-        assert f"| {run} | yes ({c['val_tokens']:,})" in report
+        assert f"| {run} | {m['architecture']} | yes ({c['val_tokens']:,})" in report
     assert "| llama.cpp f32 |" in (project / "gguf" / "speed.md").read_text()
     assert (project / "reports" / "gguf" / "figures" / "quantization.png").stat().st_size > 1000
 
