@@ -368,35 +368,54 @@ def _export(args: argparse.Namespace) -> int:
     model_dir = _find_checkpoint(args)
     if model_dir is None:
         return 2
-    if args.format == "gguf":
-        return _export_gguf(args, model_dir)
+    from lm import gguf_export
     from lm.checkpoint import CheckpointError, load
     from lm.export import ExportError, check_target, export_hf, gpt2_problems
 
-    try:
-        check_target(args.out, args.force, [model_dir])  # before any work: nothing of the user's is replaced
+    gguf = args.format == "gguf"
+    try:  # before any work: nothing of the user's is replaced
+        (gguf_export.check_gguf_target if gguf else check_target)(args.out, args.force, [model_dir])
         _, run, _ = load(model_dir)
     except ExportError as e:
         return _error(str(e), 2)
     except CheckpointError as e:
         return _error(str(e))
-    hf_class = "LlamaForCausalLM" if run.model.family == "llama" else "GPT2LMHeadModel"
-    if run.model.family != "llama" and (problems := gpt2_problems(run)):
-        return _error(
-            f"{model_dir} cannot be exported as Hugging Face GPT-2:\n" + "\n".join(f"  {p}" for p in problems), 2
-        )
+    what = "GGUF" if gguf else "Hugging Face GPT-2"
+    if gguf:
+        problems = gguf_export.gguf_problems(run)
+    else:  # a llama run exports as Hugging Face Llama whatever its shape
+        problems = [] if run.model.family == "llama" else gpt2_problems(run)
+    if problems:
+        return _error(f"{model_dir} cannot be exported as {what}:\n" + "\n".join(f"  {p}" for p in problems), 2)
     if (tok_dir := _tokenizer_dir(args, run)) is None:
         return 1
     try:
-        out = export_hf(model_dir, tok_dir, args.out, force=args.force)
+        if gguf:
+            done = gguf_export.export_gguf(model_dir, tok_dir, args.out, args.type or "f32")
+        else:
+            out = export_hf(model_dir, tok_dir, args.out, force=args.force)
     except (ExportError, CheckpointError, OSError) as e:
         return _error(str(e))
-    print(
+    print(_exported_gguf(done, run) if gguf else _exported_hf(out, run))
+    return 0
+
+
+def _exported_hf(out: Path, run) -> str:
+    hf_class = "LlamaForCausalLM" if run.model.family == "llama" else "GPT2LMHeadModel"
+    return (
         f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer.json, "
         f"tokenizer_config.json); load it with transformers.{hf_class}.from_pretrained({str(out)!r}) "
         "and AutoTokenizer.from_pretrained(...)"
     )
-    return 0
+
+
+def _exported_gguf(done, run) -> str:
+    fallback = f"; {len(done.f16_fallback)} tensors in f16 (rows not whole blocks of 32)" if done.f16_fallback else ""
+    return (
+        f"wrote {done.path} ({done.architecture}, {done.qtype}{fallback}, {done.size_bytes / 2**20:.2f} MiB; "
+        f"end-of-text token {done.eos_id}); run it with llama.cpp, e.g. llama-completion -m {done.path} "
+        f"-p TEXT -n 40 -c {run.model.block_size} --top-k 1 (docs/gguf.md)"
+    )
 
 
 def _tokenizer_dir(args: argparse.Namespace, run) -> Path | None:
@@ -407,34 +426,6 @@ def _tokenizer_dir(args: argparse.Namespace, run) -> Path | None:
         return tok_dir
     _error(f"no tokenizer at {tok_dir}: run `dvc repro tokenize@{run.tokenizer}` or pass --tokenizer-dir DIR")
     return None
-
-
-def _export_gguf(args: argparse.Namespace, model_dir: Path) -> int:
-    from lm.checkpoint import CheckpointError, load
-    from lm.gguf_export import GGUFError, check_gguf_target, export_gguf
-
-    try:
-        check_gguf_target(args.out, args.force, [model_dir])  # before any work: nothing of the user's is replaced
-        _, run, _ = load(model_dir)
-    except GGUFError as e:
-        return _error(str(e), 2)
-    except CheckpointError as e:
-        return _error(str(e))
-    if (tok_dir := _tokenizer_dir(args, run)) is None:
-        return 1
-    try:
-        done = export_gguf(model_dir, tok_dir, args.out, args.type or "f32")
-    except GGUFError as e:
-        return _error(str(e), 2)
-    except (CheckpointError, OSError) as e:
-        return _error(str(e))
-    fallback = f"; {len(done.f16_fallback)} tensors in f16 (rows not whole blocks of 32)" if done.f16_fallback else ""
-    print(
-        f"wrote {done.path} ({done.architecture}, {done.qtype}{fallback}, {done.size_bytes / 2**20:.2f} MiB; "
-        f"end-of-text token {done.eos_id}); run it with llama.cpp, e.g. llama-completion -m {done.path} "
-        f"-p TEXT -n 40 -c {run.model.block_size} --top-k 1 (docs/gguf.md)"
-    )
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------

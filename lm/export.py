@@ -260,14 +260,14 @@ def check_target(out: Path, force: bool = False, sources: Sequence[Path] = ()) -
         )
 
 
-def tokenizer_stats(tokenizer_dir: Path, vocab_size: int, error: type[Exception] = ExportError) -> dict:
-    """The stats of the tokenizer in ``tokenizer_dir``; ``error`` if its vocabulary is not the model's
+def tokenizer_stats(tokenizer_dir: Path, vocab_size: int) -> dict:
+    """The stats of the tokenizer in ``tokenizer_dir``; ExportError if its vocabulary is not the model's
     ``vocab_size`` (another run's tokenizer)."""
     from lm.tokenizer import load_stats
 
     stats = load_stats(tokenizer_dir)
     if int(stats["vocab_size"]) != vocab_size:
-        raise error(
+        raise ExportError(
             f"{tokenizer_dir} has {stats['vocab_size']} tokens but the model expects {vocab_size}: "
             "pass the tokenizer the run was trained with (--tokenizer-dir)"
         )

@@ -42,7 +42,8 @@ not exported.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ import torch.nn as nn
 from lm import checkpoint
 from lm.atomic import atomic_write_bytes
 from lm.config import RunConfig
+from lm.export import ExportError, gpt2_problems, tokenizer_stats
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 """The tensor types ``--type`` accepts (2-D tensors; 1-D ones stay f32)."""
@@ -61,14 +63,12 @@ NEVER_MERGES = "ÿ ÿ"
 """The placeholder merge of an ASCII char vocabulary: 'ÿ' is the byte 0xFF, which never occurs in UTF-8."""
 
 
-class GGUFError(ValueError):
+class GGUFError(ExportError):
     """A run cannot be exported as GGUF (the message says why and what to do)."""
 
 
 def gguf_problems(run: RunConfig) -> list[str]:
     """Why ``run`` cannot be one of llama.cpp's ``gpt2`` or ``llama`` graphs (empty if it can)."""
-    from lm.export import gpt2_problems
-
     m = run.model
     if m.family == "llama":
         return []
@@ -92,60 +92,58 @@ def rotary_to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(rows, cols)  # (nh, hs/2, 2, C) -> (nh·hs, C): pairs interleaved
 
 
-def gpt2_tensors(model: nn.Module, run: RunConfig) -> dict[str, torch.Tensor]:
-    """Our gpt weights under llama.cpp's gpt2 tensor names, zero biases where ours has none."""
-    m, C = run.model, run.model.n_embd
-    src = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+GGUF_NAMES = (
+    # Hugging Face name (lm/export.py's GPT-2 and Llama state dicts) -> llama.cpp's, as its convert_hf_to_gguf.py maps
+    (r"transformer\.wte\.", "token_embd."),
+    (r"transformer\.wpe\.", "position_embd."),
+    (r"transformer\.ln_f\.", "output_norm."),
+    (r"transformer\.h\.(\d+)\.ln_1\.", r"blk.\1.attn_norm."),
+    (r"transformer\.h\.(\d+)\.attn\.c_attn\.", r"blk.\1.attn_qkv."),
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.", r"blk.\1.attn_output."),
+    (r"transformer\.h\.(\d+)\.ln_2\.", r"blk.\1.ffn_norm."),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.", r"blk.\1.ffn_up."),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.", r"blk.\1.ffn_down."),
+    (r"model\.embed_tokens\.", "token_embd."),
+    (r"model\.norm\.", "output_norm."),
+    (r"model\.layers\.(\d+)\.input_layernorm\.", r"blk.\1.attn_norm."),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.", r"blk.\1.attn_q."),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.", r"blk.\1.attn_k."),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.", r"blk.\1.attn_v."),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.", r"blk.\1.attn_output."),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blk.\1.ffn_norm."),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blk.\1.ffn_gate."),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blk.\1.ffn_up."),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"blk.\1.ffn_down."),
+    (r"lm_head\.", "output."),  # absent when tied: llama.cpp then reads token_embd, as ours
+)
+CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
+"""GPT-2's Conv1D weights, which the Hugging Face export stores (in, out): back to nn.Linear's (out, in)."""
 
-    def bias(key: str, n: int) -> torch.Tensor:
-        return src.get(key, torch.zeros(n))
 
-    out = {
-        "token_embd.weight": src["transformer.wte.weight"],
-        "position_embd.weight": src["transformer.wpe.weight"],
-        "output_norm.weight": src["transformer.ln_f.weight"],
-        "output_norm.bias": bias("transformer.ln_f.bias", C),
-    }
-    names = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-    for i in range(m.n_layer):
-        p, b = f"transformer.h.{i}.", f"blk.{i}."
-        for ours, theirs in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
-            out[b + f"{theirs}.weight"] = src[p + f"{ours}.weight"]
-            out[b + f"{theirs}.bias"] = bias(p + f"{ours}.bias", C)
-        for ours, theirs in names.items():
-            w = src[p + f"{ours}.weight"]
-            out[b + f"{theirs}.weight"] = w
-            out[b + f"{theirs}.bias"] = bias(p + f"{ours}.bias", w.shape[0])
-    if not m.tie_weights:  # a tied head is llama.cpp's default: no output.weight means token_embd
-        out["output.weight"] = src["lm_head.weight"]
-    return out
+def gguf_name(hf_name: str) -> str:
+    for pattern, repl in GGUF_NAMES:
+        if re.match(pattern, hf_name):
+            return re.sub(pattern, repl, hf_name, count=1)
+    raise KeyError(f"no GGUF name for {hf_name}")
 
 
-def llama_tensors(model: nn.Module, run: RunConfig, *, interleave: bool = True) -> dict[str, torch.Tensor]:
-    """Our llama weights under llama.cpp's llama tensor names. ``interleave=False`` skips the rotary permutation
-    of W_q and W_k (wrong for llama.cpp: the tests use it to show that the logits check catches it)."""
+def tensors_for(model: nn.Module, run: RunConfig, *, interleave: bool = True) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensors of a gpt or llama model: the Hugging Face export's state dict (lm/export.py: zero biases
+    where ours has none, q/k/v split) under llama.cpp's names. ``interleave=False`` skips the rotary permutation of
+    W_q and W_k (wrong for llama.cpp: the tests use it to show that the logits check catches it)."""
+    from lm.export import hf_state_dict, llama_state_dict
+
     m = run.model
-    hs = m.n_embd // m.n_head
-    src = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": src["transformer.wte.weight"], "output_norm.weight": src["transformer.ln_f.weight"]}
-    for i in range(m.n_layer):
-        p, b = f"transformer.h.{i}.", f"blk.{i}."
-        wq, wk, wv = src[p + "attn.c_attn.weight"].split([m.n_head * hs, m.kv_heads * hs, m.kv_heads * hs])
-        if interleave:
-            wq, wk = rotary_to_interleaved(wq, m.n_head), rotary_to_interleaved(wk, m.kv_heads)
-        out |= {
-            b + "attn_norm.weight": src[p + "ln_1.weight"],
-            b + "attn_q.weight": wq,
-            b + "attn_k.weight": wk,
-            b + "attn_v.weight": wv,
-            b + "attn_output.weight": src[p + "attn.c_proj.weight"],
-            b + "ffn_norm.weight": src[p + "ln_2.weight"],
-            b + "ffn_gate.weight": src[p + "mlp.c_gate.weight"],
-            b + "ffn_up.weight": src[p + "mlp.c_fc.weight"],
-            b + "ffn_down.weight": src[p + "mlp.c_proj.weight"],
-        }
-    if not m.tie_weights:
-        out["output.weight"] = src["lm_head.weight"]
+    llama = m.family == "llama"
+    hf = llama_state_dict(model, run) if llama else hf_state_dict(model, run)
+    out = {}
+    for hf_name, t in hf.items():
+        name = gguf_name(hf_name)
+        if not llama and name.endswith(CONV1D):
+            t = t.t()
+        elif llama and interleave and name.endswith((".attn_q.weight", ".attn_k.weight")):
+            t = rotary_to_interleaved(t, m.n_head if ".attn_q." in name else m.kv_heads)
+        out[name] = t.contiguous()
     return out
 
 
@@ -161,28 +159,12 @@ class Vocab:
     unk_id: int | None = None
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 bytes to printable characters (as tokenizers' ByteLevel uses)."""
-    from tokenizers import pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 characters; which byte each is follows GPT-2's rule
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    assert set(table.values()) == set(alphabet), "GPT-2's byte-to-unicode table differs from tokenizers' alphabet"
-    return table
-
-
 def gguf_vocab(tokenizer, eos_id: int) -> Vocab:
     """The gpt2 vocabulary of one of our tokenizers (module docstring, Tokenizer)."""
     import json
 
     from gguf import TokenType
+    from tokenizers import pre_tokenizers
 
     from lm.tokenizer import is_char, unk_id
 
@@ -197,14 +179,15 @@ def gguf_vocab(tokenizer, eos_id: int) -> Vocab:
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
         tokens = [by_id[i] for i in ids]
         return Vocab(tokens, [int(TokenType.NORMAL)] * len(tokens), merges or [NEVER_MERGES], eos_id)
-    table = _bytes_to_unicode()
+    # GPT-2's byte-to-unicode form of a character's UTF-8 bytes, one character per byte (tokenizers' ByteLevel)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokens, merges = [], []
     for i in ids:
         text = by_id[i]
         if i == unk:
             tokens.append(text)
             continue
-        pieces = [table[b] for b in text.encode("utf-8")]
+        pieces = list(byte_level.pre_tokenize_str(text)[0][0])
         for k in range(1, len(pieces)):  # join a multi-byte character left to right: (b1, b2), (b1b2, b3), ...
             merges.append("".join(pieces[:k]) + " " + pieces[k])
         tokens.append("".join(pieces))
@@ -223,18 +206,19 @@ def eos_token(stats: dict, train_ids: np.ndarray | None, vocab_size: int) -> int
     return int(vocab_size - 1 - np.argmin(counts[::-1]))
 
 
-def _tensor_data(name: str, t: torch.Tensor, qtype: str):
-    """(array, raw ggml type or None) of one tensor in ``qtype``: 1-D stays f32; f16 when a row is not whole blocks."""
+def _tensor_data(t: torch.Tensor, qtype: str):
+    """(array, raw ggml type or None, fell back to f16) of one tensor in ``qtype``: 1-D tensors stay f32; q8_0/q4_0
+    rows that are not whole blocks of 32 are stored in f16."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
     a = t.numpy().astype(np.float32)
     if a.ndim == 1 or qtype == "f32":
-        return a, None
+        return a, None, False
     if qtype == "f16" or a.shape[-1] % 32:
-        return a.astype(np.float16), None
+        return a.astype(np.float16), None, qtype != "f16"
     kind = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[qtype]
-    return quants.quantize(a, kind), kind
+    return quants.quantize(a, kind), kind, False
 
 
 def _hparams(w, run: RunConfig, vocab_size: int) -> None:
@@ -268,22 +252,10 @@ def _tokenizer_keys(w, vocab: Vocab) -> None:
     w.add_add_eos_token(False)
 
 
-def tensors_for(model: nn.Module, run: RunConfig, *, interleave: bool = True) -> dict[str, torch.Tensor]:
-    """llama.cpp's tensors of a gpt or llama model."""
-    if run.model.family == "llama":
-        return llama_tensors(model, run, interleave=interleave)
-    return gpt2_tensors(model, run)
-
-
 def _file_type(qtype: str):
     from gguf import LlamaFileType as F
 
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[qtype]
-
-
-def _items(tensors: dict[str, torch.Tensor], qtype: str) -> Iterator[tuple[str, np.ndarray, object]]:
-    for name, t in tensors.items():
-        yield name, *_tensor_data(name, t, qtype)
 
 
 @dataclass
@@ -328,8 +300,9 @@ def write_gguf(
         _tokenizer_keys(w, vocab)
         w.add_string("lm.run", name)
         w.add_string("lm.eos_token", vocab.tokens[vocab.eos_id])
-        for name, data, raw in _items(tensors_for(model, run, interleave=interleave), qtype):
-            if qtype in ("q8_0", "q4_0") and data.ndim == 2 and raw is None and data.dtype == np.float16:
+        for name, t in tensors_for(model, run, interleave=interleave).items():
+            data, raw, fell_back = _tensor_data(t, qtype)
+            if fell_back:
                 fallback.append(name)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
@@ -368,21 +341,14 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, qtype: str = "f
     """Export the checkpoint in ``model_dir`` with the tokenizer in ``tokenizer_dir`` (its train.bin picks a text
     run's end-of-text token) as the GGUF file ``out``, replaced atomically.
 
-    Raises GGUFError (a run llama.cpp cannot run, a bad type, a tokenizer that does not fit) before writing
-    anything, or CheckpointError."""
-    from lm.export import tokenizer_stats
+    Raises ExportError (GGUFError: a run llama.cpp cannot run, a bad type; a tokenizer that does not fit) before
+    writing anything, or CheckpointError."""
     from lm.tokenizer import load_ids, load_tokenizer
 
-    if qtype not in TYPES:
-        raise GGUFError(f"--type {qtype!r}: choose one of {', '.join(TYPES)}")
-    out = Path(out)
-    if out.is_dir():
-        raise GGUFError(f"--out {out} is a folder: name the .gguf file to write, e.g. {out / 'model.gguf'}")
+    check_gguf_target(out, force=True, sources=(model_dir,))  # a folder, or inside the checkpoint: refused
     model, run, vocab_size = checkpoint.load(Path(model_dir))
-    if problems := gguf_problems(run):
-        raise GGUFError(f"{model_dir} cannot be exported as GGUF:\n" + "\n".join(f"  {p}" for p in problems))
     tokenizer_dir = Path(tokenizer_dir)
-    stats = tokenizer_stats(tokenizer_dir, vocab_size, GGUFError)
+    stats = tokenizer_stats(tokenizer_dir, vocab_size)
     train_ids = load_ids(tokenizer_dir, "train") if (tokenizer_dir / "train.bin").is_file() else None
     vocab = gguf_vocab(load_tokenizer(tokenizer_dir), eos_token(stats, train_ids, vocab_size))
-    return write_gguf(out, model, run, vocab, qtype, name=Path(model_dir).name)
+    return write_gguf(Path(out), model, run, vocab, qtype, name=Path(model_dir).name)

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from lm import llamacpp
     from lm.atomic import OutputError, atomic_dir, write_json
     from lm.checkpoint import CheckpointError
+    from lm.export import ExportError
     from lm.gguf_eval import GGUFEvalError, evaluate_gguf
-    from lm.gguf_export import GGUFError
 
     deterministic()
     with tracked:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                 result, speed = evaluate_gguf(args.run, args.model, tok_dir, cfg, tmp, lc)
             write_json(args.metrics, result)
             write_json(args.speed, speed)
-        except (GGUFError, GGUFEvalError, llamacpp.LlamaCppError, CheckpointError, OutputError) as e:
+        except (ExportError, GGUFEvalError, llamacpp.LlamaCppError, CheckpointError, OutputError) as e:
             fail(f"{stage}: {e}")
         for qtype, row in result["types"].items():
             tracked.log_metrics({f"{qtype}/{k}": v for k, v in row.items() if isinstance(v, int | float)})

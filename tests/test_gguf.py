@@ -18,8 +18,9 @@ from gguf import GGMLQuantizationType, GGUFReader
 from lm import checkpoint, llamacpp
 from lm.batches import Batches
 from lm.cli import main
+from lm.export import ExportError
 from lm.generate import generate
-from lm.gguf_export import GGUFError, export_gguf, gguf_vocab, rotary_to_interleaved, write_gguf
+from lm.gguf_export import export_gguf, gguf_vocab, rotary_to_interleaved, write_gguf
 from lm.metrics import score
 from lm.models.positions import apply_rotary
 from lm.tokenizer import load_tokenizer
@@ -295,7 +296,7 @@ def test_a_failed_write_keeps_the_earlier_file(runs, monkeypatch):
 
 
 def test_export_refuses_a_tokenizer_of_another_size(runs):
-    with pytest.raises(GGUFError, match="the model expects"):
+    with pytest.raises(ExportError, match="the model expects"):
         export_gguf(runs / "models" / "gpt-char-untied-nobias", runs / "tokenizers" / "gpt-bpe-tied-bias-tok",
                     runs / "y.gguf")  # fmt: skip
 
