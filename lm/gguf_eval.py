@@ -38,10 +38,8 @@ from lm.metrics import score
 from lm.tokenizer import load_ids, load_stats, load_tokenizer
 
 THREADS = 1
-"""Threads for llama.cpp and for our side of the speed comparison. llama.cpp's tools print through a logging thread
-that the process does not wait for at exit (llama.cpp issue #22142); with two OpenMP threads spinning on two cores
-that thread does not run before a tiny model is done, and the whole output is lost. One thread each leaves it a core
-(and runs these models about as fast)."""
+"""Threads for llama.cpp and for our side of the speed comparison: one each, a per-core comparison that another
+process on the machine disturbs least (two OpenMP threads spinning on two cores stall when anything else runs)."""
 
 
 class GGUFEvalError(ValueError):

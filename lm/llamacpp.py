@@ -5,7 +5,8 @@ llama.cpp's full source. :func:`build` downloads that sdist once (pinned version
 index settings apply; ``LM_LLAMA_CPP_SDIST`` may name a local copy), builds ``libllama`` and the tools
 ``llama-tokenize``, ``llama-perplexity`` and ``llama-completion`` with CMake into a git-ignored cache
 (``.cache/llama.cpp/<version>/`` in the checkout, or ``LM_LLAMA_CPP_DIR``) and reuses it afterwards. The same
-sdist's ``llama_cpp`` package (ctypes bindings over that libllama) gives Python llama.cpp's logits.
+sdist's ``llama_cpp`` package (ctypes bindings over that libllama) gives Python llama.cpp's logits. One line of
+llama.cpp's logger is patched so the tools' last lines are not lost at exit (:data:`LOG_FLUSH_PATCH`).
 
 What runs through llama.cpp (docs/gguf.md):
 
@@ -37,6 +38,20 @@ import numpy as np
 VERSION = "0.3.36"
 """The llama-cpp-python release whose vendored llama.cpp we build (its llama.cpp: ggml 0.25.3)."""
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LOG_FLUSH_PATCH = (
+    "common/log.cpp",
+    "        log = new common_log;\n",
+    "        log = new common_log;\n"
+    "        std::atexit([] { log->pause(); });  // lm: drain the log queue at exit (llama.cpp #22142)\n",
+)
+"""The one change we make to llama.cpp's source, in its logger, not its mathematics. The tools print (the generated
+text, "Final estimate: PPL") through a logging thread that the process never waits for at exit, on purpose upstream
+(llama.cpp #22142: the logger is leaked because its destructor hangs on Windows), so a tool that finishes quickly
+loses its last lines: 3 of 60 llama-completion runs on this 2-core machine, and every try of two tests on a CI
+machine. Upstream flushes case by case (llama.cpp #18276, #25504); the patch registers that flush at exit for
+every tool. It is applied to the extracted source before the build, and refused if the line is not found."""
+BUILD = f"{VERSION}-logflush"
+"""The build's folder under the cache root: the sdist's version and the patch, so an unpatched build is not reused."""
 TOOLS = ("llama-tokenize", "llama-perplexity", "llama-completion")
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -89,7 +104,7 @@ def build(root: Path | None = None, *, jobs: int | None = None, log=print) -> Ll
     (CMake rebuilds only what is missing) by the next call."""
     import fcntl
 
-    root = Path(root or cache_root()) / VERSION
+    root = Path(root or cache_root()) / BUILD
     done = LlamaCpp(root)
     if _complete(done):
         return done
@@ -126,12 +141,23 @@ def _sources(root: Path, log) -> Path:
             wanted = (top + "vendor/llama.cpp/", top + "llama_cpp/")
             members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
             tar.extractall(tmp, members=members, filter="data")
+        _patch(Path(tmp) / top / "vendor" / "llama.cpp", *LOG_FLUSH_PATCH)
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(root / "python", ignore_errors=True)
         (root / "python").mkdir()
         os.replace(Path(tmp) / top / "vendor" / "llama.cpp", src)
         os.replace(Path(tmp) / top / "llama_cpp", root / "python" / "llama_cpp")
     return src
+
+
+def _patch(src: Path, file: str, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in ``src/file`` by ``new``; refuse a source where it is not once."""
+    path = src / file
+    text = path.read_text(encoding="utf-8")
+    if text.count(old) != 1:
+        raise LlamaCppError(f"{path}: expected the line {old.strip()!r} once, found it {text.count(old)} times; "
+                            f"the llama.cpp source is not llama-cpp-python {VERSION}'s")  # fmt: skip
+    path.write_text(text.replace(old, new), encoding="utf-8")
 
 
 def _sdist(tmp: Path, log) -> Path:
@@ -164,17 +190,15 @@ def _run(cmd: list[str], log_file: Path) -> None:
 def _tool(
     lc: LlamaCpp, name: str, args: list[str], *, threads: int | None = None, last: str | None = None
 ) -> tuple[str, str]:
-    """(stdout, stderr) of a llama.cpp tool. ``last``: a pattern its final log line matches. llama.cpp's tools log
-    through a background thread that exit can cut short (the last lines are then missing, one run in a few
-    here), so a run whose output lacks ``last`` is repeated, up to three times."""
+    """(stdout, stderr) of a llama.cpp tool. ``last``: a pattern its final log line matches; output without it is
+    an error (with :data:`LOG_FLUSH_PATCH` nothing is lost at exit, so a missing line means the tool stopped)."""
     cmd = [str(lc.tool(name)), *args, *(["-t", str(threads)] if threads else [])]
-    for _ in range(3):
-        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
-        if proc.returncode:
-            raise LlamaCppError(f"{name} failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
-        if last is None or re.search(last, proc.stdout + proc.stderr):
-            return proc.stdout, proc.stderr
-    raise LlamaCppError(f"{name} ended three times without printing its last line ({last}):\n{proc.stderr[-3000:]}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    if proc.returncode:
+        raise LlamaCppError(f"{name} failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
+    if last is not None and not re.search(last, proc.stdout + proc.stderr):
+        raise LlamaCppError(f"{name} ended without printing its last line ({last}):\n{proc.stderr[-3000:]}")
+    return proc.stdout, proc.stderr
 
 
 def tokenize(lc: LlamaCpp, gguf: Path, text: str) -> list[int]:

@@ -231,6 +231,29 @@ def test_names_run_ends_a_name_at_its_boundary(runs, lc):
     assert done.text == tok.decode(want)  # the name, then the boundary it stopped at
 
 
+def test_llama_cpp_tools_keep_their_last_lines(runs, lc):
+    """The build carries the logger patch once, and a tool that finishes in milliseconds prints all it has: 30 runs
+    of llama-completion on a tiny model, each with its generated text and its final timing line (unpatched, about
+    one run in 30 lost them on a 2-core machine, and every try on a busy one)."""
+    file, _, line = llamacpp.LOG_FLUSH_PATCH
+    assert (lc.root / "src" / file).read_text().count(line) == 1 and lc.root.name == llamacpp.BUILD
+    path = export(runs, "names")
+    done = [llamacpp.complete(lc, path, ".ma", 12, 16, threads=1) for _ in range(30)]  # raises if a timing is lost
+    assert {(d.text, d.tokens, d.stopped) for d in done} == {(done[0].text, done[0].tokens, True)}
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_the_patch_refuses_a_source_without_its_line_once(tmp_path, count):
+    file, old, new = llamacpp.LOG_FLUSH_PATCH
+    (tmp_path / file).parent.mkdir(parents=True)
+    (tmp_path / file).write_text("int x;\n" + old * count)
+    with pytest.raises(llamacpp.LlamaCppError, match=f"found it {count} times"):
+        llamacpp._patch(tmp_path, file, old, new)
+    (tmp_path / file).write_text("int x;\n" + old)
+    llamacpp._patch(tmp_path, file, old, new)
+    assert (tmp_path / file).read_text() == "int x;\n" + new
+
+
 def test_text_run_eos_is_its_rarest_training_token(runs):
     from lm.tokenizer import load_ids
 
