@@ -62,12 +62,14 @@ verify: install
 	$(call TRACKED_REPRO,--force report)
 	$(BIN)/lm verify
 
-# The llama.cpp tests (tests/test_gguf.py, the tiny preset's gguf stage) need llama.cpp's tools: a first build
-# (minutes, once; .cache/llama.cpp) starts at low priority beside the earlier tests, which run on one core each,
-# and the tests that need it wait for it (lm/llamacpp.py locks the build).
+# The tests run in TEST_WORKERS pytest-xdist workers, one test file per worker at a time (a file's fixtures are built
+# once), each torch process on one thread (tests/conftest.py). The llama.cpp tests (tests/test_gguf.py, the tiny
+# preset's gguf stage) need llama.cpp's tools: a first build (minutes, once; .cache/llama.cpp) starts at low priority
+# beside the other tests, and the tests that need it wait for it (lm/llamacpp.py locks the build).
+TEST_WORKERS ?= 2
 test: install
 	@mkdir -p .cache; (nice -n 15 $(BIN)/lm llama-cpp > .cache/llama-cpp-build.log 2>&1 &)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, configured in pyproject.toml: lint (pyflakes, isort, pycodestyle at 120 columns, bugbear) and format check.
 lint: install

@@ -8,6 +8,8 @@
   study's code beside nanoGPT's loop (``bench.nanogpt``).
 - ``bench.makemore_bn`` / ``bench.makemore_transformer``: a source anchor's recipe written plainly and run
   here over seeds, so a published number can be read against its own code's spread (reports/sources/).
+- ``bench.threads``: training steps when the machine is not idle (a busy process beside, two trainings at once),
+  for each way OpenMP's threads can wait (lm/threads.py).
 - ``bench.seeds``: runs of the params file trained again over several seeds, so a difference between two rows of
   the report can be read against a run's own seed-to-seed spread (reports/seeds/).
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+import lm  # noqa: F401  (before any benchmark imports torch: how its OpenMP threads wait, as in the stages)
 
 
 def add_names_argument(ap: argparse.ArgumentParser) -> None:

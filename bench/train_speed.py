@@ -145,8 +145,9 @@ def reference_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, vocab_si
 # the study's path
 
 
-def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int):
-    """`lm.trainer.fit` exactly as the train stage runs it (text windows, fixed val subset)."""
+def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int, on_eval=None):
+    """`lm.trainer.fit` exactly as the train stage runs it (text windows, fixed val subset). ``on_eval(model, row)``
+    is called at each of fit's evaluations (every ``cfg.eval_interval`` steps)."""
     from lm import batches as B
     from lm.distributed import pick_device
     from lm.models import build_model
@@ -157,33 +158,42 @@ def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, vocab)
     tr, va = B.for_model(model_cfg, train_ids, "text", None), B.for_model(model_cfg, val_ids, "text", None)
-    result = fit(model, tr, va, cfg, device=pick_device(cfg.device), progress=False)  # the run's device: cuda first
+    hook = (lambda row: on_eval(model, row)) if on_eval else None
+    result = fit(model, tr, va, cfg, device=pick_device(cfg.device), progress=False, on_eval=hook)  # cuda first
     return model, result
 
 
-def _worker(q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int, vocab: int, score: bool) -> None:
-    """One configuration in a fresh process (clean peak RSS, thread settings and compile caches):
-    per-step seconds, peak RSS, tokens seen and, with `score`, the val loss on the whole split."""
+def _worker(
+    q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int, vocab: int, score: bool, every: int
+) -> None:
+    """One configuration in a fresh process (clean peak RSS, thread settings and compile caches): per-step seconds,
+    peak RSS, tokens seen, with `score` the val loss on the whole split, and with `every` (the study's path) the
+    whole-split val loss every `every` steps, as (step, loss) pairs."""
     train_ids, val_ids, _ = load_tokens(Path(tok_dir))
+    checkpoints: list[tuple[int, float]] = []
     if kind == "reference":
         model, times = reference_train(model_cfg, cfg, train_ids, vocab, iters)
         tokens = iters * cfg.batch_size * model_cfg.block_size
     else:
-        cfg = cfg.model_copy(
-            update={"max_steps": iters, "warmup_steps": min(cfg.warmup_steps, iters), "eval_interval": iters + 1}
-        )
-        model, result = study_train(model_cfg, cfg, train_ids, val_ids, vocab)
+        interval = every or iters + 1
+        update = {"max_steps": iters, "warmup_steps": min(cfg.warmup_steps, iters), "eval_interval": interval}
+        cfg = cfg.model_copy(update=update | ({"eval_batches": 1} if every else {}))  # fit's own val subset: tiny
+
+        def on_eval(model, row):
+            checkpoints.append((int(row["step"]), val_loss(model, model_cfg, val_ids)))
+
+        model, result = study_train(model_cfg, cfg, train_ids, val_ids, vocab, on_eval if every else None)
         times, tokens = result.step_seconds, result.tokens
     loss = val_loss(model, model_cfg, val_ids) if score else None
-    q.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens, loss))
+    q.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens, loss, checkpoints))
 
 
 def in_fresh_process(
-    kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int, score: bool = False
-) -> tuple[list[float], float, int, float | None]:
+    kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int, score: bool = False, every: int = 0
+) -> tuple[list[float], float, int, float | None, list[tuple[int, float]]]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(q, kind, model_cfg, cfg, str(tok_dir), iters, vocab, score))
+    p = ctx.Process(target=_worker, args=(q, kind, model_cfg, cfg, str(tok_dir), iters, vocab, score, every))
     p.start()
     out = q.get()
     p.join()
@@ -191,7 +201,7 @@ def in_fresh_process(
 
 
 def measure(kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, warmup: int, steps: int) -> dict:
-    times, rss_mb, _, _ = in_fresh_process(kind, model_cfg, cfg, tok_dir, vocab, warmup + steps)
+    times, rss_mb, *_ = in_fresh_process(kind, model_cfg, cfg, tok_dir, vocab, warmup + steps)
     median = statistics.median(times[warmup:])
     return {
         "ms_step": 1e3 * median,
@@ -383,13 +393,13 @@ def race_equal_time(args: argparse.Namespace, fast: TrainConfig, fast_m: dict) -
     time (each contestant in a fresh process, as when timed) and both are scored on the whole val split."""
     tok = args.tokenizer or Path("tokenizers/shakespeare-char")
     _, _, vocab = load_tokens(tok)
-    ref_times, _, ref_tokens, ref_loss = in_fresh_process(
+    ref_times, _, ref_tokens, ref_loss, _ = in_fresh_process(
         "reference", REFERENCE_MODEL, REFERENCE_TRAIN, tok, vocab, args.iters, score=True
     )
     budget = sum(ref_times)
 
     def study_run(n: int) -> tuple[float, tuple[int, float]]:
-        times, _, tokens, loss = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
+        times, _, tokens, loss, _ = in_fresh_process("study", REFERENCE_MODEL, fast, tok, vocab, n, score=True)
         print(f"study: {n} steps took {sum(times):.1f} s of the reference's {budget:.1f} s", flush=True)
         return sum(times), (tokens, loss)
 
@@ -414,12 +424,99 @@ def race_equal_time(args: argparse.Namespace, fast: TrainConfig, fast_m: dict) -
     ]
 
 
+RACE_LEVERS: dict[str, tuple[dict, dict]] = {
+    # name: (changes to the reference's model, changes to the study path's train settings)
+    "study": ({}, {}),
+    "adamw": ({}, {"optimizer": "adamw"}),
+    "fp32": ({}, {"dtype": "float32"}),
+    "600-steps": ({}, {"max_steps": 600}),
+    "llama-block": ({"pos": "rope", "norm_class": "rmsnorm", "mlp": "swiglu", "n_hidden": 341, "bias": False}, {}),
+}
+"""``--race`` contestants on the study's side: its path as configured, then one change each (``--lever``); a
+``max_steps`` change replaces ``--race-steps`` (a shorter schedule decays its learning rate sooner). The LLaMA block
+keeps the reference's parameter count within 2 % (SwiGLU's hidden width 341 = 2/3 of 4·128)."""
+
+
+def race(study, args: argparse.Namespace) -> list[str]:
+    """``--race``: the reference's whole-split val loss after its iterations is the target and its training time the
+    clock; each study contestant trains ``--race-steps`` steps, is scored on the whole val split every
+    ``--checkpoint`` steps, and its time to target is its training time (evaluations excluded, on both sides) up to
+    the first checkpoint at or under the target. Every side runs ``--seeds`` seeds, each in a fresh process."""
+    from lm.memory import count_params
+
+    tok = args.tokenizer or Path("tokenizers/shakespeare-char")
+    _, _, vocab = load_tokens(tok)
+    seeds = [REFERENCE_TRAIN.seed + i for i in range(args.seeds)]
+    refs = []
+    for seed in seeds:
+        times, _, _, loss, _ = in_fresh_process("reference", REFERENCE_MODEL, REFERENCE_TRAIN.model_copy(
+            update={"seed": seed}), tok, vocab, args.iters, score=True)  # fmt: skip
+        refs.append((sum(times), loss))
+        print(f"reference seed {seed}: {loss:.4f} in {sum(times):.1f} s", flush=True)
+    ref_time, target = statistics.mean(t for t, _ in refs), statistics.mean(v for _, v in refs)
+    n_ref = count_params(REFERENCE_MODEL, vocab)
+    rows = [{"contestant": "reference (nanoGPT CPU, fp32, AdamW, batch 12)", "params": f"{n_ref:,}", "seed": seed,
+             "steps": args.iters, "train s": f"{t:.1f}", "final val loss": f"{v:.4f}", "time to target s": f"{t:.1f}",
+             "ratio": ""} for seed, (t, v) in zip(seeds, refs)]  # fmt: skip
+    summary = []
+    for lever in args.lever:
+        ratios = _race_contestant(study, args, lever, seeds, (tok, vocab, n_ref), (ref_time, target), rows)
+        summary.append(f"- **{lever}: {statistics.median(ratios):.2f}x** (seeds: "
+                       + ", ".join(f"{r:.2f}x" for r in ratios) + ")")  # fmt: skip
+    sd = statistics.stdev(v for _, v in refs) if len(refs) > 1 else 0.0
+    return [
+        f"Time to the reference's quality: target = the reference's mean whole-split val loss after {args.iters} "
+        f"iterations, **{target:.4f}** (sd {sd:.4f} over {len(seeds)} seeds), clock = its mean training time "
+        f"**{ref_time:.1f} s**; each study contestant is scored on the whole val split every {args.checkpoint} "
+        "steps, evaluation time excluded on both sides.",
+        "",
+        markdown(rows),
+        "",
+        "Time-to-target ratio (reference time / the contestant's time to reach the target; median, then each seed):",
+        "",
+        *summary,
+        "",
+    ]
+
+
+def _race_contestant(study, args, lever: str, seeds: list[int], data: tuple, ref: tuple, rows: list) -> list[float]:
+    """One ``--race`` contestant over the seeds: appends its rows, returns its time-to-target ratios (0 where the
+    target was not reached)."""
+    from lm.memory import count_params
+
+    (tok, vocab, n_ref), (ref_time, target) = data, ref
+    model_change, train_change = RACE_LEVERS[lever]
+    model_cfg = REFERENCE_MODEL.model_copy(update=model_change)
+    base = study.runs[args.study_run].train.model_copy(
+        update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps} | train_change
+    )
+    n = count_params(model_cfg, vocab)
+    if abs(n / n_ref - 1) > 0.02:
+        raise SystemExit(f"error: lever {lever!r} has {n:,} parameters, beyond 2 % of the reference's {n_ref:,}")
+    ratios, steps = [], train_change.get("max_steps", args.race_steps)
+    for seed in seeds:
+        cfg = resolved(base.model_copy(update={"seed": seed}))
+        times, _, _, _, points = in_fresh_process("study", model_cfg, cfg, tok, vocab, steps, every=args.checkpoint)
+        clock = np.cumsum(times)
+        hit = next((step for step, loss in points if loss <= target), None)
+        reach = float(clock[hit - 1]) if hit else None
+        ratios.append(ref_time / reach if reach else 0.0)
+        print(f"{lever} seed {seed}: " + (f"target at step {hit}, {reach:.1f} s" if hit else "target not reached"),
+              flush=True)  # fmt: skip
+        rows.append({"contestant": f"{lever}: {_describe(cfg)}", "params": f"{n:,}", "seed": seed,
+                     "steps": steps, "train s": f"{clock[-1]:.1f}", "final val loss": f"{points[-1][1]:.4f}",
+                     "time to target s": f"{reach:.1f} (step {hit})" if hit else "not reached",
+                     "ratio": f"{ratios[-1]:.2f}x" if hit else "-"})  # fmt: skip
+    return ratios
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group()
     what.add_argument("--run", help="time this run of params.yaml (its model and train settings)")
     what.add_argument("--reference", action="store_true", help="nanoGPT's CPU config, plain, against the study's path")
     what.add_argument("--levers", action="store_true", help="each training option on the reference model")
+    what.add_argument("--race", action="store_true", help="time to the reference's final val loss, over seeds")
     what.add_argument(
         "--ablation",
         action="store_true",
@@ -446,6 +543,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--iters", type=int, default=2000, help="--reference: the reference's iterations for the equal-time race"
     )
+    p.add_argument("--seeds", type=int, default=3, help="--race: seeds of each side (default 3)")
+    p.add_argument("--race-steps", type=int, default=1000, help="--race: the study contestants' steps (default 1000)")
+    p.add_argument("--checkpoint", type=int, default=50, help="--race: steps between whole-split scores (default 50)")
+    p.add_argument("--lever", nargs="+", default=["study"], choices=list(RACE_LEVERS), help="--race: contestants")
     p.add_argument("--write", action="store_true", help="append the tables to reports/bench.md")
     return p.parse_args(argv)
 
@@ -464,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
         out += [ablation(study, args), ""]
     elif args.levers:
         out += levers(args, peaks)
+    elif args.race:
+        out += race(study, args)
     elif args.reference:
         table, fast, fast_m = race_throughput(study, args, peaks)
         out += table
@@ -498,7 +601,7 @@ def _describe(cfg: TrainConfig) -> str:
         f"lr {cfg.lr:g}",
         f"warmup {cfg.warmup_steps}",
         cfg.dtype,
-        f"AdamW {cfg.adamw_impl}",
+        f"Muon + AdamW {cfg.adamw_impl}" if cfg.optimizer == "muon" else f"{cfg.optimizer} {cfg.adamw_impl}",
     ]
     if cfg.compile is True:
         parts.append("compiled")
