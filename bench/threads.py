@@ -137,7 +137,8 @@ def table(run: str, rows: dict[str, dict[str, list[dict]]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", default=["names-gpt", "shakespeare-gpt"], help="runs of the params file")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["spin", "lm", "passive", "1thread"], choices=list(SETTINGS),
+                   help="ways to wait (default: libgomp's, lm's, passive, 1 thread; spinN: other counts)")  # fmt: skip
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--steps", type=int, default=40, help="timed steps per process, at most")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per process, at most")
@@ -152,8 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.params, args.steps, args.seconds, 5)))
         return
+    from lm.machine import describe  # torch in this parent only: each setting's process loads its own
+
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = [f"### bench.threads, {when}", "", f"{platform.machine()}, {os.cpu_count()} cores, {_cpu()}; at most "
+    cpu = f"{platform.machine()}, {os.cpu_count()} cores, {describe()['cpu']}"
+    head = [f"### bench.threads, {when}", "", f"{cpu}; at most "
             f"{args.steps} steps or {args.seconds:.0f} s timed per process, after 5 warm-up steps; each cell the "
             f"median over {args.repeats} repeats (both processes, for two at once) of a process's median step.",
             ""]  # fmt: skip
@@ -170,16 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.write:
         print(f"appended to {append_to_bench(text)}")
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
