@@ -9,9 +9,14 @@
    Its kept model is scored on the same whole val split by the study's one scorer (`lm.metrics.score`), so the two
    numbers are the same measurement.
 
+3. **Race** (issue: time to quality): the study's model is also scored on the whole val split at each of its training
+   evaluations; its time to target is its training time (evaluations excluded, as on the reference's side) up to the
+   first of those at or under the target, where the target is the reference's whole-split val loss on the day (and
+   the published one), and the time-to-target ratio is the reference's training time over it.
+
 Prints a markdown table (val loss at the selected step, whole-split val loss, step time, tokens/s, MFU against the
-datasheet when the GPU is in bench.train_speed's table) and writes it to ``--out``. ``--steps`` shortens both runs
-(warmup and eval interval scale with it) for a smoke test on a CPU. Needs the tokenized Shakespeare
+datasheet when the GPU is in bench.train_speed's table) and the race, and writes them to ``--out``. ``--steps``
+shortens both runs (warmup and eval interval scale with it) for a smoke test on a CPU. Needs the tokenized Shakespeare
 (``tokenizers/shakespeare-char``).
 """
 
@@ -45,12 +50,23 @@ def _shorten(train, steps: int):
 
 
 def study(run_name: str, run, tok: Path, work: Path) -> dict:
+    from lm import batches as B
     from lm.config import EvaluateConfig
     from lm.evaluate import evaluate_run
+    from lm.metrics import score
+    from lm.tokenizer import load_ids
     from lm.train_run import train_run
 
+    val_ids, checkpoints = load_ids(tok, "val"), []
+
+    def whole_split(model, row) -> None:
+        """(step, seconds of training so far, whole-split val loss) at each of the loop's evaluations."""
+        windows = B.for_model(run.model, val_ids, "text", None).iterate(64)
+        total, count = score(model, windows, next(model.parameters()).device)
+        checkpoints.append((int(row["step"]), float(row["elapsed_s"]), total / count))
+
     t0 = time.perf_counter()
-    info = train_run(run_name, run, tok, work / "model", work / "curve.csv", progress=True)
+    info = train_run(run_name, run, tok, work / "model", work / "curve.csv", progress=True, on_eval=whole_split)
     wall = time.perf_counter() - t0
     cfg = EvaluateConfig(num_passages=1, passage_chars=200)
     m = evaluate_run(
@@ -66,6 +82,7 @@ def study(run_name: str, run, tok: Path, work: Path) -> dict:
         "tokens_per_s": info["tokens_per_s"],
         "device": info["device"],
         "sample": (work / "samples.txt").read_text()[:200],
+        "checkpoints": checkpoints,
     }
 
 
@@ -96,6 +113,23 @@ def reference(run, tok: Path, device: str) -> dict:
         "tokens_per_s": r["tokens_per_s"],
         "device": device,
     }
+
+
+def race(study_row: dict, ref_row: dict) -> list[str]:
+    """The time-to-target lines: the study's training time to the first whole-split score at or under the reference's
+    whole-split val loss (and the published one), and the ratio of the reference's training time to it."""
+    ref = published("nanogpt-shakespeare-char-val")
+    points = study_row["checkpoints"]
+    lines = [f"Time to quality: the study's model scored on the whole val split at each of its {len(points)} "
+             f"evaluations; the reference's clock is its training time, **{ref_row['train_s']:.1f} s** (evaluations "
+             "excluded on both sides).", ""]  # fmt: skip
+    targets = (("the reference's val loss on the day", ref_row["val"]), (f"published, {ref.cited}", ref.value))
+    for name, target in targets:
+        hit = next(((step, t) for step, t, loss in points if loss <= target), None)
+        lines.append(f"- target {target:.4f} ({name}): " + (
+            f"reached at step {hit[0]:,} after {hit[1]:.1f} s of training: **{ref_row['train_s'] / hit[1]:.2f}x**"
+            if hit else f"not reached (best {min(c[2] for c in points):.4f})"))  # fmt: skip
+    return [*lines, ""]
 
 
 def table(rows: dict[str, dict], run, steps: int | None, gpu: str, fpt: float, sheet: dict | None) -> str:
@@ -157,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         """Print and write the rows so far: called after each side, so a run stopped during the reference (a
         device call's time limit) still leaves the study's row."""
         text = table(rows, run, args.steps, gpu, fpt, sheet)
+        if len(rows) == 2:
+            text += "\n" + "\n".join(race(*rows.values()))
         print(text)
         print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "sample"} for k, r in rows.items()}))
         if args.out:

@@ -163,14 +163,20 @@ def study_train(model_cfg, cfg: TrainConfig, train_ids: np.ndarray, val_ids: np.
     return model, result
 
 
+class _Reached(Exception):
+    """A race contestant's whole-split val loss reached the target: its time to target is known, so it stops."""
+
+
 def _worker(
-    q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int, vocab: int, score: bool, every: int
-) -> None:
+    q, kind: str, model_cfg, cfg: TrainConfig, tok_dir: str, iters: int, vocab: int, score: bool, every: int,
+    stop_at: float | None = None,
+) -> None:  # fmt: skip
     """One configuration in a fresh process (clean peak RSS, thread settings and compile caches): per-step seconds,
     peak RSS, tokens seen, with `score` the val loss on the whole split, and with `every` (the study's path) the
-    whole-split val loss every `every` steps, as (step, loss) pairs."""
+    whole-split val loss every `every` steps, as (step, seconds of training so far, loss), stopping at the first at or
+    under `stop_at` if given."""
     train_ids, val_ids, _ = load_tokens(Path(tok_dir))
-    checkpoints: list[tuple[int, float]] = []
+    checkpoints: list[tuple[int, float, float]] = []
     if kind == "reference":
         model, times = reference_train(model_cfg, cfg, train_ids, vocab, iters)
         tokens = iters * cfg.batch_size * model_cfg.block_size
@@ -180,20 +186,28 @@ def _worker(
         cfg = cfg.model_copy(update=update | ({"eval_batches": 1} if every else {}))  # fit's own val subset: tiny
 
         def on_eval(model, row):
-            checkpoints.append((int(row["step"]), val_loss(model, model_cfg, val_ids)))
+            checkpoints.append((int(row["step"]), float(row["elapsed_s"]), val_loss(model, model_cfg, val_ids)))
+            if stop_at is not None and checkpoints[-1][2] <= stop_at:
+                raise _Reached
 
-        model, result = study_train(model_cfg, cfg, train_ids, val_ids, vocab, on_eval if every else None)
-        times, tokens = result.step_seconds, result.tokens
+        try:
+            model, result = study_train(model_cfg, cfg, train_ids, val_ids, vocab, on_eval if every else None)
+            times, tokens = result.step_seconds, result.tokens
+        except _Reached:
+            q.put(([], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0, None, checkpoints))
+            return
     loss = val_loss(model, model_cfg, val_ids) if score else None
     q.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens, loss, checkpoints))
 
 
 def in_fresh_process(
-    kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int, score: bool = False, every: int = 0
-) -> tuple[list[float], float, int, float | None, list[tuple[int, float]]]:
+    kind: str, model_cfg, cfg: TrainConfig, tok_dir: Path, vocab: int, iters: int, score: bool = False, every: int = 0,
+    stop_at: float | None = None,
+) -> tuple[list[float], float, int, float | None, list[tuple[int, float, float]]]:  # fmt: skip
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(q, kind, model_cfg, cfg, str(tok_dir), iters, vocab, score, every))
+    args = (q, kind, model_cfg, cfg, str(tok_dir), iters, vocab, score, every, stop_at)
+    p = ctx.Process(target=_worker, args=args)
     p.start()
     out = q.get()
     p.join()
@@ -424,17 +438,31 @@ def race_equal_time(args: argparse.Namespace, fast: TrainConfig, fast_m: dict) -
     ]
 
 
+LLAMA_BLOCK = {"pos": "rope", "norm_class": "rmsnorm", "mlp": "swiglu", "n_hidden": 341, "bias": False}
+"""The study's ablation choices at the race's size: rotary positions, RMSNorm, SwiGLU, no biases; SwiGLU's hidden
+width 341 = 2/3 of 4·128 keeps the reference's parameter count within 2 %."""
+BATCH_WARMUP = {"batch_warmup": {"start": 8, "steps": 100}}
+SEQ_WARMUP = {"seq_warmup": {"start": 16, "steps": 100}}
+TIME_BUDGET = {"time_budget_s": "share"}
+"""Stands for a schedule over ``--budget-share`` of the reference's measured clock (set once the reference ran)."""
+
 RACE_LEVERS: dict[str, tuple[dict, dict]] = {
     # name: (changes to the reference's model, changes to the study path's train settings)
     "study": ({}, {}),
     "adamw": ({}, {"optimizer": "adamw"}),
     "fp32": ({}, {"dtype": "float32"}),
     "600-steps": ({}, {"max_steps": 600}),
-    "llama-block": ({"pos": "rope", "norm_class": "rmsnorm", "mlp": "swiglu", "n_hidden": 341, "bias": False}, {}),
+    "llama-block": (LLAMA_BLOCK, {}),
+    "time-budget": ({}, TIME_BUDGET),
+    "batch-warmup": ({}, BATCH_WARMUP),
+    "seq-warmup": ({}, SEQ_WARMUP),
+    "warmups": ({}, BATCH_WARMUP | SEQ_WARMUP),
+    "llama-warmups": (LLAMA_BLOCK, BATCH_WARMUP | SEQ_WARMUP),
+    "together": (LLAMA_BLOCK, TIME_BUDGET | BATCH_WARMUP | SEQ_WARMUP),
 }
-"""``--race`` contestants on the study's side: its path as configured, then one change each (``--lever``); a
-``max_steps`` change replaces ``--race-steps`` (a shorter schedule decays its learning rate sooner). The LLaMA block
-keeps the reference's parameter count within 2 % (SwiGLU's hidden width 341 = 2/3 of 4·128)."""
+"""``--race`` contestants on the study's side: its path as configured, then one change each (``--lever``), then
+changes combined ('together': all of them); a ``max_steps`` change replaces ``--race-steps`` (a shorter schedule
+decays its learning rate sooner), and a time budget makes ``--race-steps`` a ceiling."""
 
 
 def race(study, args: argparse.Namespace) -> list[str]:
@@ -456,8 +484,8 @@ def race(study, args: argparse.Namespace) -> list[str]:
     ref_time, target = statistics.mean(t for t, _ in refs), statistics.mean(v for _, v in refs)
     n_ref = count_params(REFERENCE_MODEL, vocab)
     rows = [{"contestant": "reference (nanoGPT CPU, fp32, AdamW, batch 12)", "params": f"{n_ref:,}", "seed": seed,
-             "steps": args.iters, "train s": f"{t:.1f}", "final val loss": f"{v:.4f}", "time to target s": f"{t:.1f}",
-             "ratio": ""} for seed, (t, v) in zip(seeds, refs)]  # fmt: skip
+             "steps": args.iters, "train s": f"{t:.1f}", "val loss at the end": f"{v:.4f}",
+             "time to target s": f"{t:.1f}", "ratio": ""} for seed, (t, v) in zip(seeds, refs)]  # fmt: skip
     summary = []
     for lever in args.lever:
         ratios = _race_contestant(study, args, lever, seeds, (tok, vocab, n_ref), (ref_time, target), rows)
@@ -468,7 +496,8 @@ def race(study, args: argparse.Namespace) -> list[str]:
         f"Time to the reference's quality: target = the reference's mean whole-split val loss after {args.iters} "
         f"iterations, **{target:.4f}** (sd {sd:.4f} over {len(seeds)} seeds), clock = its mean training time "
         f"**{ref_time:.1f} s**; each study contestant is scored on the whole val split every {args.checkpoint} "
-        "steps, evaluation time excluded on both sides.",
+        "steps, evaluation time excluded on both sides"
+        + (", to its last step." if args.full else ", and stops at the first score at or under the target."),
         "",
         markdown(rows),
         "",
@@ -486,26 +515,27 @@ def _race_contestant(study, args, lever: str, seeds: list[int], data: tuple, ref
 
     (tok, vocab, n_ref), (ref_time, target) = data, ref
     model_change, train_change = RACE_LEVERS[lever]
+    if "time_budget_s" in train_change:
+        train_change = train_change | {"time_budget_s": args.budget_share * ref_time}
     model_cfg = REFERENCE_MODEL.model_copy(update=model_change)
-    base = study.runs[args.study_run].train.model_copy(
-        update={"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps} | train_change
-    )
+    settings = {"device": "cpu", "batch_size": args.batch_size, "warmup_steps": args.warmup_steps} | train_change
+    base = TrainConfig.model_validate(study.runs[args.study_run].train.model_dump() | settings)
     n = count_params(model_cfg, vocab)
     if abs(n / n_ref - 1) > 0.02:
         raise SystemExit(f"error: lever {lever!r} has {n:,} parameters, beyond 2 % of the reference's {n_ref:,}")
     ratios, steps = [], train_change.get("max_steps", args.race_steps)
     for seed in seeds:
         cfg = resolved(base.model_copy(update={"seed": seed}))
-        times, _, _, _, points = in_fresh_process("study", model_cfg, cfg, tok, vocab, steps, every=args.checkpoint)
-        clock = np.cumsum(times)
-        hit = next((step for step, loss in points if loss <= target), None)
-        reach = float(clock[hit - 1]) if hit else None
-        ratios.append(ref_time / reach if reach else 0.0)
-        print(f"{lever} seed {seed}: " + (f"target at step {hit}, {reach:.1f} s" if hit else "target not reached"),
+        *_, points = in_fresh_process("study", model_cfg, cfg, tok, vocab, steps, every=args.checkpoint,
+                                      stop_at=None if args.full else target)  # fmt: skip
+        hit = next(((step, t) for step, t, loss in points if loss <= target), None)
+        ratios.append(ref_time / hit[1] if hit else 0.0)
+        print(f"{lever} seed {seed}: " + (f"target at step {hit[0]}, {hit[1]:.1f} s" if hit else "target not reached"),
               flush=True)  # fmt: skip
         rows.append({"contestant": f"{lever}: {_describe(cfg)}", "params": f"{n:,}", "seed": seed,
-                     "steps": steps, "train s": f"{clock[-1]:.1f}", "final val loss": f"{points[-1][1]:.4f}",
-                     "time to target s": f"{reach:.1f} (step {hit})" if hit else "not reached",
+                     "steps": points[-1][0], "train s": f"{points[-1][1]:.1f}",
+                     "val loss at the end": f"{points[-1][2]:.4f}",
+                     "time to target s": f"{hit[1]:.1f} (step {hit[0]})" if hit else "not reached",
                      "ratio": f"{ratios[-1]:.2f}x" if hit else "-"})  # fmt: skip
     return ratios
 
@@ -547,6 +577,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--race-steps", type=int, default=1000, help="--race: the study contestants' steps (default 1000)")
     p.add_argument("--checkpoint", type=int, default=50, help="--race: steps between whole-split scores (default 50)")
     p.add_argument("--lever", nargs="+", default=["study"], choices=list(RACE_LEVERS), help="--race: contestants")
+    p.add_argument(
+        "--budget-share",
+        type=float,
+        default=0.3,
+        help="--race: a time-budget contestant's budget, as a share of the reference's clock (default 0.3)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="--race: train every contestant to its last step (default: stop once the target is reached)",
+    )
     p.add_argument("--write", action="store_true", help="append the tables to reports/bench.md")
     return p.parse_args(argv)
 
@@ -603,6 +644,11 @@ def _describe(cfg: TrainConfig) -> str:
         cfg.dtype,
         f"Muon + AdamW {cfg.adamw_impl}" if cfg.optimizer == "muon" else f"{cfg.optimizer} {cfg.adamw_impl}",
     ]
+    if cfg.time_budget_s:
+        parts.append(f"lr over {cfg.time_budget_s:.1f} s")
+    for name, w in (("batch", cfg.batch_warmup), ("window", cfg.seq_warmup)):
+        if w:
+            parts.append(f"{name} {w.start}+ over {w.steps} steps")
     if cfg.compile is True:
         parts.append("compiled")
     if cfg.threads:

@@ -120,9 +120,14 @@ class Batches:
             return int((self._rows_y != IGNORE_INDEX).sum())
         return len(self.ids) - 1
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random batch drawn from `rng`: text, random windows; names, random (context, target) examples
-        (``examples``) or random names."""
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch drawn from `rng`: text, random windows (of `length` tokens instead of seq_len, for a
+        window-length warm-up); names, random (context, target) examples (``examples``) or random names."""
+        if length is not None and (self.fmt != "text" or not 0 < length <= self.seq_len):
+            raise BatchError(f"windows of {length} tokens: only text windows of 1 to seq_len ({self.seq_len}) can be "
+                             "sampled shorter")  # fmt: skip
         if self.fmt == "lines" and self.examples:
             picks = rng.integers(0, len(self._ex_y), size=batch_size)
             y = np.full((batch_size, self.examples), IGNORE_INDEX, dtype=np.int64)
@@ -131,8 +136,8 @@ class Batches:
         if self.fmt == "lines":
             rows = rng.integers(0, len(self._rows_x), size=batch_size)
             return torch.from_numpy(self._rows_x[rows]), torch.from_numpy(self._rows_y[rows])
-        starts = rng.integers(0, len(self.ids) - self.seq_len, size=batch_size)
-        return self._windows(starts)
+        starts = rng.integers(0, len(self.ids) - (length or self.seq_len), size=batch_size)
+        return self._windows(starts, length)
 
     def eval_subset(self, rng: np.random.Generator, batch_size: int, n_batches: int) -> list:
         """The training loop's fixed val subset: `n_batches` random batches drawn once from `rng` (a quick estimate

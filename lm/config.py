@@ -143,6 +143,15 @@ class TokenizerConfig(Strict):
 # training and runs
 
 
+class Warmup(Strict):
+    """A linear ramp over the first steps of training: from `start` at step 0 to the run's full value at `steps`."""
+
+    start: int = Field(ge=1)
+    """The value at the first step (a batch size, or a window length in tokens)."""
+    steps: int = Field(ge=1)
+    """Steps over which the value grows linearly to the full one."""
+
+
 class TrainConfig(Strict):
     """Optimisation settings of one run (ignored by bigram_counts, which is fitted by counting)."""
 
@@ -218,6 +227,20 @@ class TrainConfig(Strict):
     checkpoint_interval: int = Field(default=250, ge=0)
     """Save the resumable training state (model, optimizer, step, RNGs, curve) every this many steps,
     so a killed run continues where it stopped; 0 saves only on Ctrl-C / SIGTERM."""
+    time_budget_s: float | None = Field(default=None, gt=0)
+    """Train for this many seconds of training steps (evaluations excluded) instead of max_steps, which stays a
+    ceiling: after warmup, the lr's decay follows the share of the budget elapsed rather than of max_steps, so the
+    run ends annealed exactly when its time is up (bench.train_speed --race, lever 'time-budget'). The number of
+    steps then depends on the machine's speed, so such a run is not reproducible bit for bit: the ladder's runs
+    leave it unset."""
+    batch_warmup: Warmup | None = None
+    """Batch-size warm-up (GPT-3, Brown et al. 2020, section 2.3): the batch grows linearly from ``start`` to
+    batch_size over ``steps`` steps (rounded down to a multiple of the processes x grad_accum), so the first updates
+    are cheaper and more frequent."""
+    seq_warmup: Warmup | None = None
+    """Sequence-length warm-up (Li et al. 2022, "The Stability-Efficiency Dilemma"), text corpora only: the training
+    windows grow linearly from ``start`` tokens to the model's block_size over ``steps`` steps, so the first steps
+    are cheaper."""
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
@@ -227,6 +250,10 @@ class TrainConfig(Strict):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if any(not 0 < f < 1 for f in self.step_at):
             raise ValueError(f"step_at fractions must lie in (0, 1), got {self.step_at}")
+        if self.batch_warmup is not None and self.batch_warmup.start > self.batch_size:
+            raise ValueError(
+                f"batch_warmup.start ({self.batch_warmup.start}) must not exceed batch_size ({self.batch_size})"
+            )
         if self.muon_lr is not None and self.optimizer != "muon":
             raise ValueError(f"muon_lr is the learning rate of optimizer 'muon'; this run's is {self.optimizer!r}")
         return self
@@ -252,6 +279,12 @@ class RunConfig(Strict):
         if self.model.fitting == "gradient" and self.train.max_steps == 0:
             raise ValueError(
                 f"family {self.model.family!r} is trained by gradient descent: train.max_steps must be >= 1"
+            )
+        warmup = self.train.seq_warmup
+        if warmup is not None and self.model.context == "window" and warmup.start > self.model.block_size:
+            # (a fixed-context family's windows are not its block_size: the training loop checks those)
+            raise ValueError(
+                f"train.seq_warmup.start ({warmup.start}) must not exceed model.block_size ({self.model.block_size})"
             )
         return self
 

@@ -17,7 +17,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -67,6 +67,7 @@ def train_run(
     log_weights: bool = False,
     progress: bool = True,
     code: Mapping[str, str] | None = None,
+    on_eval: Callable[[torch.nn.Module, dict[str, float]], None] | None = None,
 ) -> dict:
     """Build, fit and checkpoint one run; every output appears at once (atomic writes). `logger` gets the
     curve as it is made, then the summary and the files (model.safetensors only if `log_weights`).
@@ -74,7 +75,8 @@ def train_run(
     The resumable state lives beside `out` (`checkpoint.state_dir_for`) while training runs; it is resumed by
     the next call if this one is killed (when params, tokens and `code`, the digests of the code that runs,
     still match), and removed once the outputs are in place. One process at a time trains a run (a lock
-    beside `out`). Under torchrun every rank trains, rank 0 alone writes."""
+    beside `out`). Under torchrun every rank trains, rank 0 alone writes. `on_eval(model, row)` is called at each of
+    the training loop's evaluations (`lm.trainer.fit`'s row, with its wall-clock figures)."""
     logger = CurveLogger(logger or NullTracker(), load_stats(tok_dir))
     rank = distributed.rank()
     with exclusive(checkpoint.lock_path_for(out), f"train@{name}") if rank == 0 else nullcontext():
@@ -96,8 +98,9 @@ def train_run(
         if rank == 0:
             logger.log_datasets(split_datasets(tok_dir, stats, {"train": "training", "val": "validation"}))
         with logger.system_metrics() if rank == 0 else nullcontext():
+            hook = (lambda row: on_eval(model, row)) if on_eval else None
             result = fit(model, train, val, run.train, device=device, logger=logger, progress=progress,
-                         state_dir=state, fingerprint=fp)  # fmt: skip
+                         state_dir=state, fingerprint=fp, on_eval=hook)  # fmt: skip
         summary, timing = _summary(name, run, model, result, device)
         if rank == 0:
             _write_outputs(model.cpu(), run, vocab_size, summary, result.curve, out, curve, state, result.health)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lm import checkpoint, distributed, muon
 from lm.batches import Batches
-from lm.config import TrainConfig
+from lm.config import TrainConfig, Warmup
 from lm.distributed import pick_device
 from lm.health import HealthRecorder
 from lm.metrics import accuracy, autocast, score
@@ -76,17 +76,33 @@ class FitResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at `step` (0-based): linear warmup, then cosine / step / constant."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning rate at `step` (0-based): linear warmup, then cosine / step / constant. Under train.time_budget_s
+    the decay follows `elapsed` (seconds of training before this step) as a share of the budget instead of the
+    step as a share of max_steps: a schedule over time, so the run is annealed when its time is up."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.schedule == "constant":
         return cfg.lr
+    budget = cfg.time_budget_s
     if cfg.schedule == "step":
-        drops = sum(step >= f * cfg.max_steps for f in cfg.step_at)
+        drops = sum((elapsed >= f * budget) if budget else (step >= f * cfg.max_steps) for f in cfg.step_at)
         return cfg.lr * cfg.step_gamma**drops
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if budget:
+        progress = elapsed / budget  # the warmup's seconds count: the budget is the whole run's
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def ramp(warmup: Warmup | None, full: int, step: int, multiple: int = 1) -> int:
+    """The value of a batch-size or window-length warm-up at `step` (0-based): linear from ``warmup.start`` to
+    `full` over ``warmup.steps`` steps, rounded down to a multiple of `multiple` (never below the start, nor below
+    `multiple`); `full` without a warm-up or once it is over."""
+    if warmup is None or step >= warmup.steps:
+        return full
+    value = int(warmup.start + (full - warmup.start) * step / warmup.steps)
+    return min(full, max(warmup.start // multiple * multiple, value // multiple * multiple, multiple))
 
 
 def compiles(cfg: TrainConfig, device: torch.device | str) -> bool:
@@ -157,6 +173,9 @@ def fit(
     params, tokens and code, see lm.train_run.fingerprint) is resumed: the result is bit-identical to an
     uninterrupted run on the same device. The caller removes the state once the final outputs are written.
 
+    `on_eval` is called with each curve row, plus the wall-clock figures (``elapsed_s``: seconds of training steps so
+    far, evaluations excluded; ``tokens_per_s``).
+
     `select` is what train.keep 'best' ranks evaluations by: 'val_loss' (lowest), or 'val_accuracy' (highest, the
     argmax prediction against the target; ties go to the lower val loss), which adds val_accuracy to every curve row.
     The val subset is `val.eval_subset` (a language model's: eval_batches random batches drawn once; a classifier's
@@ -173,21 +192,34 @@ def fit(
     if model.cfg.fitting == "counting":
         return _fit_by_counting(model, train, val, cfg, device, logger)
 
+    _check_windows(cfg, train)
     loop = _Loop.start(model, val, cfg, device, logger, state_dir, fingerprint, select)
     with _StopFlag() as stop, _progress_bar(loop.prog.step, cfg, enabled=progress and loop.replica.rank == 0) as bar:
         for step in range(loop.prog.step, cfg.max_steps):
             lr, stop_asked = loop.step(step, train, stop.set)
             bar.update()
-            if loop.prog.step % cfg.eval_interval == 0 or loop.prog.step == cfg.max_steps:
+            last = loop.prog.step == cfg.max_steps or loop.out_of_time()
+            if loop.prog.step % cfg.eval_interval == 0 or last:
                 row = loop.evaluate(lr)
                 bar.set_postfix(
                     train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}", tok_s=f"{loop.prog.tok_s:.0f}"
                 )
                 if on_eval:
-                    on_eval(row)
-            if loop.prog.step < cfg.max_steps:
-                loop.save(interrupted=stop_asked)
+                    on_eval(row | loop.prog.timing())
+            if last:
+                break
+            loop.save(interrupted=stop_asked)
     return loop.finish()
+
+
+def _check_windows(cfg: TrainConfig, train: Batches) -> None:
+    """train.seq_warmup shortens text windows, which only an attention model's batches are (fixed-context families
+    mask each window's first targets; names and labelled examples have no windows)."""
+    if cfg.seq_warmup is not None and not (isinstance(train, Batches) and train.fmt == "text" and not train.overlap):
+        raise ValueError(
+            "train.seq_warmup grows the text windows an attention model trains on; this run's batches have none "
+            "(a names or labelled corpus, or a fixed-context family): remove seq_warmup"
+        )
 
 
 @dataclass
@@ -232,11 +264,11 @@ class _Loop:
         """One optimizer step (`step` is 0-based): set the lr, compute the gradient of a batch, check the loss,
         clip, update. Returns the lr and whether a stop was asked (on any rank)."""
         cfg, model = self.cfg, self.model
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, self.prog.t_train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        x, y = train.sample(self.rng, cfg.batch_size)
+        x, y = self.sample(step, train)
         self.optimizer.zero_grad(set_to_none=True)
         watch = self.health is not None and _health_due(step + 1, cfg)
         if watch:
@@ -259,6 +291,18 @@ class _Loop:
         self.prog.record(loss, int((y != IGNORE_INDEX).sum()), self.step_seconds[-1])
         return lr, stop_asked
 
+    def sample(self, step: int, train: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of `step`: batch_size windows, fewer or shorter under a batch-size or window-length warm-up."""
+        cfg = self.cfg
+        size = ramp(cfg.batch_warmup, cfg.batch_size, step, self.replica.world * self.replica.accum)
+        if cfg.seq_warmup is None:
+            return train.sample(self.rng, size)
+        return train.sample(self.rng, size, length=ramp(cfg.seq_warmup, train.seq_len, step))
+
+    def out_of_time(self) -> bool:
+        """Whether train.time_budget_s seconds of training steps have been spent."""
+        return self.cfg.time_budget_s is not None and self.prog.t_train >= self.cfg.time_budget_s
+
     def evaluate(self, lr: float) -> dict[str, float]:
         """A curve row on the fixed val subset (keeping the best weights under train.keep 'best'), logged."""
         row = self.prog.evaluate(self.model, self.val_batches, self.device, self.cfg.dtype, lr)
@@ -279,7 +323,7 @@ class _Loop:
         self.prog.restore_selected(self.model)
         self.model.eval()
         p = self.prog
-        return FitResult(p.curve, self.cfg.max_steps, p.t_train, p.tokens, self.step_seconds, p.selected_step, p.health)
+        return FitResult(p.curve, p.step, p.t_train, p.tokens, self.step_seconds, p.selected_step, p.health)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.logger and self.replica.rank == 0:
@@ -420,7 +464,8 @@ class _Replica:
         """Accumulate the gradient of the global batch (x, y); return its mean loss and whether any rank was
         asked to stop. Reading the loss syncs the device, so the caller's step timing is honest."""
         n_total = int((y != IGNORE_INDEX).sum())
-        chunks, size = self.world * self.accum, cfg.batch_size // (self.world * self.accum)
+        chunks = self.world * self.accum
+        size = len(x) // chunks  # x may be smaller than batch_size under train.batch_warmup
         loss_sum = torch.zeros((), device=self.device)
         for j, c in enumerate(range(self.rank * self.accum, (self.rank + 1) * self.accum)):
             xc = x[c * size : (c + 1) * size].to(self.device, non_blocking=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,34 @@ def test_the_gpu_check_trains_both_sides_and_scores_them_alike(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _table_rows(tmp_path / "gpu.md")
     assert len(rows) == 2 and all("| **" in r for r in rows)
+    # the race: the study scored on the whole split at each of its 3 evaluations, against the reference's clock
+    text = (tmp_path / "gpu.md").read_text()
+    clock = float(re.search(r"its training time, \*\*([0-9.]+) s\*\*", text).group(1))
+    assert "at each of its 3 evaluations" in text
+    targets = re.findall(r"^- target ([0-9.]+) \((.*?)\): (.*)$", text, re.M)
+    assert [t[1].split(",")[0] for t in targets] == ["the reference's val loss on the day", "published"]
+    for _, _, said in targets:
+        hit = re.fullmatch(r"reached at step (\d+) after ([0-9.]+) s of training: \*\*([0-9.]+)x\*\*", said)
+        assert hit or said.startswith("not reached (best "), said
+        if hit:
+            assert int(hit[1]) in (4, 8, 12) and abs(float(hit[3]) * float(hit[2]) - clock) < 0.01 * clock + 0.1
     nanogpt = ast.parse((Path(__file__).parents[1] / "bench" / "nanogpt.py").read_text())
     imported = {n.module for n in ast.walk(nanogpt) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(nanogpt) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.split(".")[0] in ("lm", "stages") for m in imported)
+
+
+def test_the_gpu_race_times_the_study_to_the_first_whole_split_score_at_or_under_each_target():
+    from bench.gpu_check import race
+
+    study = {"checkpoints": [(250, 10.0, 1.60), (500, 20.0, 1.47), (750, 30.0, 1.4697), (1000, 40.0, 1.40)]}
+    lines = race(study, {"train_s": 90.0, "val": 1.5})
+    assert "its training time, **90.0 s**" in lines[0] and "each of its 4 evaluations" in lines[0]
+    assert lines[2] == "- target 1.5000 (the reference's val loss on the day): reached at step 500 after 20.0 s of " \
+        "training: **4.50x**"  # fmt: skip
+    assert lines[3].startswith("- target 1.4697 (published, ")
+    assert lines[3].endswith("reached at step 750 after 30.0 s of training: **3.00x**")
+    assert race(study, {"train_s": 90.0, "val": 1.0})[2].endswith("not reached (best 1.4000)")
 
 
 def test_the_gpu_check_keeps_the_studys_row_when_the_reference_is_cut_short(tmp_path, monkeypatch):

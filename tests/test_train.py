@@ -384,3 +384,66 @@ def test_grad_accum_gives_the_same_updates_on_uneven_rows(family):
         train_once(
             runs[0].model_copy(update={"train": runs[0].train.model_copy(update={"grad_accum": 3})}), NAMES, "lines"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# time-to-quality levers: a schedule over elapsed time, batch-size and window-length warm-up
+
+
+def test_a_time_budget_schedules_the_lr_over_elapsed_seconds():
+    """Under time_budget_s the decay follows the seconds spent, not the step: at half the budget the cosine is
+    half-way whatever the step, and at the budget it is at min_lr."""
+    cfg = TrainConfig(max_steps=10_000, lr=1.0, min_lr=0.1, warmup_steps=10, time_budget_s=20.0)
+    assert lr_at(0, cfg, 0.0) == pytest.approx(1 / 11)  # warmup is still counted in steps
+    assert lr_at(11, cfg, 10.0) == lr_at(5000, cfg, 10.0) == pytest.approx(0.55)
+    assert lr_at(12, cfg, 20.0) == lr_at(12, cfg, 35.0) == pytest.approx(0.1)
+    step = TrainConfig(max_steps=10_000, lr=0.1, schedule="step", step_at=[0.5], time_budget_s=8.0)
+    assert [lr_at(9000, step, 3.9), lr_at(1, step, 4.0)] == pytest.approx([0.1, 0.01])
+
+
+def test_a_time_budget_stops_training_when_it_is_spent_and_evaluates_there(monkeypatch):
+    """The run stops after the step that spends the budget (max_steps is a ceiling), evaluates there, and the lr of
+    its curve falls as the clock runs: a fake clock advancing 1 s per step makes that exact."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr("lm.trainer.time.perf_counter", lambda: float(next(clock)))
+    run = run_cfg("gpt", max_steps=1000, eval_interval=4, warmup_steps=0, min_lr=0.0, time_budget_s=10.0)
+    _, r = train_once(run)
+    assert r.steps == 10 and sum(r.step_seconds) == pytest.approx(10.0)
+    assert [row["step"] for row in r.curve] == [4, 8, 10]
+    assert r.curve[-1]["lr"] == pytest.approx(run.train.lr * 0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+def test_ramp_grows_linearly_to_the_full_value_in_multiples():
+    from lm.config import Warmup
+    from lm.trainer import ramp
+
+    w = Warmup(start=8, steps=10)
+    assert [ramp(w, 32, s) for s in (0, 5, 9, 10, 500)] == [8, 20, 29, 32, 32]
+    assert [ramp(w, 64, s, 8) for s in (0, 3, 5, 9)] == [8, 24, 32, 56]  # 8 + 56·s/10, down to a multiple of 8
+    assert ramp(Warmup(start=3, steps=4), 32, 0, 4) == 4  # never below one row per micro-batch
+    assert ramp(None, 32, 0) == 32
+
+
+def test_batch_and_window_warmups_train_smaller_batches_first_and_are_reproducible():
+    """The first steps see fewer, shorter windows (fewer tokens), the run is the same every time, and after the
+    warm-up it trains full batches."""
+    run = run_cfg("gpt", batch_warmup={"start": 2, "steps": 10}, seq_warmup={"start": 2, "steps": 10})
+    (m1, r1), (m2, r2) = train_once(run), train_once(run)
+    assert r1.curve == r2.curve and all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(),
+                                                                          m2.state_dict().values()))  # fmt: skip
+    # steps 0-9: batches and windows of 2, 2, 3, 3, 4, 5, 5, 6, 6, 7 (2 + 6·s/10, rounded down); then 8 x 8
+    assert r1.curve[0]["tokens"] == 4 + 4 + 9 + 9 + 16 + 25 + 25 + 36 + 36 + 49
+    assert r1.tokens == r1.curve[0]["tokens"] + 20 * 8 * 8
+    _, plain = train_once(run_cfg("gpt"))
+    assert plain.tokens == 30 * 8 * 8
+
+
+def test_warmups_that_cannot_apply_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"batch_warmup.start \(64\) must not exceed batch_size \(8\)"):
+        run_cfg("gpt", batch_warmup={"start": 64, "steps": 10})
+    with pytest.raises(ValueError, match=r"seq_warmup.start \(16\) must not exceed model.block_size \(8\)"):
+        run_cfg("gpt", seq_warmup={"start": 16, "steps": 10})
+    with pytest.raises(ValueError, match="this run's batches have none .* remove seq_warmup"):
+        train_once(run_cfg("gpt", seq_warmup={"start": 2, "steps": 10}), NAMES, "lines")
+    with pytest.raises(ValueError, match="this run's batches have none .* remove seq_warmup"):
+        train_once(run_cfg("mlp", seq_warmup={"start": 2, "steps": 10}))

@@ -215,17 +215,21 @@ def test_bench_train_runs_and_prints_its_tables(work):
 
 def test_bench_train_race_times_each_contestant_to_the_references_loss(work):
     """``--race``: the reference's seeds set the target and the clock; each contestant's seeds are scored at every
-    checkpoint, and its time to target is its training time up to the first checkpoint at or under the target."""
+    checkpoint, and its time to target is its training time up to the first checkpoint at or under the target, where it
+    stops. 'together' is LLaMA's block with a schedule over a share of the clock and both warm-ups."""
     args = ["--race", "--study-run", "gpt", "--seeds", "2", "--iters", "20", "--race-steps", "30", "--checkpoint", "10",
-            "--lever", "study", "fp32"]  # fmt: skip
+            "--lever", "study", "fp32", "together"]  # fmt: skip
     code, out, err = finish(stage(work, "bench.train_speed", *args))
     assert code == 0, err
     target = float(re.search(r"iterations, \*\*([0-9.]+)\*\*", out).group(1))
     clock = float(re.search(r"mean training time \*\*([0-9.]+) s\*\*", out).group(1))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
     refs = [r for r in rows if r[0].startswith("reference")]
-    study = [r for r in rows if r[0].startswith(("study:", "fp32:"))]
-    assert len(refs) == 2 and len(study) == 4 and "float32" in study[-1][0]
+    study = [r for r in rows if r[0].startswith(("study:", "fp32:", "together:"))]
+    assert len(refs) == 2 and len(study) == 6 and "float32" in study[2][0]
+    budget = float(re.search(r"lr over ([0-9.]+) s", study[-1][0]).group(1))
+    assert "batch 8+ over 100 steps" in study[-1][0] and "window 16+ over 100 steps" in study[-1][0]
+    assert abs(budget - 0.3 * clock) < 0.06 and float(study[-1][4]) < budget + 5  # its budget: 0.3 of the clock
     assert abs(sum(float(r[5]) for r in refs) / 2 - target) < 1e-4  # the target: the reference's mean loss
     assert abs(sum(float(r[4]) for r in refs) / 2 - clock) < 0.1  # the clock: its mean time (cells rounded to 0.1 s)
     for r in study:
@@ -233,8 +237,9 @@ def test_bench_train_race_times_each_contestant_to_the_references_loss(work):
             assert float(r[5]) > target and r[7] == "-"  # never reached: its last checkpoint is above the target
         else:
             reach, ratio = float(r[6].split()[0]), float(r[7].rstrip("x"))
-            assert reach <= float(r[4]) + 0.05 and abs(ratio * reach - clock) <= 0.06 * ratio + 0.06  # 0.1 s rounding
-    assert "- **study:" in out and "- **fp32:" in out
+            assert abs(ratio * reach - clock) <= 0.06 * ratio + 0.06  # cells rounded to 0.1 s
+            assert r[6] == f"{r[4]} (step {r[3]})" and float(r[5]) <= target  # it stopped at the target
+    assert "- **study:" in out and "- **fp32:" in out and "- **together:" in out
 
 
 def test_bench_train_speed_says_bf16_is_unavailable_where_it_is_not_native(work):
