@@ -97,8 +97,8 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
 
 def ramp(warmup: Warmup | None, full: int, step: int, multiple: int = 1) -> int:
     """The value of a batch-size or window-length warm-up at `step` (0-based): linear from ``warmup.start`` to
-    `full` over ``warmup.steps`` steps, rounded down to a multiple of `multiple` (never below the start, nor below
-    `multiple`); `full` without a warm-up or once it is over."""
+    `full` over ``warmup.steps`` steps, rounded down to a multiple of `multiple` (never below the start rounded down
+    alike, nor below `multiple`); `full` without a warm-up or once it is over."""
     if warmup is None or step >= warmup.steps:
         return full
     value = int(warmup.start + (full - warmup.start) * step / warmup.steps)
@@ -438,6 +438,12 @@ class _Replica:
     def join(cls, model: torch.nn.Module, device: torch.device, cfg: TrainConfig) -> _Replica:
         rank, world = distributed.rank(), distributed.world_size()
         chunks = world * cfg.grad_accum
+        if world > 1 and cfg.time_budget_s is not None:
+            # Each process's clock would set its own lr and its own last step: the replicas would part.
+            raise ValueError(
+                f"train.time_budget_s schedules over one process's clock; under torchrun ({world} processes) use "
+                "max_steps instead"
+            )
         if cfg.batch_size % chunks:
             raise ValueError(
                 f"train.batch_size {cfg.batch_size} is not divisible by {world} processes x train.grad_accum "

@@ -447,3 +447,10 @@ def test_warmups_that_cannot_apply_are_refused_with_the_fix():
         train_once(run_cfg("gpt", seq_warmup={"start": 2, "steps": 10}), NAMES, "lines")
     with pytest.raises(ValueError, match="this run's batches have none .* remove seq_warmup"):
         train_once(run_cfg("mlp", seq_warmup={"start": 2, "steps": 10}))
+
+
+def test_a_time_budget_is_refused_under_torchrun(monkeypatch):
+    """Each process's clock would set its own lr and last step, and the replicas would part: refused at the start."""
+    monkeypatch.setattr("lm.trainer.distributed.world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"one process's clock; under torchrun \(2 processes\) use max_steps"):
+        train_once(run_cfg("gpt", time_budget_s=5.0))
