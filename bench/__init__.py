@@ -1,11 +1,12 @@
 """Benchmarks that are run by hand (``python -m bench.<name>``), not by the test suite or the pipeline.
 
-- ``bench.train_speed``: training throughput and MFU, the race against nanoGPT's CPU example, the levers, the
-  ablation's tokens/s; ``bench.mfu``: the matmul peaks and FLOPs they are measured against.
+- ``bench.train_speed``: training throughput and MFU, the race against nanoGPT's CPU example and the time to its
+  quality (``--race``), the levers, the ablation's tokens/s; ``bench.mfu``: the matmul peaks and FLOPs they are
+  measured against.
 - ``bench.generate``: sampling tokens/s with and without the KV cache (``--write`` appends to reports/bench.md).
 - ``bench.ngram``: Kneser–Ney fitting and scoring speed.
 - ``bench.gpu_check`` (run by ``bench/gpu.sh`` on a lent GPU): the sources preset's Shakespeare GPT through the
-  study's code beside nanoGPT's loop (``bench.nanogpt``).
+  study's code beside nanoGPT's loop (``bench.nanogpt``), and the study's time to the reference's loss.
 - ``bench.makemore_bn`` / ``bench.makemore_transformer``: a source anchor's recipe written plainly and run
   here over seeds, so a published number can be read against its own code's spread (reports/sources/).
 - ``bench.threads``: training steps when the machine is not idle (a busy process beside, two trainings at once),

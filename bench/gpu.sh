@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check (at most ~8 minutes on one H100/H200): the sources preset's Shakespeare GPT trained and
-# evaluated through the study's own code, beside nanoGPT's loop (bench/nanogpt.py) on the same GPU.
+# evaluated through the study's own code, beside nanoGPT's loop (bench/nanogpt.py) on the same GPU, and the race to
+# quality: the study's training time to nanoGPT's whole-split val loss (and to the published 1.4697).
 #
 # The device machine has torch, numpy, tokenizers, safetensors, tqdm and pyyaml but no pydantic and no network,
 # so it runs from the working tree with the missing packages carried as wheels. Here, once:

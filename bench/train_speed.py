@@ -1,5 +1,5 @@
-"""Training throughput and MFU: ``python -m bench.train_speed [--run RUN | --reference | --levers | --ablation]
-[--write]``.
+"""Training throughput and MFU: ``python -m bench.train_speed [--run RUN | --reference | --race [--lever …] |
+--levers | --ablation] [--write]``.
 
 Figures, not tests: every number here is measured on the machine that runs it.
 
@@ -19,6 +19,11 @@ Figures, not tests: every number here is measured on the machine that runs it.
   Both are first timed, then each trains in a fresh process for the same wall-clock (the
   reference's 2000 iterations) and is scored on the whole val split by the study's one evaluation
   path (`lm.metrics.score`).
+- **Race to quality** (``--race``): the reference's mean whole-split val loss over ``--seeds`` seeds is the target
+  and its mean training time the clock; each contestant (the study's path, and that path with the changes of
+  `RACE_LEVERS`: Muon or AdamW, LLaMA's block, an lr schedule over elapsed time, batch and window warm-ups) is scored
+  on the whole val split every ``--checkpoint`` steps, and the ratio is the clock over its training time to the first
+  score at or under the target (evaluations excluded on both sides).
 - **Ablation** (``--ablation``): tokens/s of each run of ``report.ablation`` (GPT-2's block to
   LLaMA's, one change per row), the wall-clock column the report leaves out.
 - **Levers** (``--levers``): each training option on the reference model, one at a time and
