@@ -50,10 +50,9 @@ def _shorten(train, steps: int):
 
 
 def study(run_name: str, run, tok: Path, work: Path) -> dict:
-    from lm import batches as B
+    from bench.train_speed import val_loss
     from lm.config import EvaluateConfig
     from lm.evaluate import evaluate_run
-    from lm.metrics import score
     from lm.tokenizer import load_ids
     from lm.train_run import train_run
 
@@ -61,9 +60,7 @@ def study(run_name: str, run, tok: Path, work: Path) -> dict:
 
     def whole_split(model, row) -> None:
         """(step, seconds of training so far, whole-split val loss) at each of the loop's evaluations."""
-        windows = B.for_model(run.model, val_ids, "text", None).iterate(64)
-        total, count = score(model, windows, next(model.parameters()).device)
-        checkpoints.append((int(row["step"]), float(row["elapsed_s"]), total / count))
+        checkpoints.append((int(row["step"]), float(row["elapsed_s"]), val_loss(model, run.model, val_ids)))
 
     t0 = time.perf_counter()
     info = train_run(run_name, run, tok, work / "model", work / "curve.csv", progress=True, on_eval=whole_split)
@@ -88,8 +85,7 @@ def study(run_name: str, run, tok: Path, work: Path) -> dict:
 
 def reference(run, tok: Path, device: str) -> dict:
     from bench import nanogpt
-    from lm import batches as B
-    from lm.metrics import score
+    from bench.train_speed import val_loss
     from lm.tokenizer import load_ids, load_stats
 
     train_ids, val_ids = load_ids(tok, "train"), load_ids(tok, "val")
@@ -101,13 +97,11 @@ def reference(run, tok: Path, device: str) -> dict:
         eval_interval=t.eval_interval, eval_iters=t.eval_batches,
     )  # fmt: skip
     r = nanogpt.train(c, train_ids, val_ids, device, compile=device.startswith("cuda"))
-    batches = B.for_model(run.model, val_ids, "text", None).iterate(64)  # the windows the study is scored on
-    total, count = score(r["model"], batches, device)
     return {
         "params": r["params"],
         "selected": r["best_step"],
         "estimate": r["best_estimate"],
-        "val": total / count,
+        "val": val_loss(r["model"], run.model, val_ids),  # the windows and scorer the study's side is scored by
         "train_s": r["train_s"],
         "wall_s": r["train_s"],
         "tokens_per_s": r["tokens_per_s"],
